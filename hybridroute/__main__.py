@@ -1,0 +1,3 @@
+from hybridroute.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""The `hybridroute` command line.
+
+Each area owns its subcommands: `certs/cli.py`, `node/cli.py`, `router/cli.py` expose
+`register(subparsers)`, which adds parsers whose `handler` takes the parsed arguments
+and returns an exit code. This module only wires them together and turns a
+`UsageError` into a one-line message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from hybridroute import __version__
+
+__all__ = ["UsageError", "main"]
+
+
+class UsageError(Exception):
+    """A problem the user can fix: printed as `hybridroute: error: ...`, exit code 2."""
+
+
+def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
+    from hybridroute.certs import cli as certs_cli
+    from hybridroute.node import cli as node_cli
+
+    return [certs_cli.register, node_cli.register]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybridroute",
+        description="Policy-driven inference router: sensitive requests stay on-prem.",
+    )
+    parser.add_argument("--version", action="version", version=f"hybridroute {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (default INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for register in _registrars():
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code: int = args.handler(args)
+    except UsageError as exc:
+        print(f"hybridroute: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,2 @@
+"""The on-prem model node: model repository, safe loading, dynamic batching and the
+Open Inference Protocol servicer over mutual TLS."""

@@ -1,0 +1,1 @@
+"""Shipped routing policies (`default.yaml`) and their test cases, as package data."""
