@@ -1,0 +1,238 @@
+"""Conversion between Open Inference Protocol tensors and numpy arrays.
+
+The rules (protocol.md): raw data is flattened, row-major, little-endian; a raw BYTES
+tensor is a run of elements, each a 4-byte little-endian length and that many bytes;
+if any input is raw, none may also carry typed `contents`; FP16 and BF16 travel only
+raw. Every error names the tensor and says what was expected and what came instead.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hybridroute.protos import inference_pb2 as pb
+
+__all__ = [
+    "DATATYPES",
+    "InputTensor",
+    "TensorError",
+    "decode_bytes_elements",
+    "decode_inputs",
+    "encode_bytes_elements",
+    "encode_output",
+    "numpy_datatype",
+]
+
+# OIP datatype -> little-endian numpy dtype. BYTES is an object array of `bytes`.
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(object),
+}
+
+# Which InferTensorContents field carries each datatype when sent typed.
+_CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_LENGTH = struct.Struct("<I")
+
+
+class TensorError(ValueError):
+    """A tensor on the wire does not follow the protocol or the model's declaration."""
+
+    def __init__(self, tensor: str, message: str) -> None:
+        super().__init__(f"tensor '{tensor}': {message}")
+        self.tensor = tensor
+
+
+@dataclass(frozen=True, slots=True)
+class InputTensor:
+    """One decoded input. `raw` says how it travelled, so the answer can match."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    array: np.ndarray[Any, Any]
+    raw: bool
+
+
+def numpy_datatype(array: np.ndarray[Any, Any]) -> str:
+    """The OIP datatype name for a numpy array's dtype."""
+    if array.dtype == object or array.dtype.kind in "SU":
+        return "BYTES"
+    for name, dtype in DATATYPES.items():
+        if name != "BYTES" and dtype == array.dtype.newbyteorder("<"):
+            return name
+    raise TypeError(f"no Open Inference Protocol datatype for numpy dtype {array.dtype}")
+
+
+def _element_count(name: str, shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise TensorError(name, f"shape {list(shape)} has a negative dimension")
+        count *= dim
+    return count
+
+
+def decode_bytes_elements(name: str, buffer: bytes, expected: int) -> list[bytes]:
+    """Split a raw BYTES tensor into its elements, checking every length prefix."""
+    items: list[bytes] = []
+    offset, end = 0, len(buffer)
+    view = memoryview(buffer)
+    while offset < end:
+        if offset + 4 > end:
+            raise TensorError(
+                name,
+                f"malformed BYTES data: element {len(items)} has a truncated 4-byte length "
+                f"prefix at byte {offset} of {end}",
+            )
+        (length,) = _LENGTH.unpack_from(buffer, offset)
+        offset += 4
+        if offset + length > end:
+            raise TensorError(
+                name,
+                f"malformed BYTES data: element {len(items)} declares {length} bytes "
+                f"but only {end - offset} remain",
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(items) != expected:
+        raise TensorError(
+            name, f"shape needs {expected} BYTES elements, raw data holds {len(items)}"
+        )
+    return items
+
+
+def encode_bytes_elements(items: Iterable[bytes | str]) -> bytes:
+    """Serialise BYTES elements as length-prefixed raw data."""
+    parts: list[bytes] = []
+    for item in items:
+        data = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _object_array(items: Sequence[bytes], shape: tuple[int, ...]) -> np.ndarray[Any, Any]:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
+def _decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> Any:
+    count = _element_count(name, shape)
+    if datatype == "BYTES":
+        return _object_array(decode_bytes_elements(name, raw, count), shape)
+    if datatype == "BF16":
+        raise TensorError(name, "datatype BF16 is not supported by this server")
+    dtype = DATATYPES[datatype]
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise TensorError(
+            name,
+            f"raw data is {len(raw)} bytes, expected {expected} "
+            f"({count} x {datatype} for shape {list(shape)})",
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _decode_typed(name: str, datatype: str, shape: tuple[int, ...], contents: Any) -> Any:
+    count = _element_count(name, shape)
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise TensorError(name, f"datatype {datatype} travels only as raw_input_contents")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise TensorError(
+            name,
+            f"{field} holds {len(values)} elements, expected {count} for shape {list(shape)}",
+        )
+    for other in set(_CONTENTS_FIELD.values()) - {field}:
+        if len(getattr(contents, other)):
+            raise TensorError(name, f"datatype {datatype} must use {field}, not {other}")
+    if datatype == "BYTES":
+        return _object_array(list(values), shape)
+    return np.asarray(values, dtype=DATATYPES[datatype]).reshape(shape)
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
+    """Decode every input of a request, raw or typed, into numpy arrays."""
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(request.inputs):
+        raise TensorError(
+            "raw_input_contents",
+            f"{len(raw_contents)} raw buffers for {len(request.inputs)} inputs; "
+            "raw_input_contents[i] must belong to inputs[i]",
+        )
+    decoded: list[InputTensor] = []
+    for index, tensor in enumerate(request.inputs):
+        name, datatype = tensor.name, tensor.datatype
+        if datatype not in DATATYPES and datatype != "BF16":
+            raise TensorError(name, f"unknown datatype {datatype!r}")
+        shape = tuple(tensor.shape)
+        if raw_contents:
+            if tensor.HasField("contents"):
+                raise TensorError(name, "has typed contents although the request uses raw data")
+            array = _decode_raw(name, datatype, shape, raw_contents[index])
+        else:
+            array = _decode_typed(name, datatype, shape, tensor.contents)
+        decoded.append(InputTensor(name, datatype, shape, array, raw=bool(raw_contents)))
+    return decoded
+
+
+def encode_output(
+    response: pb.ModelInferResponse,
+    name: str,
+    datatype: str,
+    array: np.ndarray[Any, Any],
+    *,
+    raw: bool,
+) -> None:
+    """Append one output to `response`, raw (tritonclient reads only raw) or typed."""
+    out = response.outputs.add()
+    out.name = name
+    out.datatype = datatype
+    out.shape.extend(array.shape)
+    if datatype == "BYTES":
+        flat = [x.encode() if isinstance(x, str) else bytes(x) for x in array.reshape(-1)]
+        if raw:
+            response.raw_output_contents.append(encode_bytes_elements(flat))
+        else:
+            out.contents.bytes_contents.extend(flat)
+        return
+    dtype = DATATYPES[datatype]
+    if raw:
+        response.raw_output_contents.append(np.ascontiguousarray(array, dtype=dtype).tobytes())
+        return
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise TensorError(name, f"datatype {datatype} can only be answered raw")
+    getattr(out.contents, field).extend(array.astype(dtype, copy=False).reshape(-1).tolist())
