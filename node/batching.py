@@ -1,0 +1,184 @@
+"""Dynamic batching: concurrent requests for one model version share one estimator call.
+
+A scikit-learn `predict` costs about the same for 1 row as for 32 (references.md), so
+merging concurrent requests is where a node's throughput comes from. The rules:
+
+* Each caller gets exactly its own rows back. Rows are concatenated in queue order and
+  split by the same offsets; a result whose length does not match is an error for
+  every caller in the batch, never a silent mix-up.
+* The estimator runs in a worker thread, so the event loop keeps answering health,
+  metadata and new requests while a batch computes. One batch per model version runs
+  at a time; requests that arrive meanwhile form the next batch.
+* `max_queue_delay` is how long a batch may wait for more requests once it has its
+  first one. The default 0 never waits on a timer: whatever queued while the previous
+  batch computed is taken at once, and a lone request runs immediately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BatchError", "Batcher", "RunFn"]
+
+log = logging.getLogger(__name__)
+
+Array = np.ndarray[Any, Any]
+RunFn = Callable[[Array, Sequence[str]], dict[str, Array]]
+
+
+class BatchError(RuntimeError):
+    """The estimator's result could not be split back into the callers' rows."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    rows: Array
+    outputs: tuple[str, ...]
+    future: asyncio.Future[dict[str, Array]] = field(repr=False)
+
+
+class Batcher:
+    """Queues requests for one model version and runs them in merged estimator calls."""
+
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        executor: Executor,
+        max_batch_size: int = 32,
+        max_queue_delay: float = 0.0,
+        on_batch: Callable[[int], None] | None = None,
+        name: str = "model",
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self._run = run
+        self._executor = executor
+        self._max_rows = max_batch_size
+        self._delay = max(0.0, max_queue_delay)
+        self._on_batch = on_batch
+        self._name = name
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch (not counting the batch that is computing)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name=f"batcher:{self._name}"
+            )
+
+    async def submit(self, rows: Array, outputs: Sequence[str]) -> dict[str, Array]:
+        """Queue `rows` (first dimension = rows) and wait for this caller's outputs."""
+        if self._closing:
+            raise RuntimeError(f"{self._name} is shutting down")
+        self.start()
+        future: asyncio.Future[dict[str, Array]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(rows, tuple(outputs), future))
+        self._queued_rows += len(rows)
+        self._wakeup.set()
+        return await future
+
+    async def close(self) -> None:
+        """Finish everything queued, then stop the batching task."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._delay and self._queued_rows < self._max_rows and not self._closing:
+                await self._wait_for_more()
+            batch = self._take()
+            if batch:
+                await self._execute(batch)
+
+    async def _wait_for_more(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._delay
+        while self._queued_rows < self._max_rows and not self._closing:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    def _take(self) -> list[_Pending]:
+        """Pop requests in order up to max_batch_size rows (a bigger request runs alone)."""
+        batch: list[_Pending] = []
+        rows = 0
+        while self._queue:
+            head = self._queue[0]
+            if batch and rows + len(head.rows) > self._max_rows:
+                break
+            self._queue.popleft()
+            self._queued_rows -= len(head.rows)
+            if head.future.cancelled():
+                continue
+            batch.append(head)
+            rows += len(head.rows)
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        outputs = tuple(dict.fromkeys(name for p in batch for name in p.outputs))
+        rows = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._executor, self._run, rows, outputs)
+            parts = _split(result, [len(p.rows) for p in batch], len(rows))
+        except Exception as exc:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(exc)
+                return
+            # One caller's bad rows must not fail the others: isolate by running alone.
+            log.warning("%s: batch of %d failed (%s); retrying each alone", self._name,
+                        len(batch), type(exc).__name__)
+            for pending in batch:
+                await self._execute([pending])
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(rows))
+        for pending, part in zip(batch, parts, strict=True):
+            if not pending.future.done():
+                pending.future.set_result({name: part[name] for name in pending.outputs})
+
+
+def _split(result: dict[str, Array], counts: list[int], total: int) -> list[dict[str, Array]]:
+    for name, array in result.items():
+        if len(array) != total:
+            raise BatchError(
+                f"output '{name}' has {len(array)} rows for a batch of {total}; "
+                "refusing to guess which rows belong to which caller"
+            )
+    parts: list[dict[str, Array]] = []
+    start = 0
+    for count in counts:
+        parts.append({name: array[start : start + count] for name, array in result.items()})
+        start += count
+    return parts
