@@ -1,0 +1,325 @@
+"""TLS credentials for gRPC: the one place router and node turn PEM files into them.
+
+Why one module: mutual TLS against the private CA is a security invariant (router to
+node, app to router), so loading, validation, rotation and reading the caller's
+identity are written once and tested once, not re-invented per server.
+
+Rotation: `server_credentials` uses grpc's dynamic certificate configuration. grpc
+calls our fetcher before every new TLS handshake; it re-reads the files only when their
+inode, size or mtime changed, and keeps serving the last good certificate when the new
+files are unreadable, half-written or do not match each other. Connections that are
+already open keep the certificate they were set up with; client-side credentials are
+static, so clients pick up a rotated client certificate by building a new channel.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, cast
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CertInfo",
+    "CredentialsError",
+    "channel_credentials",
+    "describe_certificate",
+    "load_certificates",
+    "load_private_key",
+    "peer_identities",
+    "server_credentials",
+]
+
+_LOG = logging.getLogger(__name__)
+
+# Keys of grpc's auth context for an SSL peer (verified against grpcio 1.85).
+_AUTH_TRANSPORT = "transport_security_type"
+_AUTH_CN = "x509_common_name"
+_AUTH_DNS = "peer_dns"
+
+
+class CredentialsError(Exception):
+    """A certificate or key file is missing, unreadable, not PEM, or inconsistent.
+
+    The message always names the file, so an operator can fix it without a traceback.
+    """
+
+
+class _AuthContextSource(Protocol):
+    """What `peer_identities` needs from a sync or aio `ServicerContext`."""
+
+    # Really a mapping to lists of bytes; grpc-stubs types the sync one as `bytes`.
+    def auth_context(self) -> Mapping[str, Iterable[bytes] | bytes]: ...
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    """What an operator wants to know about a certificate file at a glance."""
+
+    path: Path
+    common_name: str | None
+    sans: tuple[str, ...]
+    not_before: dt.datetime
+    not_after: dt.datetime
+    is_ca: bool
+    usages: tuple[str, ...]
+    serial: int
+    issuer: str
+    sha256: str
+
+    @property
+    def expired(self) -> bool:
+        return self.not_after <= dt.datetime.now(dt.UTC)
+
+
+def _read(path: Path, what: str) -> bytes:
+    """Read a PEM file, or fail with an error that names the file and what it should be."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as exc:
+        raise CredentialsError(f"{path}: {what} file not found") from exc
+    except OSError as exc:
+        raise CredentialsError(f"{path}: cannot read {what} file: {exc.strerror}") from exc
+    if b"-----BEGIN " not in data:
+        raise CredentialsError(f"{path}: not a PEM file (expected a {what})")
+    return data
+
+
+def _certificates_from(path: Path, data: bytes, what: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise CredentialsError(f"{path}: no valid PEM certificate ({what}): {exc}") from exc
+    return certs
+
+
+def _private_key_from(path: Path, data: bytes) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        # TypeError: the key is encrypted; hybridroute reads unencrypted keys only.
+        raise CredentialsError(f"{path}: not a valid unencrypted PEM private key") from exc
+
+
+def load_certificates(path: Path, what: str = "certificate") -> list[x509.Certificate]:
+    """Load every certificate of a PEM file (a chain or a CA bundle); at least one."""
+    return _certificates_from(path, _read(path, what), what)
+
+
+def load_private_key(path: Path) -> PrivateKeyTypes:
+    """Load an unencrypted PEM private key (PKCS#8 or traditional)."""
+    return _private_key_from(path, _read(path, "private key"))
+
+
+def _public_der(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@dataclass(frozen=True)
+class _Pem:
+    """Validated PEM bytes of a certificate chain and its key, as grpc wants them."""
+
+    chain: bytes
+    key: bytes
+    leaf: x509.Certificate
+
+
+def _load_pair(cert: Path, key: Path) -> _Pem:
+    """Read a chain and its key, and check they belong together before grpc sees them."""
+    chain_pem = _read(cert, "certificate")
+    key_pem = _read(key, "private key")
+    leaf = _certificates_from(cert, chain_pem, "certificate")[0]
+    private = _private_key_from(key, key_pem)
+    if _public_der(private.public_key()) != _public_der(leaf.public_key()):
+        raise CredentialsError(f"{key}: private key does not match certificate {cert}")
+    return _Pem(chain_pem, key_pem, leaf)
+
+
+def _load_ca(path: Path) -> bytes:
+    data = _read(path, "CA certificate")
+    _certificates_from(path, data, "CA certificate")
+    return data
+
+
+def _describe_leaf(cert: x509.Certificate) -> str:
+    cn = _common_name(cert.subject) or "?"
+    return f"CN={cn} serial={cert.serial_number:x} expires={cert.not_valid_after_utc:%Y-%m-%d}"
+
+
+_Stamp = tuple[tuple[int, int, int, int] | None, ...]
+
+
+def _stamp(paths: tuple[Path, ...]) -> _Stamp:
+    """Identity of the files' current contents: cheap enough to check per handshake."""
+    out: list[tuple[int, int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class _ServerCertReloader:
+    """The fetcher grpc calls before each new handshake: new files in, bad files ignored."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
+        self._cert, self._key, self._client_ca = cert, key, client_ca
+        self._paths = (cert, key) if client_ca is None else (cert, key, client_ca)
+        self._lock = threading.Lock()
+        self._seen = _stamp(self._paths)
+        self.initial, self.current = self._load()
+
+    def _load(self) -> tuple[grpc.ServerCertificateConfiguration, x509.Certificate]:
+        pair = _load_pair(self._cert, self._key)
+        roots = None if self._client_ca is None else _load_ca(self._client_ca)
+        config = grpc.ssl_server_certificate_configuration([(pair.key, pair.chain)], roots)
+        return config, pair.leaf
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            stamp = _stamp(self._paths)
+            if stamp == self._seen:
+                return None
+            self._seen = stamp  # stat before reading: a write racing us changes it again
+            try:
+                config, self.current = self._load()
+            except CredentialsError as exc:
+                _LOG.warning(
+                    "TLS files changed but cannot be used yet, still serving %s: %s",
+                    _describe_leaf(self.current),
+                    exc,
+                )
+                return None
+            _LOG.info(
+                "reloaded server certificate %s from %s", _describe_leaf(self.current), self._cert
+            )
+            return config
+
+
+def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
+    """Credentials for a TLS server; with `client_ca`, clients must present a cert it signed.
+
+    The files are re-read when they change, so rotating them takes effect for new
+    connections without a restart. Raises `CredentialsError` if they are unusable now.
+    Call it once per `add_secure_port`: grpc cannot share one dynamic credentials object
+    between ports (the second port fails to bind).
+    """
+    reloader = _ServerCertReloader(
+        Path(cert), Path(key), None if client_ca is None else Path(client_ca)
+    )
+    # grpc-stubs types the fetcher as never returning None, but None ("unchanged") is the
+    # documented answer we give on almost every handshake.
+    fetcher = cast("Callable[[], grpc.ServerCertificateConfiguration]", reloader)
+    return grpc.dynamic_ssl_server_credentials(
+        reloader.initial, fetcher, require_client_authentication=client_ca is not None
+    )
+
+
+def channel_credentials(
+    ca: Path, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials:
+    """Credentials for a TLS client trusting only `ca`; mutual TLS when cert and key are given.
+
+    Read once: a channel keeps these for its lifetime, so build a new channel to pick up
+    a rotated client certificate.
+    """
+    roots = _load_ca(Path(ca))
+    if (cert is None) != (key is None):
+        raise CredentialsError("a client certificate and its key must be given together")
+    if cert is None or key is None:
+        return grpc.ssl_channel_credentials(root_certificates=roots)
+    pair = _load_pair(Path(cert), Path(key))
+    return grpc.ssl_channel_credentials(
+        root_certificates=roots, private_key=pair.key, certificate_chain=pair.chain
+    )
+
+
+def _auth_values(auth: Mapping[str, Iterable[bytes] | bytes], key: str) -> list[bytes]:
+    value = auth.get(key, [])
+    return [value] if isinstance(value, bytes) else list(value)
+
+
+def peer_identities(context: _AuthContextSource) -> frozenset[str]:
+    """The caller's verified identities: its certificate's CN and DNS SANs.
+
+    Empty for plaintext or when the caller sent no certificate. IP SANs are left out
+    on purpose: an address is not a name a policy should grant anything to.
+    """
+    auth = context.auth_context()
+    if _auth_values(auth, _AUTH_TRANSPORT) != [b"ssl"]:
+        return frozenset()
+    names: set[str] = set()
+    for raw in _auth_values(auth, _AUTH_CN) + _auth_values(auth, _AUTH_DNS):
+        try:
+            names.add(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+    return frozenset(names)
+
+
+def _common_name(name: x509.Name) -> str | None:
+    attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(attrs[0].value) if attrs else None
+
+
+def _sans(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    dns = ext.get_values_for_type(x509.DNSName)
+    ips = [str(ip) for ip in ext.get_values_for_type(x509.IPAddress)]
+    return (*dns, *ips)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+_EKU_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "server", ExtendedKeyUsageOID.CLIENT_AUTH: "client"}
+
+
+def _usages(cert: x509.Certificate) -> tuple[str, ...]:
+    if _is_ca(cert):
+        return ("ca",)
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(_EKU_NAMES.get(oid, oid.dotted_string) for oid in eku)
+
+
+def describe_certificate(path: Path) -> CertInfo:
+    """Summarise the first certificate of a PEM file (for `certs init` and `status`)."""
+    cert = load_certificates(Path(path))[0]
+    return CertInfo(
+        path=Path(path),
+        common_name=_common_name(cert.subject),
+        sans=_sans(cert),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        is_ca=_is_ca(cert),
+        usages=_usages(cert),
+        serial=cert.serial_number,
+        issuer=_common_name(cert.issuer) or cert.issuer.rfc4514_string(),
+        sha256=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
+    )

@@ -1,0 +1,16 @@
+"""Fixtures shared by every suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hybridroute.certs.pki import init_pki
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dev PKI minted once per session (see `hybridroute.certs.pki.PkiLayout` for names)."""
+    root = tmp_path_factory.mktemp("pki")
+    init_pki(root, apps=["demo-app", "other-app"])
+    return root
