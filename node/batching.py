@@ -157,8 +157,12 @@ class Batcher:
                     batch[0].future.set_exception(exc)
                 return
             # One caller's bad rows must not fail the others: isolate by running alone.
-            log.warning("%s: batch of %d failed (%s); retrying each alone", self._name,
-                        len(batch), type(exc).__name__)
+            log.warning(
+                "%s: batch of %d failed (%s); retrying each alone",
+                self._name,
+                len(batch),
+                type(exc).__name__,
+            )
             for pending in batch:
                 await self._execute([pending])
             return

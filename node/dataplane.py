@@ -1,0 +1,147 @@
+"""The node's data plane: validate a request against its model, batch it, run it.
+
+Knows numpy arrays and model declarations, not protobuf; `node/servicer.py` converts
+at the edge. Every validation error says which tensor, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hybridroute.node.batching import Batcher
+from hybridroute.node.loading import LoadedModel
+from hybridroute.node.metrics import NodeMetrics
+from hybridroute.node.repository import ModelRepository
+from hybridroute.protos.tensors import InputTensor
+
+__all__ = ["BatchingDefaults", "DataPlane", "InferResult", "InvalidRequest"]
+
+Array = np.ndarray[Any, Any]
+
+
+class InvalidRequest(ValueError):
+    """The request does not fit the model's declared inputs or outputs."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingDefaults:
+    """Node-wide batching settings; a model's `batching:` in model.yaml overrides them."""
+
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 0.0
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class InferResult:
+    model_name: str
+    model_version: str
+    outputs: list[tuple[str, str, Array]]  # (name, datatype, array)
+
+
+def _check_shape(name: str, declared: Sequence[int], got: Sequence[int]) -> None:
+    ok = len(declared) == len(got) and all(d in (-1, g) for d, g in zip(declared, got, strict=True))
+    if not ok:
+        raise InvalidRequest(
+            f"tensor '{name}': shape {list(got)} does not match the model's {list(declared)}"
+            " (-1 = any size)"
+        )
+
+
+class DataPlane:
+    """Shared by the gRPC servicer (and later REST): one batcher per model version."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        executor: Executor,
+        metrics: NodeMetrics,
+        batching: BatchingDefaults = BatchingDefaults(),
+    ) -> None:
+        self.repository = repository
+        self._executor = executor
+        self._metrics = metrics
+        self._batching = batching
+        self._batchers: dict[tuple[str, int], Batcher] = {}
+
+    def _batcher(self, model: LoadedModel) -> Batcher:
+        key = (model.config.name, model.config.version)
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            settings = model.config.batching
+            size = settings.max_batch_size if settings else self._batching.max_batch_size
+            delay = settings.max_queue_delay_ms if settings else self._batching.max_queue_delay_ms
+            if not self._batching.enabled:
+                size, delay = 1, 0.0
+            labels = (model.config.name, str(model.config.version))
+            batcher = Batcher(
+                model.run,
+                executor=self._executor,
+                max_batch_size=size,
+                max_queue_delay=delay / 1000.0,
+                on_batch=self._metrics.batch_size.labels(*labels).observe,
+                name=f"{labels[0]}/{labels[1]}",
+            )
+            self._metrics.queue_depth.labels(*labels).set_function(lambda: batcher.queue_depth)
+            self._batchers[key] = batcher
+        return batcher
+
+    def validate(
+        self, model: LoadedModel, inputs: Sequence[InputTensor], requested: Sequence[str]
+    ) -> tuple[Array, list[str]]:
+        """The estimator's X for this request, and the outputs to answer with."""
+        declared = model.config.inputs[0]
+        if len(inputs) != 1 or inputs[0].name != declared.name:
+            got = ", ".join(f"'{t.name}'" for t in inputs) or "none"
+            raise InvalidRequest(
+                f"model '{model.config.name}' takes one input '{declared.name}' "
+                f"({declared.datatype} {list(declared.shape)}), got {got}"
+            )
+        tensor = inputs[0]
+        if tensor.datatype != declared.datatype:
+            raise InvalidRequest(
+                f"tensor '{tensor.name}': datatype {tensor.datatype}, expected {declared.datatype}"
+            )
+        _check_shape(tensor.name, declared.shape, tensor.shape)
+        known = {o.name: o for o in model.config.outputs}
+        if requested:
+            unknown = [name for name in requested if name not in known]
+            if unknown:
+                raise InvalidRequest(
+                    f"model '{model.config.name}' has no output "
+                    + ", ".join(f"'{n}'" for n in unknown)
+                    + f"; it has {', '.join(repr(n) for n in known)}"
+                )
+            outputs = list(dict.fromkeys(requested))
+        else:
+            outputs = [o.name for o in model.config.outputs if o.default]
+        rows = tensor.array if tensor.array.ndim else tensor.array.reshape(1)
+        return rows, outputs
+
+    async def infer(
+        self,
+        model_name: str,
+        version: str,
+        inputs: Sequence[InputTensor],
+        requested: Sequence[str],
+    ) -> InferResult:
+        started = time.perf_counter()
+        model = self.repository.get(model_name, version or None)
+        rows, outputs = self.validate(model, inputs, requested)
+        result = await self._batcher(model).submit(rows, outputs)
+        specs = {o.name: o for o in model.config.outputs}
+        answer = [(name, specs[name].datatype, result[name]) for name in outputs]
+        self._metrics.latency.labels(model.config.name).observe(time.perf_counter() - started)
+        return InferResult(model.config.name, str(model.config.version), answer)
+
+    async def close(self) -> None:
+        """Drain every batcher: queued requests finish before the node exits."""
+        await asyncio.gather(*(b.close() for b in self._batchers.values()))

@@ -1,0 +1,215 @@
+"""The model repository: every version found under a root directory, loaded or not.
+
+`scan_repository` loads `ROOT/<model>/<version>/` for every model and version; a broken
+version becomes an UNAVAILABLE entry with the reason (also logged at ERROR) and never
+stops the others from loading. `ModelRepository` answers lookups by name and version
+for the servicer (ModelInfer, ModelMetadata, ModelReady, RepositoryIndex).
+
+Entries live in a lock-protected `{name: {version: entry}}` map and are replaced
+whole, so loading or unloading versions at runtime (RepositoryModelLoad/Unload) only
+has to build new entries and swap them in; readers always see a consistent entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from hybridroute.node.loading import LoadedModel, ModelLoadError, load_version
+
+__all__ = [
+    "ModelNotFound",
+    "ModelNotReady",
+    "ModelRepository",
+    "RepositoryError",
+    "State",
+    "VersionEntry",
+    "load_entry",
+    "scan_model",
+    "scan_repository",
+]
+
+log = logging.getLogger(__name__)
+
+State = Literal["READY", "UNAVAILABLE"]
+
+
+class RepositoryError(Exception):
+    """Base of lookup failures; the message is safe to return to a client."""
+
+
+class ModelNotFound(RepositoryError, LookupError):
+    """No such model, or no such version of it."""
+
+
+class ModelNotReady(RepositoryError):
+    """The model or version exists but could not be loaded."""
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """One `<model>/<version>` directory: READY with its model, or UNAVAILABLE with why."""
+
+    name: str
+    version: int
+    path: Path
+    state: State
+    reason: str = ""
+    model: LoadedModel | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY" and self.model is not None
+
+
+def _version_number(directory: Path) -> int | None:
+    """A version directory's number, or None if its name is not a positive integer."""
+    name = directory.name
+    if not name.isascii() or not name.isdigit() or int(name) < 1:
+        return None
+    return int(name)
+
+
+def load_entry(name: str, version: int, path: Path) -> VersionEntry:
+    """Load one version directory into an entry; failures become UNAVAILABLE entries."""
+    try:
+        model = load_version(path)
+    except ModelLoadError as exc:
+        reason = str(exc)
+    except Exception as exc:  # a bug or an exotic file must not take the node down
+        reason = f"{name}/{version}: unexpected error while loading: {type(exc).__name__}: {exc}"
+    else:
+        log.info("model %s/%s READY (%s)", name, version, path)
+        return VersionEntry(name, version, path, "READY", model=model)
+    log.error("model %s/%s UNAVAILABLE: %s", name, version, reason)
+    return VersionEntry(name, version, path, "UNAVAILABLE", reason=reason)
+
+
+def scan_model(model_dir: Path) -> list[VersionEntry]:
+    """Load every version under `model_dir`, oldest first."""
+    entries = []
+    for child in sorted(model_dir.iterdir()):
+        if child.name.startswith(".") or not child.is_dir():
+            continue  # hidden: e.g. a package being written
+        version = _version_number(child)
+        if version is None:
+            log.warning("ignoring %s: version directories are positive integers", child)
+            continue
+        entries.append(load_entry(model_dir.name, version, child))
+    return sorted(entries, key=lambda e: e.version)
+
+
+def scan_repository(root: Path) -> list[VersionEntry]:
+    """Load every version of every model under `root`, sorted by name and version."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model repository {root} is not a directory")
+    entries: list[VersionEntry] = []
+    for model_dir in sorted(root.iterdir()):
+        if model_dir.name.startswith(".") or not model_dir.is_dir():
+            continue
+        found = scan_model(model_dir)
+        if not found:
+            log.warning("model directory %s holds no version directories", model_dir)
+        entries.extend(found)
+    return entries
+
+
+class ModelRepository:
+    """Thread-safe lookups over the entries of one repository (`root` is informational,
+    kept for runtime loading)."""
+
+    def __init__(self, entries: Iterable[VersionEntry] = (), *, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else None
+        self._lock = threading.RLock()
+        self._models: dict[str, dict[int, VersionEntry]] = {}
+        for entry in entries:
+            self._put(entry)
+
+    @classmethod
+    def load(cls, root: Path) -> ModelRepository:
+        """Scan `root` and hold the result."""
+        return cls(scan_repository(root), root=root)
+
+    def _put(self, entry: VersionEntry) -> None:
+        with self._lock:
+            self._models.setdefault(entry.name, {})[entry.version] = entry
+
+    def names(self) -> list[str]:
+        """Model names, sorted."""
+        with self._lock:
+            return sorted(self._models)
+
+    def knows(self, name: str) -> bool:
+        """Whether any version of `name` exists (READY or not)."""
+        with self._lock:
+            return bool(self._models.get(name))
+
+    def has_ready(self, name: str) -> bool:
+        """Whether `name` has at least one READY version."""
+        with self._lock:
+            return any(e.ready for e in self._models.get(name, {}).values())
+
+    def entries(self, name: str) -> list[VersionEntry]:
+        """All entries of model `name`, oldest first; ModelNotFound if there are none."""
+        with self._lock:
+            versions = self._models.get(name)
+            if not versions:
+                known = ", ".join(sorted(self._models)) or "none"
+                raise ModelNotFound(f"unknown model {name!r} (available models: {known})")
+            return [versions[v] for v in sorted(versions)]
+
+    def versions(self, name: str, *, ready_only: bool = False) -> list[int]:
+        """Version numbers of `name`, ascending (all, or only READY ones)."""
+        return [e.version for e in self.entries(name) if e.ready or not ready_only]
+
+    def index(self) -> list[VersionEntry]:
+        """Every entry, sorted by name and version (RepositoryIndex)."""
+        with self._lock:
+            return [e for name in sorted(self._models) for e in self.entries(name)]
+
+    def entry(self, name: str, version: str | int | None = None) -> VersionEntry:
+        """The entry for `name` and `version` (None or "" = the newest READY version)."""
+        entries = self.entries(name)
+        if version is None or version == "":
+            ready = [e for e in entries if e.ready]
+            if not ready:
+                reasons = "; ".join(f"version {e.version}: {e.reason}" for e in entries)
+                raise ModelNotReady(f"model {name!r} has no READY version ({reasons})")
+            return ready[-1]
+        wanted = _parse_version(version)
+        found = next((e for e in entries if e.version == wanted), None)
+        if found is None:
+            available = ", ".join(str(e.version) for e in entries)
+            raise ModelNotFound(
+                f"model {name!r} has no version {str(version)!r} (available versions: {available})"
+            )
+        return found
+
+    def get(self, name: str, version: str | int | None = None) -> LoadedModel:
+        """The loaded model for `name` and `version`; ModelNotFound or ModelNotReady."""
+        entry = self.entry(name, version)
+        if not entry.ready or entry.model is None:
+            raise ModelNotReady(
+                f"model {name!r} version {entry.version} is not ready: {entry.reason}"
+            )
+        return entry.model
+
+    def is_ready(self, name: str, version: str | int | None = None) -> bool:
+        """Whether `get(name, version)` would succeed (ModelReady)."""
+        try:
+            self.get(name, version)
+        except RepositoryError:
+            return False
+        return True
+
+
+def _parse_version(version: str | int) -> int | None:
+    if isinstance(version, int):
+        return version
+    text = version.strip()
+    return int(text) if text.isascii() and text.isdigit() else None

@@ -1,0 +1,405 @@
+"""The on-prem node end to end: real gRPC server, real mutual TLS, real clients.
+
+tritonclient (a client nobody here wrote) proves wire compatibility; our own stubs
+cover typed inputs and the error paths.
+"""
+
+from __future__ import annotations
+
+import shutil
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import LoopThread, mtls_channel
+
+from hybridroute.certs.credentials import channel_credentials
+from hybridroute.certs.pki import init_pki
+from hybridroute.node.dataplane import BatchingDefaults
+from hybridroute.node.repository import ModelRepository
+from hybridroute.node.server import NodeOptions, NodeServer
+from hybridroute.protos import inference_pb2 as pb
+from hybridroute.protos import inference_pb2_grpc as pb_grpc
+from hybridroute.protos.tensors import encode_bytes_elements
+
+
+@pytest.fixture(scope="module")
+def repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample models plus one whose file is corrupt."""
+    root = tmp_path_factory.mktemp("node-repo")
+    shutil.copytree(model_repo, root, dirs_exist_ok=True)
+    broken = root / "broken" / "1"
+    shutil.copytree(model_repo / "iris" / "1", broken)
+    (broken / "model.yaml").write_text(
+        (broken / "model.yaml").read_text().replace("name: iris", "name: broken")
+    )
+    (broken / "model.skops").write_bytes(b"this is not a zip file")
+    return root
+
+
+@pytest.fixture(scope="module")
+def node(repo: Path, pki: Path) -> Iterator[NodeServer]:
+    loop = LoopThread()
+    server = NodeServer(
+        NodeOptions(
+            models=repo,
+            listen="127.0.0.1:0",
+            cert=pki / "node.pem",
+            key=pki / "node.key",
+            client_ca=pki / "ca.pem",
+            allow_clients=("router", "demo-app"),
+            metrics_listen="127.0.0.1:0",
+            max_message_bytes=1024 * 1024,
+        )
+    )
+    loop.run(server.start())
+    yield server
+    loop.run(server.stop(grace=1))
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def address(node: NodeServer) -> str:
+    return f"localhost:{node.port}"
+
+
+@pytest.fixture(scope="module")
+def stub(address: str, pki: Path) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    channel = mtls_channel(address, pki)
+    yield pb_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def client(address: str, pki: Path) -> Iterator[triton.InferenceServerClient]:
+    c = triton.InferenceServerClient(
+        address,
+        ssl=True,
+        root_certificates=str(pki / "ca.pem"),
+        private_key=str(pki / "app-demo-app.key"),
+        certificate_chain=str(pki / "app-demo-app.pem"),
+    )
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def iris(model_repo: Path):
+    return ModelRepository.load(model_repo).get("iris").estimator
+
+
+ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]])
+
+
+# --------------------------------------------------------------- tritonclient, mTLS
+
+
+def test_tritonclient_reads_server_and_model_metadata(client) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("iris") and not client.is_model_ready("broken")
+    meta = client.get_server_metadata()
+    assert meta.name == "hybridroute-node" and "model_repository" in meta.extensions
+    model = client.get_model_metadata("iris")
+    assert model.versions == ["1"] and model.platform == "sklearn"
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
+        ("input", "FP64", [-1, 4])
+    ]
+    assert {t.name for t in model.outputs} == {"label", "probabilities"}
+
+
+def test_tritonclient_infers_iris_raw_with_requested_outputs(client, iris) -> None:
+    tensor = triton.InferInput("input", list(ROWS.shape), "FP64")
+    tensor.set_data_from_numpy(ROWS)
+    result = client.infer(
+        "iris",
+        [tensor],
+        model_version="1",
+        request_id="r-1",
+        outputs=[
+            triton.InferRequestedOutput("label"),
+            triton.InferRequestedOutput("probabilities"),
+        ],
+    )
+    np.testing.assert_array_equal(result.as_numpy("label"), iris.predict(ROWS))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), iris.predict_proba(ROWS))
+    response = result.get_response()
+    assert response.model_version == "1" and response.id == "r-1"
+
+
+def test_tritonclient_default_outputs_only(client, iris) -> None:
+    tensor = triton.InferInput("input", [1, 4], "FP64")
+    tensor.set_data_from_numpy(ROWS[:1])
+    result = client.infer("iris", [tensor])
+    assert result.as_numpy("probabilities") is None
+    np.testing.assert_array_equal(result.as_numpy("label"), iris.predict(ROWS[:1]))
+
+
+def test_tritonclient_classifies_ticket_texts(client, model_repo: Path) -> None:
+    texts = np.array(
+        [b"I was charged twice on my invoice", b"the app crashes on login"], dtype=object
+    )
+    tensor = triton.InferInput("text", [2], "BYTES")
+    tensor.set_data_from_numpy(texts)
+    labels = client.infer("ticket-triage", [tensor]).as_numpy("label")
+    model = ModelRepository.load(model_repo).get("ticket-triage").estimator
+    expected = model.predict([t.decode() for t in texts])
+    assert [x.decode() for x in labels] == list(expected)
+
+
+def test_typed_inputs_get_typed_answers(stub, iris) -> None:
+    request = pb.ModelInferRequest(model_name="iris")
+    tensor = request.inputs.add(name="input", datatype="FP64", shape=list(ROWS.shape))
+    tensor.contents.fp64_contents.extend(ROWS.reshape(-1).tolist())
+    response = stub.ModelInfer(request, timeout=10)
+    assert not response.raw_output_contents
+    assert list(response.outputs[0].contents.int64_contents) == list(iris.predict(ROWS))
+
+
+# --------------------------------------------------------------------- rejections
+
+
+def test_a_client_without_certificate_is_refused(address: str, pki: Path) -> None:
+    creds = channel_credentials(pki / "ca.pem")  # TLS, but no client certificate
+    with grpc.secure_channel(address, creds) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_certificate_from_another_ca_is_refused(address: str, pki: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other-pki"
+    init_pki(other, apps=["demo-app"])
+    creds = channel_credentials(
+        pki / "ca.pem", other / "app-demo-app.pem", other / "app-demo-app.key"
+    )
+    with grpc.secure_channel(address, creds) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_an_identity_not_on_the_allow_list_is_permission_denied(address: str, pki: Path) -> None:
+    with mtls_channel(address, pki, app="other-app") as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "other-app" in info.value.details()
+
+
+# ----------------------------------------------------------------------- batching
+
+
+def test_64_concurrent_callers_each_get_their_own_answers(stub, iris, node) -> None:
+    rng = np.random.default_rng(7)
+    rows = [rng.uniform([4, 2, 1, 0.1], [8, 4.5, 7, 2.5], size=(1 + i % 3, 4)) for i in range(64)]
+    before = _batch_count(node)
+
+    def call(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        request = pb.ModelInferRequest(model_name="iris")
+        request.inputs.add(name="input", datatype="FP64", shape=list(x.shape))
+        request.outputs.add(name="label")
+        request.outputs.add(name="probabilities")
+        request.raw_input_contents.append(x.tobytes())
+        response = stub.ModelInfer(request, timeout=30)
+        labels = np.frombuffer(response.raw_output_contents[0], dtype="<i8")
+        proba = np.frombuffer(response.raw_output_contents[1], dtype="<f8").reshape(-1, 3)
+        return labels, proba
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(call, rows))
+    for x, (labels, proba) in zip(rows, results, strict=True):
+        np.testing.assert_array_equal(labels, iris.predict(x))
+        np.testing.assert_array_equal(proba, iris.predict_proba(x))
+    calls = _batch_count(node) - before
+    assert calls < 64, f"64 requests took {calls} estimator calls: nothing was batched"
+
+
+def _batch_count(node: NodeServer) -> float:
+    value = node.metrics.registry.get_sample_value(
+        "hybridroute_node_batch_size_count", {"model": "iris", "version": "1"}
+    )
+    return value or 0.0
+
+
+# -------------------------------------------------------------------- bad requests
+
+
+def _iris_request(x: np.ndarray | None = None, **overrides) -> pb.ModelInferRequest:
+    x = ROWS[:1] if x is None else x
+    request = pb.ModelInferRequest(
+        model_name=overrides.pop("model", "iris"), model_version=overrides.pop("version", "")
+    )
+    request.inputs.add(
+        name=overrides.pop("name", "input"),
+        datatype=overrides.pop("datatype", "FP64"),
+        shape=overrides.pop("shape", list(x.shape)),
+    )
+    request.raw_input_contents.append(overrides.pop("raw", x.tobytes()))
+    for name in overrides.pop("outputs", []):
+        request.outputs.add(name=name)
+    assert not overrides
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "message"),
+    [
+        (_iris_request(model="nope"), "NOT_FOUND", "unknown model 'nope'"),
+        (_iris_request(version="9"), "NOT_FOUND", "available versions: 1"),
+        (
+            _iris_request(name="features"),
+            "INVALID_ARGUMENT",
+            "takes one input 'input' (FP64 [-1, 4]), got 'features'",
+        ),
+        (
+            _iris_request(datatype="FP32", raw=b"\0" * 16),
+            "INVALID_ARGUMENT",
+            "tensor 'input': datatype FP32, expected FP64",
+        ),
+        (
+            _iris_request(np.zeros((1, 3))),
+            "INVALID_ARGUMENT",
+            "tensor 'input': shape [1, 3] does not match the model's [-1, 4]",
+        ),
+        (
+            _iris_request(raw=b"\0" * 31),
+            "INVALID_ARGUMENT",
+            "tensor 'input': raw data is 31 bytes, expected 32",
+        ),
+        (_iris_request(outputs=["score"]), "INVALID_ARGUMENT", "no output 'score'"),
+        (_iris_request(model="broken"), "UNAVAILABLE", "broken"),
+    ],
+    ids=[
+        "unknown-model",
+        "unknown-version",
+        "tensor-name",
+        "datatype",
+        "shape",
+        "raw-length",
+        "output-name",
+        "not-ready",
+    ],
+)
+def test_bad_requests_get_the_right_status_and_say_what_was_wrong(
+    stub, request_, code: str, message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request_, timeout=10)
+    assert info.value.code().name == code
+    assert message in info.value.details()
+
+
+def test_malformed_bytes_elements_are_invalid_argument(stub) -> None:
+    request = pb.ModelInferRequest(model_name="ticket-triage")
+    request.inputs.add(name="text", datatype="BYTES", shape=[2])
+    request.raw_input_contents.append(encode_bytes_elements([b"hello"]) + b"\x09\0\0\0ab")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor 'text': malformed BYTES data: element 1 declares 9 bytes" in (
+        info.value.details()
+    )
+
+
+def test_invalid_utf8_text_is_invalid_argument_without_echoing_it(stub) -> None:
+    request = pb.ModelInferRequest(model_name="ticket-triage")
+    request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(encode_bytes_elements([b"secret \xff\xfe"]))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "secret" not in info.value.details()
+
+
+def test_oversized_message_is_resource_exhausted(stub) -> None:
+    big = np.zeros((40_000, 4))  # 1.28 MB > the node's 1 MiB limit
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(_iris_request(big), timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_estimator_failure_is_internal_names_the_model_and_node_keeps_serving(stub) -> None:
+    poisoned = np.array([[1e300, 1.0, 1.0, 1.0]])  # overflows float32 inside the trees
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(_iris_request(poisoned), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "iris" in info.value.details()
+    assert stub.ModelInfer(_iris_request(), timeout=10).outputs[0].name == "label"
+
+
+# ------------------------------------------------------------ repository, health
+
+
+def test_a_broken_model_is_unavailable_with_its_reason_and_others_serve(stub) -> None:
+    index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
+    states = {(m.name, m.version): (m.state, m.reason) for m in index.models}
+    assert states[("iris", "1")][0] == "READY"
+    assert states[("ticket-triage", "1")][0] == "READY"
+    state, reason = states[("broken", "1")]
+    assert state == "UNAVAILABLE" and "model.skops" in reason
+    ready_only = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=5)
+    assert "broken" not in {m.name for m in ready_only.models}
+
+
+def test_health_per_node_and_per_model(address: str, pki: Path) -> None:
+    with mtls_channel(address, pki) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status(service: str) -> int:
+            request = health_pb2.HealthCheckRequest(service=service)
+            return health.Check(request, timeout=5).status
+
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert status("") == serving
+        assert status("iris") == serving and status("ticket-triage") == serving
+        assert status("broken") == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_metrics_count_requests_by_model_version_and_code(node: NodeServer, stub) -> None:
+    stub.ModelInfer(_iris_request(), timeout=10)
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(_iris_request(np.zeros((1, 3))), timeout=10)
+    url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert 'hybridroute_node_requests_total{code="OK",model="iris",version="1"}' in text
+    assert (
+        'hybridroute_node_requests_total{code="INVALID_ARGUMENT",model="iris",version=""}' in text
+    )
+    for name in (
+        "hybridroute_node_request_duration_seconds_bucket",
+        "hybridroute_node_batch_size_bucket",
+        "hybridroute_node_queue_depth",
+    ):
+        assert name in text
+
+
+def test_batching_can_be_switched_off(repo: Path, pki: Path, iris) -> None:
+    loop = LoopThread()
+    server = NodeServer(
+        NodeOptions(
+            models=repo,
+            listen="127.0.0.1:0",
+            insecure=True,
+            batching=BatchingDefaults(enabled=False),
+        )
+    )
+    loop.run(server.start())
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda _: stub.ModelInfer(_iris_request(), timeout=10), range(32)))
+        sizes = server.metrics.registry.get_sample_value(
+            "hybridroute_node_batch_size_sum", {"model": "iris", "version": "1"}
+        )
+        count = server.metrics.registry.get_sample_value(
+            "hybridroute_node_batch_size_count", {"model": "iris", "version": "1"}
+        )
+        assert sizes == count == 32
+    finally:
+        loop.run(server.stop(grace=1))
+        loop.close()
