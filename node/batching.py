@@ -10,8 +10,15 @@ merging concurrent requests is where a node's throughput comes from. The rules:
   metadata and new requests while a batch computes. One batch per model version runs
   at a time; requests that arrive meanwhile form the next batch.
 * `max_queue_delay` is how long a batch may wait for more requests once it has its
-  first one. The default 0 never waits on a timer: whatever queued while the previous
-  batch computed is taken at once, and a lone request runs immediately.
+  first one, as in Triton. The default 0 never waits for requests nobody has sent:
+  a lone request runs immediately.
+* Adaptive gathering (`adaptive_wait`, default 2 ms) covers the case a fixed delay
+  handles badly. Requests reach the event loop one by one, and the callers a batch
+  has just answered send their next request a moment later; a batcher that fires at
+  once sees tiny batches (references.md measured a mean of ~4 at concurrency 16).
+  So the batcher remembers how many rows were outstanding during the last cycle and,
+  while fewer are queued, waits for them, at most `adaptive_wait`. When a request is
+  alone the remembered concurrency is 1 and nothing waits.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ class Batcher:
         executor: Executor,
         max_batch_size: int = 32,
         max_queue_delay: float = 0.0,
+        adaptive_wait: float = 0.002,
         on_batch: Callable[[int], None] | None = None,
         name: str = "model",
     ) -> None:
@@ -65,6 +73,10 @@ class Batcher:
         self._executor = executor
         self._max_rows = max_batch_size
         self._delay = max(0.0, max_queue_delay)
+        self._adaptive_wait = max(0.0, adaptive_wait)
+        self._outstanding_rows = 0  # submitted and not yet answered
+        self._cycle_peak = 0  # most rows outstanding since the current batch started
+        self._expected_rows = 1  # that peak at the last batch: what the next one waits for
         self._on_batch = on_batch
         self._name = name
         self._queue: deque[_Pending] = deque()
@@ -92,8 +104,13 @@ class Batcher:
         future: asyncio.Future[dict[str, Array]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(rows, tuple(outputs), future))
         self._queued_rows += len(rows)
+        self._outstanding_rows += len(rows)
+        self._cycle_peak = max(self._cycle_peak, self._outstanding_rows)
         self._wakeup.set()
-        return await future
+        try:
+            return await future
+        finally:
+            self._outstanding_rows -= len(rows)
 
     async def close(self) -> None:
         """Finish everything queued, then stop the batching task."""
@@ -111,16 +128,28 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self._delay and self._queued_rows < self._max_rows and not self._closing:
-                await self._wait_for_more()
+            if not self._closing:
+                await self._gather()
             batch = self._take()
             if batch:
                 await self._execute(batch)
 
-    async def _wait_for_more(self) -> None:
+    async def _gather(self) -> None:
+        """Wait (bounded) for the rows this batch can expect; never when a request is alone."""
+        # Rows outstanding since the last batch started = the callers that are active.
+        # The batch that just finished still counts: its callers have not resumed yet.
+        self._expected_rows = max(1, self._cycle_peak)
+        self._cycle_peak = self._outstanding_rows
+        expected = min(self._max_rows, self._expected_rows)
+        if self._delay and self._queued_rows < self._max_rows:
+            await self._wait_for(self._max_rows, self._delay)
+        elif self._adaptive_wait and self._queued_rows < expected:
+            await self._wait_for(expected, self._adaptive_wait)
+
+    async def _wait_for(self, rows: int, timeout: float) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._delay
-        while self._queued_rows < self._max_rows and not self._closing:
+        deadline = loop.time() + timeout
+        while self._queued_rows < rows and not self._closing:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return

@@ -36,6 +36,7 @@ class BatchingDefaults:
 
     max_batch_size: int = 32
     max_queue_delay_ms: float = 0.0
+    adaptive_wait_ms: float = 2.0
     enabled: bool = True
 
 
@@ -87,6 +88,7 @@ class DataPlane:
                 executor=self._executor,
                 max_batch_size=size,
                 max_queue_delay=delay / 1000.0,
+                adaptive_wait=self._batching.adaptive_wait_ms / 1000.0 if size > 1 else 0.0,
                 on_batch=self._metrics.batch_size.labels(*labels).observe,
                 name=f"{labels[0]}/{labels[1]}",
             )

@@ -159,7 +159,7 @@ def _write_iris(out: Path, force: bool) -> SampleModel:
         input_datatype="FP64",
         features=IRIS_FEATURES,
         baseline_sample=x_train,
-        batching=Batching(max_batch_size=32, max_queue_delay_ms=2.0),
+        batching=Batching(max_batch_size=32),
         description="Iris species (0 setosa, 1 versicolor, 2 virginica) from flower measurements",
         force=force,
     )
@@ -189,7 +189,7 @@ def _write_tickets(out: Path, force: bool) -> SampleModel:
         input_name="text",
         input_datatype="BYTES",
         baseline_sample=t_train,
-        batching=Batching(max_batch_size=64, max_queue_delay_ms=2.0),
+        batching=Batching(max_batch_size=64),
         description="Support ticket topic (account, billing, shipping, technical) from its text",
         force=force,
     )
