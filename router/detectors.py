@@ -1,0 +1,591 @@
+"""PII detectors the policy engine runs over request text.
+
+Every request is scanned and its text is untrusted, so each pattern is anchored on a
+rare character or bounded (linear worst case), and the digit-based detectors share one
+pass. A false negative sends sensitive data to the cloud while a false positive only
+costs cloud capacity: checksums (Luhn, mod-97, ``ipaddress``) carry precision, formats
+are broad, and only weak forms (bare SSN or phone digits) need a context word. Findings
+hold offsets, never values (invariant 4); any failure is a ScanError, so the caller
+fails closed (invariant 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = [
+    "BUILTIN",
+    "Detector",
+    "DetectorError",
+    "Finding",
+    "ScanError",
+    "Scanner",
+    "TextTooLarge",
+    "check_pattern",
+    "regex_detector",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """Where a detector fired: offsets only, so no repr or log line can carry the value."""
+
+    detector: str
+    start: int
+    end: int
+
+
+class Detector(Protocol):
+    """Anything with a name that yields findings for a text."""
+
+    @property
+    def name(self) -> str: ...
+
+    def find(self, text: str) -> Iterator[Finding]: ...
+
+
+class ScanError(Exception):
+    """The text could not be scanned: the caller must treat it as sensitive."""
+
+
+class TextTooLarge(ScanError):
+    """Longer than the scanner accepts: bounds what one request can cost."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"text of {size} characters exceeds the scan limit of {limit}")
+        self.size, self.limit = size, limit
+
+
+class DetectorError(ScanError):
+    """A detector raised. Only its name and the exception type are kept: the original
+    message might quote the scanned text."""
+
+    def __init__(self, detector: str, kind: str) -> None:
+        super().__init__(f"detector {detector!r} failed with {kind}")
+        self.detector = detector
+
+
+_CONTEXT = {
+    "us_ssn": re.compile(r"\b(?:ssns?\b|ss#|social[\s-]*sec|soc\.?\s*sec)", re.I),
+    "phone": re.compile(
+        r"\b(?:(?:tele|cell)?phones?|tel|mobile|cell|fax|sms|whatsapp|call(?:ing)?|contact)\b", re.I
+    ),
+    "iban": re.compile(r"\b(?:iban|sepa|bic|swift)\b", re.I),
+}
+_VERSION_BEFORE = re.compile(r"\b(?:version|ver|v|release|build|rev)\.?[\s:#]*\Z", re.I)
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
+
+
+def _has_context(text: str, start: int, end: int, kind: str) -> bool:
+    """A context word within 48 characters before or 24 after a weak candidate."""
+    return _CONTEXT[kind].search(text, max(0, start - 48), end + 24) is not None
+
+
+def _luhn_ok(number: str) -> bool:
+    total = sum(map(int, number[-1::-2])) + sum(_DOUBLED[int(c)] for c in number[-2::-2])
+    return total % 10 == 0 and number.count(number[0]) != len(number)
+
+
+def _ssn_ok(d: str) -> bool:
+    """SSA never issues area 000, 666 or 9xx, group 00 or serial 0000."""
+    bad = d[:3] in ("000", "666") or d[0] == "9" or d[3:5] == "00" or d[5:] == "0000"
+    return not bad and d.count(d[0]) != 9
+
+
+def _ip_ok(candidate: str, parse: Callable[[str], object]) -> bool:
+    try:
+        parse(candidate)
+    except ValueError:
+        return False
+    return True
+
+
+def _word_at(text: str, index: int) -> bool:
+    return 0 <= index < len(text) and (text[index].isalnum() or text[index] == "_")
+
+
+def _free(text: str, start: int, end: int, not_after: str) -> bool:
+    """The span is not stuck to a word, nor right after one of `not_after`."""
+    before = text[start - 1 : start]
+    glued = _word_at(text, start - 1) or _word_at(text, end)
+    return not glued and not (before and before in not_after)
+
+
+# --- the digit pass: cards, SSNs, North-American phones, IPv4, IBAN entry --------------
+
+# A run of digits joined by single separators. A match starts at a number's first digit
+# and only right after two letters (IBAN check digits), with 9+ digits ahead (the fewest
+# an SSN, phone or card has) or in the shape of a dotted quad, so the dates, amounts and
+# versions of ordinary prose never reach Python.
+_CLUSTER = re.compile(
+    r"[0-9](?<![0-9][0-9])(?:(?<=[A-Za-z]{2}[0-9])|(?=[0-9 .\-]{6})"
+    r"(?:(?=(?:[ .\-]?[0-9]){8})|(?=[0-9]{0,2}(?:\.[0-9]{1,3}){3})))(?:[ .\-]?[0-9])*+"
+)
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _glued(text: str, start: int, end: int) -> bool:
+    """A number stuck to a word ("v1.2.3.4", "INV2024", "1.2.3.4-beta") or after "+"
+    (the international phone pass owns those) is not one for the digit pass."""
+    if not _free(text, start, end, "+"):
+        return True
+    if text[start - 1 : start] == "." and _word_at(text, start - 2):
+        return True
+    return text[end : end + 1] in ("-", ".") and text[end + 1 : end + 2].isalpha()
+
+
+class _Run:
+    """One digit cluster split into groups, e.g. "078-05-1120" -> 078 | 05 | 1120."""
+
+    __slots__ = ("digits", "lens", "seps", "spans", "text")
+
+    def __init__(self, text: str, start: int, end: int) -> None:
+        self.text = text
+        self.spans = [m.span() for m in _DIGITS.finditer(text, start, end)]
+        self.seps = [text[b] for _, b in self.spans[:-1]]
+        self.digits = [text[a:b] for a, b in self.spans]
+        self.lens = [b - a for a, b in self.spans]
+
+    def finding(self, name: str, first: int, last: int) -> Finding:
+        return Finding(name, self.spans[first][0], self.spans[last][1])
+
+    def isolated(self, first: int, last: int, banned: str) -> bool:
+        """Groups first..last are not continued by a banned separator on either side."""
+        before = first == 0 or self.seps[first - 1] not in banned
+        return before and (last >= len(self.seps) or self.seps[last] not in banned)
+
+    def context(self, first: int, last: int, kind: str) -> bool:
+        return _has_context(self.text, self.spans[first][0], self.spans[last][1], kind)
+
+    def cards(self, out: list[Finding]) -> None:
+        """A card starts at a group of 4+ digits (every issuer's layout does) and spans
+        whole groups joined by spaces or dashes; the longest Luhn-valid span wins, so
+        "4111 1111 1111 1111 1225" still yields the card."""
+        i = 0
+        while i < len(self.digits):
+            last = self._card_end(i) if self.lens[i] >= 4 else None
+            if last is not None:
+                out.append(self.finding("credit_card", i, last))
+            i = i + 1 if last is None else last + 1
+
+    def _card_end(self, first: int) -> int | None:
+        number, ends = "", []
+        for j in range(first, len(self.digits)):
+            number += self.digits[j]
+            if len(number) > 19 or (j > first and self.seps[j - 1] == "."):
+                break
+            if len(number) >= 13:
+                ends.append((j, number))
+        return next((j for j, n in reversed(ends) if _luhn_ok(n)), None)
+
+    def ssns(self, out: list[Finding]) -> None:
+        """AAA-GG-SSSS or AAA GG SSSS (one delimiter, not inside a longer run) fire
+        alone; nine bare digits need a context word such as "SSN"."""
+        d, seps, lens = self.digits, self.seps, self.lens
+        for i in range(len(d)):
+            if lens[i : i + 3] == [3, 2, 4] and seps[i] in "- " and seps[i + 1] == seps[i]:
+                last, ok = i + 2, self.isolated(i, i + 2, seps[i])
+            elif lens[i] == 9:
+                last, ok = i, self.isolated(i, i, "-.") and self.context(i, i, "us_ssn")
+            else:
+                continue
+            if ok and _ssn_ok("".join(d[i : last + 1])):
+                out.append(self.finding("us_ssn", i, last))
+
+    def phones(self, out: list[Finding]) -> None:
+        """415-555-0132, 415.555.0132, 415 555-0132 and 1-415-555-0132 fire alone;
+        415 555 0132 and 4155550132 need a context word ("order 4155550132" does not
+        fire). Area code and exchange start with 2-9."""
+        d, seps, lens = self.digits, self.seps, self.lens
+        for i in range(len(d)):
+            if lens[i : i + 3] == [3, 3, 4] and seps[i + 1] in (seps[i], "-"):
+                first = i - 1 if i and d[i - 1] == "1" else i
+                last, weak, number = i + 2, seps[i + 1] == " ", d[i] + d[i + 1]
+                ok = self.isolated(first, last, seps[i] + seps[i + 1])
+            else:
+                first, last, weak, number = i, i, True, d[i][-10:]
+                ok = lens[i] == 10 or (lens[i] == 11 and d[i][0] == "1")
+                ok = ok and self.isolated(i, i, "-.")
+            ok = ok and number[0] >= "2" and number[3] >= "2"  # NANP area code and exchange
+            if ok and (not weak or self.context(first, last, "phone")):
+                out.append(self.finding("phone", first, last))
+
+    def ipv4s(self, out: list[Finding]) -> None:
+        """Only a dotted run of exactly four groups is an address (1.2.3.4.5 is not),
+        and not right after a word like "version"."""
+        i = 0
+        while "." in self.seps and i < len(self.digits):
+            j = i
+            while j < len(self.seps) and self.seps[j] == ".":
+                j += 1
+            start, end = self.spans[i][0], self.spans[j][1]
+            ok = j - i == 3 and max(self.lens[i : j + 1]) <= 3
+            ok = ok and _ip_ok(self.text[start:end], ipaddress.IPv4Address)
+            if ok and not _VERSION_BEFORE.search(self.text, max(0, start - 24), start):
+                out.append(Finding("ip_address", start, end))
+            i = j + 1
+
+
+def _numeric(text: str, start: int, end: int, names: frozenset[str], out: list[Finding]) -> None:
+    if "iban" in names and start >= 2 and text[start - 2 : start].isalpha():
+        _iban(text, start - 2, out)
+    if _glued(text, start, end):
+        return
+    run = _Run(text, start, end)
+    digits = sum(run.lens)
+    for name, method, fewest in _RUN_DETECTORS:
+        if digits >= fewest and name in names:
+            method(run, out)
+
+
+_RUN_DETECTORS = (  # (name, method, fewest digits it can fire on)
+    ("credit_card", _Run.cards, 13),
+    ("us_ssn", _Run.ssns, 9),
+    ("phone", _Run.phones, 10),
+    ("ip_address", _Run.ipv4s, 4),
+)
+_NUMERIC_NAMES = frozenset({"iban", *(entry[0] for entry in _RUN_DETECTORS)})
+
+# --- IBAN -------------------------------------------------------------------------------
+
+_IBAN_LENGTHS = {
+    code: int(length)
+    for code, length in re.findall(
+        r"([A-Z]{2})(\d\d)",
+        "AD24 AE23 AL28 AT20 AZ28 BA20 BE16 BG22 BH22 BI27 BR29 BY28 CH21 CR22 CY28 CZ24 "
+        "DE22 DJ27 DK18 DO28 EE20 EG29 ES24 FI18 FK18 FO18 FR27 GB22 GE22 GI23 GL18 GR27 "
+        "GT28 HN28 HR21 HU28 IE22 IL23 IQ23 IS26 IT27 JO30 KW30 KZ20 LB28 LC32 LI21 LT20 "
+        "LU20 LV21 LY25 MC27 MD24 ME22 MK19 MN20 MR27 MT31 MU30 NI28 NL18 NO15 OM23 PK24 "
+        "PL28 PS29 PT25 QA29 RO24 RS22 RU33 SA24 SC31 SD18 SE24 SI19 SK24 SM27 SO23 ST25 "
+        "SV28 TL23 TN24 TR26 UA29 VA22 VG24 XK20 YE30",
+    )
+}
+_IBAN = re.compile(r"[A-Za-z]{2}[0-9]{2}(?:[ ]?[A-Za-z0-9]){11,30}+")
+
+
+def _iban(text: str, start: int, out: list[Finding]) -> None:
+    """A registry country, then exactly that country's length of characters (grouped by
+    spaces or not), ISO 7064 mod-97 == 1. Lowercase needs a context word."""
+    m = None if _word_at(text, start - 1) else _IBAN.match(text, start)
+    length = _IBAN_LENGTHS.get(text[start : start + 2].upper(), 0) if m else 0
+    kept: list[str] = []
+    end = start
+    while m and end < m.end() and len(kept) < length:
+        if text[end] != " ":
+            kept.append(text[end])
+        end += 1
+    if not length or len(kept) < length or _word_at(text, end):
+        return
+    compact = "".join(kept)
+    rearranged = (compact[4:] + compact[:4]).upper()
+    if int("".join(str(int(c, 36)) for c in rearranged)) % 97 != 1:
+        return
+    if compact == compact.upper() or _has_context(text, start, end, "iban"):
+        out.append(Finding("iban", start, end))
+
+
+# --- passes anchored on a literal: "+" and "(" phones, "@" email, ":" IPv6 --------------
+
+_INTL_PHONE = re.compile(r"\+[1-9][0-9]{0,2}(?:[ .\-]?(?:\([0-9]{1,4}\)|[0-9]{1,5}))*+")
+_PAREN_PHONE = re.compile(r"\([2-9][0-9]{2}\)[ ]?[2-9][0-9]{2}[-. ][0-9]{4}(?![0-9]|[-.][0-9])")
+_LOCAL_REVERSED = re.compile(r"[A-Za-z0-9._%+\-']{1,64}")
+_DOMAIN = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,63}(?![\w-])"
+)
+_V6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_V6_REVERSED = re.compile(r"[0-9A-Fa-f:]{0,39}")
+_V6_FORWARD = re.compile(r"[0-9A-Fa-f:.]{1,45}")
+
+
+def _phones(text: str, out: list[Finding]) -> None:
+    """A + form with 8-15 digits (E.164; 10+ when written without separators), or
+    (415) 555-0132."""
+    for m in _INTL_PHONE.finditer(text) if "+" in text else ():
+        start, end = m.span()
+        if not _free(text, start, end, "+"):
+            continue
+        body = m.group()[1:]
+        count = sum(map(str.isdigit, body))
+        if 8 <= count <= 15 and (count >= 10 or not body.isdigit()):
+            out.append(Finding("phone", start, end))
+    for m in _PAREN_PHONE.finditer(text) if "(" in text else ():
+        if not _word_at(text, m.end()):
+            out.append(Finding("phone", m.start(), m.end()))
+
+
+def _emails(text: str, out: list[Finding]) -> None:
+    """Anchored on each '@', the local part read backwards: no other start position is
+    ever tried, so 64 KB of "a@a.a" stays linear. The domain needs a dot and a TLD."""
+    at = text.find("@")
+    while at >= 0:
+        domain = _DOMAIN.match(text, at + 1)
+        local = _LOCAL_REVERSED.match(text[max(0, at - 64) : at][::-1])
+        if domain and local:
+            start = at - local.end()
+            while text[start] == ".":
+                start += 1
+            if start < at:
+                out.append(Finding("email", start, domain.end()))
+        at = text.find("@", domain.end() if domain else at + 1)
+
+
+def _ipv6s(text: str, out: list[Finding]) -> None:
+    """Anchored on ':hex:'. The candidate around it must parse with ``ipaddress`` and
+    hold two hex groups, so "::", "std::vector" or "10:30:45" do not fire."""
+    pos = 0
+    while (m := _V6_HINT.search(text, pos)) is not None:
+        back = _V6_REVERSED.match(text[max(0, m.start() - 39) : m.start()][::-1])
+        start = m.start() - back.end() if back else m.start()
+        forward = _V6_FORWARD.match(text, m.start())
+        pos = forward.end() if forward else m.end()
+        candidate = text[start:pos].rstrip(".")
+        if candidate.endswith(":") and not candidate.endswith("::"):
+            candidate = candidate[:-1]
+        end = start + len(candidate)
+        if not _free(text, start, end, ".:"):
+            continue
+        shaped = "::" in candidate or candidate.count(":") >= 6  # else "10:30:45"
+        groups = sum(1 for g in candidate.split(":") if g)
+        if shaped and groups >= 2 and _ip_ok(candidate, ipaddress.IPv6Address):
+            out.append(Finding("ip_address", start, end))
+
+
+def _scan_builtins(text: str, names: frozenset[str]) -> list[Finding]:
+    out: list[Finding] = []
+    if names & _NUMERIC_NAMES:
+        for m in _CLUSTER.finditer(text):
+            _numeric(text, m.start(), m.end(), names, out)
+    if "phone" in names:
+        _phones(text, out)
+    if "email" in names and "@" in text:
+        _emails(text, out)
+    if "ip_address" in names and ":" in text:
+        _ipv6s(text, out)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Builtin:
+    """A built-in: alone it runs its share of the pass; a Scanner runs it once for all."""
+
+    name: str
+
+    def find(self, text: str) -> Iterator[Finding]:
+        yield from _dedupe(_scan_builtins(text, frozenset((self.name,))))
+
+
+BUILTIN: dict[str, Detector] = {
+    name: _Builtin(name)
+    for name in ("email", "us_ssn", "credit_card", "iban", "phone", "ip_address")
+}
+
+# --- custom detectors and the pattern check ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _RegexDetector:
+    name: str
+    regex: re.Pattern[str]
+    validate: Callable[[str], bool] | None
+
+    def find(self, text: str) -> Iterator[Finding]:
+        for m in self.regex.finditer(text):
+            if m.end() > m.start() and (self.validate is None or self.validate(m.group())):
+                yield Finding(self.name, m.start(), m.end())
+
+
+def regex_detector(
+    name: str, pattern: str, *, validate: Callable[[str], bool] | None = None
+) -> Detector:
+    """A detector declared in the policy. A pattern ``check_pattern`` rejects is refused
+    here too, so an unsafe regex can never reach the request path."""
+    if not name:
+        raise ValueError("a custom detector needs a name")
+    problem = check_pattern(pattern)
+    if problem is not None:
+        raise ValueError(f"custom detector {name!r}: {problem}")
+    return _RegexDetector(name, re.compile(pattern), validate)
+
+
+_PARSER: Any = importlib.import_module("re._parser")
+_SRE: Any = importlib.import_module("re._constants")
+_REPEATS = (_SRE.MAX_REPEAT, _SRE.MIN_REPEAT)
+_CATEGORY_CHARS = {
+    _SRE.CATEGORY_DIGIT: frozenset(range(48, 58)),
+    _SRE.CATEGORY_SPACE: frozenset(map(ord, " \t\n\r\f\v")),
+    _SRE.CATEGORY_WORD: frozenset(c for c in range(128) if chr(c).isalnum() or c == 95),
+}
+_NESTED = "a repeat inside a repeat (like (a+)+) can backtrack exponentially; use a++"
+_OVERLAP = "overlapping alternatives in a repeat (like (a|a)*) can backtrack exponentially"
+_QUADRATIC = (
+    "search time grows with the square of the input (an unbounded repeat retried at every "
+    "position): bound it, e.g. \\w{1,64}, or anchor where it starts, e.g. (?<!\\w)"
+)
+_PROBE_SIZES = (*range(8, 65, 2), 80, 100, 128, 160, 200, 256, 320, 400, 512, 1024, 8192)
+
+
+def check_pattern(pattern: str) -> str | None:
+    """Why a custom pattern must not be used, or None. A static check of the parsed
+    pattern (an unbounded repeat, or overlapping alternatives, inside a repeat), then a
+    short probe on growing repetitive inputs for what the static check cannot see."""
+    try:
+        compiled = re.compile(pattern)
+        tree = _PARSER.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        return f"does not compile: {exc}"
+    if problem := _walk(list(tree), in_repeat=False):
+        return problem
+    if compiled.fullmatch("") is not None:
+        return "matches the empty string, so it would fire everywhere"
+    return _probe(compiled, pattern)
+
+
+def _walk(items: list[Any], in_repeat: bool) -> str | None:
+    """The first backtracking hazard in a parsed pattern; possessive and atomic parts
+    cannot be re-entered, so what is inside them only counts on its own."""
+    for op, av in items:
+        if op in _REPEATS and in_repeat and av[1] == _SRE.MAXREPEAT:
+            return _NESTED
+        if op in _REPEATS and av[1] > 10 and _variable_repeat(list(av[2])):
+            return _NESTED
+        if op is _SRE.BRANCH and in_repeat and _overlapping([list(a) for a in av[1]]):
+            return _OVERLAP
+        if op in _REPEATS:
+            parts, nested = [av[2]], in_repeat or av[1] > 10
+        elif op in (_SRE.POSSESSIVE_REPEAT, _SRE.ATOMIC_GROUP):
+            parts, nested = [av if op is _SRE.ATOMIC_GROUP else av[2]], False
+        elif op is _SRE.SUBPATTERN:
+            parts, nested = [av[3]], in_repeat
+        elif op in (_SRE.ASSERT, _SRE.ASSERT_NOT, _SRE.BRANCH, _SRE.GROUPREF_EXISTS):
+            parts, nested = [p for p in av[1:] if p is not None], in_repeat
+            parts = av[1] if op is _SRE.BRANCH else parts
+        else:
+            continue
+        for part in parts:
+            if found := _walk(list(part), nested):
+                return found
+    return None
+
+
+def _variable_repeat(body: list[Any]) -> bool:
+    """A repeated body that is just a variable-length repeat, like (\\d{1,3})+: the same
+    digits split into iterations in exponentially many ways."""
+    while len(body) == 1 and body[0][0] is _SRE.SUBPATTERN:
+        body = list(body[0][1][3])
+    return len(body) == 1 and body[0][0] in _REPEATS and body[0][1][0] < body[0][1][1]
+
+
+def _overlapping(alternatives: list[list[Any]]) -> bool:
+    """Whether two alternatives may start with the same character (or one is empty)."""
+    seen: set[int] = set()
+    for alternative in alternatives:
+        chars = _first_chars(alternative[0]) if alternative else None
+        if chars is None or seen & chars:
+            return True
+        seen |= chars
+    return False
+
+
+def _first_chars(item: tuple[Any, Any]) -> set[int] | None:
+    op, av = item
+    if op is _SRE.SUBPATTERN:
+        return _first_chars(av[3][0]) if len(av[3]) else None
+    chars: set[int] = set()
+    for kind, value in av if op is _SRE.IN else [item]:
+        if kind is _SRE.LITERAL:
+            chars.add(value)
+        elif kind is _SRE.RANGE and value[1] - value[0] < 1024:
+            chars.update(range(value[0], value[1] + 1))
+        elif kind is _SRE.CATEGORY and value in _CATEGORY_CHARS:
+            chars |= _CATEGORY_CHARS[value]
+        else:
+            return None
+    return chars
+
+
+def _probe(compiled: re.Pattern[str], pattern: str) -> str | None:
+    """Searches growing repetitive inputs made of the pattern's own characters and
+    common ones. Sizes grow slowly at first, so an exponential pattern is caught before
+    it can hang the check; a search 8x longer costing over 24x more time is quadratic,
+    which on a 1 MB request means minutes."""
+    own = sorted({c for c in pattern if c.isprintable() and c not in "\\()[]{}?*+|^$"})[:12]
+    for unit in ["a", "1", " ", "a ", "1-", "a.", "a@", "aa1", *own, "".join(own) or "x"]:
+        seconds: dict[int, float] = {}
+        for size in _PROBE_SIZES:
+            seconds[size] = _search_time(compiled, (unit * size)[:size] + "\x00")
+            if size < 8192 and seconds[size] > 0.1:
+                elapsed = f"{seconds[size] * 1000:.0f} ms on a {size}-character probe"
+                return f"took {elapsed}: catastrophic backtracking"
+        if seconds[8192] > 0.002 and seconds[8192] > 24 * seconds[1024]:
+            return _QUADRATIC
+    return None
+
+
+def _search_time(compiled: re.Pattern[str], text: str) -> float:
+    """Best of two when slow, so a scheduling hiccup cannot flag a linear pattern."""
+    best = float("inf")
+    for _ in range(2):
+        began = time.perf_counter()
+        compiled.search(text)
+        best = min(best, time.perf_counter() - began)
+        if best < 0.001:
+            break
+    return best
+
+
+# --- the scanner ------------------------------------------------------------------------
+
+
+def _dedupe(findings: list[Finding]) -> list[Finding]:
+    """Drops a finding inside another of the same detector ("(415) 555-0132" within
+    "+1 (415) 555-0132"), then orders by position."""
+    reach: dict[str, int] = {}
+    kept = []
+    for f in sorted(findings, key=lambda f: (f.start, -f.end, f.detector)):
+        if f.end > reach.get(f.detector, -1):
+            kept.append(f)
+            reach[f.detector] = f.end
+    return sorted(kept, key=lambda f: (f.start, f.end, f.detector))
+
+
+class Scanner:
+    """Runs a policy's detectors over a text. The built-ins share one pass; any failure
+    becomes a ScanError so the caller fails closed."""
+
+    __slots__ = ("_builtin", "_custom", "max_chars")
+
+    def __init__(self, detectors: Iterable[Detector], *, max_chars: int = 1_000_000) -> None:
+        if max_chars < 1:
+            raise ValueError("max_chars must be positive")
+        chosen = list(detectors)
+        self._builtin = frozenset(d.name for d in chosen if isinstance(d, _Builtin))
+        self._custom = tuple(d for d in chosen if not isinstance(d, _Builtin))
+        self.max_chars = max_chars
+
+    def scan(self, text: str) -> list[Finding]:
+        """All findings, ordered by position. Raises TextTooLarge past max_chars."""
+        if not isinstance(text, str):
+            raise TypeError("Scanner.scan takes a str")
+        if len(text) > self.max_chars:
+            raise TextTooLarge(len(text), self.max_chars)
+        found: list[Finding] = []
+        if self._builtin:
+            found = _guarded("builtin", lambda t: _scan_builtins(t, self._builtin), text)
+        for detector in self._custom:
+            found += _guarded(detector.name, detector.find, text)
+        return _dedupe(found)
+
+
+def _guarded(name: str, find: Callable[[str], Iterable[Finding]], text: str) -> list[Finding]:
+    try:
+        return list(find(text))
+    except ScanError:
+        raise
+    except Exception as exc:  # any failure means "could not scan", never "clean"
+        raise DetectorError(name, type(exc).__name__) from None

@@ -1,0 +1,310 @@
+"""Tests for the PII detectors: a labelled corpus scored by precision, recall and F2,
+plus the API promises (no value in a repr, custom detectors, pattern checks, size
+limit, fail-closed errors) and linear behaviour on adversarial input."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hybridroute.router.detectors import (
+    BUILTIN,
+    DetectorError,
+    Finding,
+    ScanError,
+    Scanner,
+    TextTooLarge,
+    check_pattern,
+    regex_detector,
+)
+
+CORPUS = Path(__file__).with_name("detector_corpus.yaml")
+DETECTORS = ("credit_card", "us_ssn", "iban", "email", "ip_address", "phone")
+
+
+@dataclass(frozen=True)
+class Case:
+    text: str
+    expected: frozenset[tuple[str, int, int]]  # (detector, start, end)
+
+
+def _span(text: str, value: str) -> tuple[int, int]:
+    assert text.count(value) == 1, f"corpus value must occur once: {value!r} in {text!r}"
+    start = text.index(value)
+    return start, start + len(value)
+
+
+def load_cases() -> list[Case]:
+    raw: dict[str, Any] = yaml.safe_load(CORPUS.read_text(encoding="utf-8"))
+    cases = []
+    for section, body in raw.items():
+        for entry in body["positives"]:
+            labels = {section: entry["expect"], **(entry.get("other") or {})}
+            expected = {
+                (name, *_span(entry["text"], value))
+                for name, values in labels.items()
+                for value in values
+            }
+            cases.append(Case(entry["text"], frozenset(expected)))
+        cases.extend(Case(text, frozenset()) for text in body["near_misses"])
+    return cases
+
+
+@dataclass
+class Score:
+    expected: int = 0
+    recalled: int = 0
+    fired: int = 0
+    correct: int = 0
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.fired if self.fired else 1.0
+
+    @property
+    def recall(self) -> float:
+        return self.recalled / self.expected if self.expected else 1.0
+
+    @property
+    def f2(self) -> float:
+        p, r = self.precision, self.recall
+        return 5 * p * r / (4 * p + r) if p + r else 0.0
+
+
+def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def score_corpus(cases: list[Case]) -> dict[str, Score]:
+    """A finding is correct when it overlaps an expected value of its detector; an
+    expected value is recalled when a finding of its detector overlaps it."""
+    scanner = Scanner(BUILTIN.values())
+    scores = {name: Score() for name in DETECTORS}
+    for case in cases:
+        found = scanner.scan(case.text)
+        for name, score in scores.items():
+            want = [(s, e) for d, s, e in case.expected if d == name]
+            got = [(f.start, f.end) for f in found if f.detector == name]
+            score.expected += len(want)
+            score.recalled += sum(any(_overlaps(w, g) for g in got) for w in want)
+            score.fired += len(got)
+            score.correct += sum(any(_overlaps(g, w) for w in want) for g in got)
+    return scores
+
+
+def render(scores: dict[str, Score]) -> str:
+    lines = [
+        f"{'detector':<12} {'expected':>8} {'fired':>6} {'precision':>9} {'recall':>7} {'F2':>6}"
+    ]
+    for name, sc in scores.items():
+        row = f"{sc.expected:>8} {sc.fired:>6} {sc.precision:>9.3f} {sc.recall:>7.3f} {sc.f2:>6.3f}"
+        lines.append(f"{name:<12} {row}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[Case]:
+    return load_cases()
+
+
+def test_corpus_precision_recall_f2(cases: list[Case], capsys: pytest.CaptureFixture[str]) -> None:
+    scores = score_corpus(cases)
+    table = render(scores)
+    with capsys.disabled():  # shown with or without -s
+        print(f"\n\nDetector corpus ({len(cases)} texts, {CORPUS.name}):\n{table}\n")
+    for name, s in scores.items():
+        assert s.expected > 0, f"{name}: corpus has no positives"
+        assert s.recall == 1.0, f"{name}: recall {s.recall:.3f}\n{table}"
+        assert s.precision >= 0.95, f"{name}: precision {s.precision:.3f}\n{table}"
+
+
+def test_corpus_spans_are_exact(cases: list[Case]) -> None:
+    scanner = Scanner(BUILTIN.values())
+    for case in cases:
+        found = {(f.detector, f.start, f.end) for f in scanner.scan(case.text)}
+        assert found == case.expected, case.text
+
+
+def test_each_builtin_alone_agrees_with_the_shared_pass(cases: list[Case]) -> None:
+    together = Scanner(BUILTIN.values())
+    for case in cases:
+        combined = together.scan(case.text)
+        for name, detector in BUILTIN.items():
+            alone = list(detector.find(case.text))
+            assert alone == [f for f in combined if f.detector == name], (name, case.text)
+            assert Scanner([detector]).scan(case.text) == alone
+
+
+def test_builtin_names() -> None:
+    assert set(BUILTIN) == set(DETECTORS)
+    assert all(d.name == name for name, d in BUILTIN.items())
+
+
+@pytest.mark.parametrize(
+    ("text", "fires"),
+    [
+        ("SSN 536221234", True),
+        ("ticket 536221234", False),
+        ("social security: 536221234", True),
+        ("ssn" + " " * 60 + "536221234", False),  # context too far away
+        ("phone 4155550132", True),
+        ("order 4155550132", False),
+        ("hotel 4155550132", False),  # "tel" inside a word is no context
+    ],
+)
+def test_context_words_raise_weak_forms(text: str, fires: bool) -> None:
+    assert bool(Scanner(BUILTIN.values()).scan(text)) is fires
+
+
+def test_finding_repr_never_contains_the_value() -> None:
+    text = "card 4111 1111 1111 1111, ssn 078-05-1120, mail jane@example.com"
+    findings = Scanner(BUILTIN.values()).scan(text)
+    assert len(findings) == 3
+    for f in findings:
+        value = text[f.start : f.end]
+        assert value not in repr(f) and value not in str(f)
+        assert value.replace(" ", "").replace("-", "") not in repr(f)
+    assert not hasattr(findings[0], "__dict__")  # slots: nothing else can be attached
+
+
+def test_regex_detector_custom_pattern() -> None:
+    employee = regex_detector("employee_id", r"\bEMP-[0-9]{6}\b")
+    findings = list(employee.find("ticket for EMP-004211 and EMP-12 and EMP-999999"))
+    assert [(f.detector, f.start, f.end) for f in findings] == [
+        ("employee_id", 11, 21),
+        ("employee_id", 37, 47),
+    ]
+    even = regex_detector("even", r"\b[0-9]{4}\b", validate=lambda v: int(v) % 2 == 0)
+    scanner = Scanner([*BUILTIN.values(), employee, even])
+    found = scanner.scan("EMP-004211 paid 1234 and 1235 from jane@example.com")
+    assert [f.detector for f in found] == ["employee_id", "even", "email"]
+
+
+def test_regex_detector_refuses_unsafe_or_broken_patterns() -> None:
+    for bad in (r"(a+)+$", r"(", r"x*", ""):
+        with pytest.raises(ValueError, match="custom detector"):
+            regex_detector("bad", bad)
+    with pytest.raises(ValueError):
+        regex_detector("", r"abc")
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"(a+)+",
+        r"(a*)*b",
+        r"(a|a)*b",
+        r"(\w+\s?)+$",
+        r"(?:[a-z]+\.)+com",
+        r"(a|ab)*c",
+        r"(.*a){12}",
+        r"^(\d{1,3})+x$",
+    ],
+)
+def test_check_pattern_flags_backtracking(pattern: str) -> None:
+    problem = check_pattern(pattern)
+    assert problem is not None and "backtrack" in problem
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"\bEMP-[0-9]{6}\b",
+        r"[A-Z]{2}[0-9]{6}",
+        r"(?<![a-z.])(?:[a-z]++\.)++com",
+        r"(?:\d{1,3}\.){3}\d{1,3}",
+        r"\b\w{1,64}@\w{1,64}\.com\b",
+        r"(?i)project\s+(?:falcon|osprey)",
+        r"\b(?:foo|bar)+\b",
+        r"(?:\d{3}-){2}\d{4}",
+    ],
+)
+def test_check_pattern_accepts_ordinary_patterns(pattern: str) -> None:
+    assert check_pattern(pattern) is None
+
+
+def test_check_pattern_reports_syntax_and_empty_matches() -> None:
+    assert "does not compile" in (check_pattern(r"[a-") or "")
+    assert "empty" in (check_pattern(r"a?") or "")
+
+
+def test_check_pattern_probe_catches_what_the_static_check_misses() -> None:
+    # (\d\d?)+ has no unbounded inner repeat, yet splits a digit run many ways.
+    assert "probe" in (check_pattern(r"^(\d\d?)+x$") or "")
+    # Unanchored unbounded repeats restart at every position: quadratic on 1 MB input.
+    assert "square" in (check_pattern(r"\w+@\w+\.com") or "")
+
+
+def test_text_too_large() -> None:
+    scanner = Scanner(BUILTIN.values(), max_chars=100)
+    assert scanner.scan("x" * 100) == []
+    with pytest.raises(TextTooLarge) as info:
+        scanner.scan("x" * 101)
+    assert isinstance(info.value, ScanError)
+    assert (info.value.size, info.value.limit) == (101, 100)
+
+
+class Exploding:
+    name = "exploding"
+
+    def find(self, text: str) -> Iterator[Finding]:
+        raise ValueError(f"cannot handle {text}")
+
+
+def test_detector_error_is_a_scan_error_without_the_text() -> None:
+    secret = "078-05-1120"
+    with pytest.raises(DetectorError) as info:
+        Scanner([*BUILTIN.values(), Exploding()]).scan(f"ssn {secret}")
+    assert isinstance(info.value, ScanError)
+    assert secret not in str(info.value) and "exploding" in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_validate_errors_fail_closed() -> None:
+    broken = regex_detector("broken", r"[0-9]+", validate=lambda v: 1 / 0 > 0)
+    with pytest.raises(DetectorError):
+        Scanner([broken]).scan("42")
+
+
+PATHOLOGICAL = {
+    "digits and dashes": "1-" * 32768,
+    "digit groups": "1234 " * 13107,
+    "digits": "7" * 65536,
+    "dotted digits": "1." * 32768,
+    "valid ips": "10.0.0.1 " * 7281,
+    "ssns": "078-05-1120 " * 5461,
+    "cards": "4111 1111 1111 1111 " * 3276,
+    "a@a.a": "a@a.a" * 13107,
+    "long local part": "a" * 65535 + "@",
+    "long domain": "a@" + "a." * 32766,
+    "colons": ":" * 65536,
+    "hex and colons": "a:" * 32768,
+    "plus signs": "+1" * 32768,
+    "iban prefixes": "DE89" * 16384,
+    "parentheses": "(415) " * 10922,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
+def test_adversarial_64k_inputs_scan_fast(name: str) -> None:
+    text = PATHOLOGICAL[name][:65536]
+    scanner = Scanner(BUILTIN.values())
+    began = time.perf_counter()
+    scanner.scan(text)
+    assert time.perf_counter() - began < 1.0, name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="0123456789 -.:+@()abcDEF", max_size=300) | st.text(max_size=300))
+def test_arbitrary_text_scans_cleanly(text: str) -> None:
+    findings = Scanner(BUILTIN.values()).scan(text)
+    assert findings == sorted(findings, key=lambda f: (f.start, f.end, f.detector))
+    assert all(0 <= f.start < f.end <= len(text) and f.detector in BUILTIN for f in findings)
