@@ -6,22 +6,43 @@ key path, e.g.::
 
     policies/default.yaml:42: rules[3].match.labell: unknown key (allowed: caller, label, ...)
 
+Key paths read like Python: `pools.onprem.zone`, `rules[3].match`, and a mapping key
+that is not a plain name in brackets, `pools['bad name'].zone` or `pools[True]` (YAML
+reads an unquoted `on` as a boolean). Every key and list item has its own line.
+
 Models derive from `Strict`, which forbids unknown keys and coercion surprises.
 """
 
 from __future__ import annotations
 
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 
-__all__ = ["ConfigError", "Located", "Strict", "load_model", "load_yaml", "validate"]
+__all__ = [
+    "ConfigError",
+    "Located",
+    "PathKey",
+    "Strict",
+    "load_model",
+    "load_yaml",
+    "render_path",
+    "validate",
+]
 
 M = TypeVar("M", bound=BaseModel)
-PathKey = tuple[str | int, ...]
+# A path into parsed YAML: mapping keys as they were parsed (str, but also int, float,
+# bool or None for unquoted keys such as `1` or `on`) and list indices (int).
+PathKey = tuple[str | int | float | bool | None, ...]
 
 
 class Strict(BaseModel):
@@ -52,7 +73,11 @@ class ConfigError(Exception):
 
 @dataclass
 class Located:
-    """Parsed YAML data and the 1-based line of every mapping key and sequence item."""
+    """Parsed YAML data and the 1-based line of every mapping key and sequence item.
+
+    `lines` is keyed by the paths of the parsed data: mapping keys as parsed, not as
+    text, so `("pools", True)` is the line of an unquoted `on:` key under `pools`.
+    """
 
     data: Any
     source: str
@@ -82,7 +107,7 @@ def _construct(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], loader
                 raise _Problem(key_node.start_mark.line + 1, path, "mapping keys must be scalars")
             if key in out:
                 raise _Problem(key_node.start_mark.line + 1, path, f"duplicate key {key!r}")
-            child = (*path, str(key))
+            child = (*path, key)
             lines[child] = key_node.start_mark.line + 1
             out[key] = _construct(value_node, child, lines, loader)
         return out
@@ -102,10 +127,19 @@ class _Problem(Exception):
         self.line, self.path, self.message = line, path, message
 
 
-def _render_path(path: PathKey) -> str:
+# A mapping key that reads unambiguously after a dot.
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def render_path(path: PathKey) -> str:
+    """`path` as it reads naturally: `pools.onprem.zone`, `rules[3].route`, and keys that
+    are not plain names in brackets, `pools['bad name']`, `pools[True]`, `pools[2]`."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, str) and _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
     return out
 
 
@@ -124,7 +158,7 @@ def load_yaml(path: str | Path, *, text: str | None = None) -> Located:
         node = loader.get_single_node()
         data = {} if node is None else _construct(node, (), lines, loader)
     except _Problem as exc:
-        raise ConfigError(source, [(exc.line, _render_path(exc.path), exc.message)]) from None
+        raise ConfigError(source, [(exc.line, render_path(exc.path), exc.message)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -135,40 +169,104 @@ def load_yaml(path: str | Path, *, text: str | None = None) -> Located:
     return Located(data=data, source=source, lines=lines)
 
 
-def _describe(error: Any, model: type[BaseModel], loc: PathKey) -> str:
+def _describe(error: ErrorDetails, model: type[BaseModel], path: PathKey, key: bool) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(model, loc[:-1])
+        allowed = _allowed_keys(model, path[:-1])
         hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
         return f"unknown key{hint}"
     if kind == "missing":
         return "required key is missing"
-    return str(error["msg"])
+    return f"invalid key: {error['msg']}" if key else str(error["msg"])
 
 
 def _allowed_keys(model: type[BaseModel], parent: PathKey) -> list[str]:
     """Field names (aliases) of the sub-model at `parent`, for 'unknown key' hints."""
-    current: Any = model
+    annotation: Any = model
     for part in parent:
-        if isinstance(part, int) or current is None:
-            continue
-        fields = getattr(current, "model_fields", None)
-        if not fields:
-            return []
-        info = next((f for n, f in fields.items() if (f.alias or n) == part), None)
-        current = _model_in(info.annotation) if info is not None else None
-    fields = getattr(current, "model_fields", None) or {}
+        annotation = _inner(annotation, part)
+    found = next((a for a in _arms(annotation) if _is_model(a)), None)
+    fields = found.model_fields if found is not None else {}
     return [f.alias or n for n, f in fields.items()]
 
 
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
+def _inner(annotation: Any, part: object) -> Any:
+    """The type of what `part` (a field, a mapping key or an index) leads to inside a
+    value of type `annotation`; None when that is not known."""
+    for arm in _arms(annotation):
+        if _is_model(arm):
+            fields = arm.model_fields.items()
+            info = next((f for n, f in fields if (f.alias or n) == part), None)
+            if info is not None:
+                return info.annotation
+            continue
+        origin, args = typing.get_origin(arm), typing.get_args(arm)
+        if not isinstance(origin, type) or not args:
+            continue
+        if issubclass(origin, Mapping):
+            return args[-1]
+        if issubclass(origin, Sequence | AbstractSet) and isinstance(part, int):
+            fixed = origin is tuple and Ellipsis not in args
+            return (args[part] if part < len(args) else None) if fixed else args[0]
     return None
+
+
+def _arms(annotation: Any) -> list[Any]:
+    """`annotation` without `Annotated` wrappers, split into the members of a union."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _arms(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [arm for arg in typing.get_args(annotation) for arm in _arms(arg)]
+    return [annotation]
+
+
+def _is_model(annotation: Any) -> typing.TypeGuard[type[BaseModel]]:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+# Items pydantic puts into an error's `loc` that are not keys in the file: the union
+# member tried, a validator's wrapper, and the marker of an error in a mapping key.
+_UNION_TAGS = {"str", "int", "float", "bool", "list[str]", "dict[str,str]"}
+_KEY_ERROR = "[key]"
+
+
+def _resolve(data: Any, loc: tuple[str | int, ...]) -> tuple[PathKey, bool]:
+    """A pydantic error location as a path into `data`, and whether the error is about
+    the mapping key at the end of that path rather than its value.
+
+    pydantic reports mapping keys as strings or ints: an unquoted `on:` key as 1, a
+    `1.5:` key as '1.5'. Each is matched to the key as parsed, so the path finds the
+    key's line and renders as written (`pools[True]`).
+    """
+    key_error = bool(loc) and loc[-1] == _KEY_ERROR
+    path: list[str | int | float | bool | None] = []
+    node = data
+    for part in loc[:-1] if key_error else loc:
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path.append(part)
+            node = node[part]
+            continue
+        found, key = _key_in(node, part) if isinstance(node, dict) else (False, None)
+        if found:
+            path.append(key)
+            node = node[key]
+        elif not (isinstance(part, str) and (part in _UNION_TAGS or part.startswith("function-"))):
+            path.append(part)  # not in the data (a missing key): as reported
+            node = None
+    return tuple(path), key_error
+
+
+def _key_in(mapping: dict[Any, Any], part: str | int) -> tuple[bool, Any]:
+    """Whether `mapping` has the key pydantic reports as `part`, and that key."""
+    if isinstance(part, str) and part in mapping:
+        return True, part
+    for key in mapping:
+        if isinstance(part, int) and not isinstance(key, str) and key == part:
+            return True, key  # int, or the bool pydantic reports as 0 or 1
+        if isinstance(part, str) and not isinstance(key, str) and str(key) == part:
+            return True, key  # float or None, reported as its str()
+    return False, None
 
 
 def validate(located: Located, model: type[M], *, context: dict[str, Any] | None = None) -> M:
@@ -176,18 +274,12 @@ def validate(located: Located, model: type[M], *, context: dict[str, Any] | None
     try:
         return model.model_validate(located.data, context=context)
     except ValidationError as exc:
-        problems = []
+        problems: list[tuple[int | None, str, str]] = []
         for error in exc.errors():
-            loc = tuple(p for p in error["loc"] if not str(p).startswith("function-"))
-            loc = tuple(p for p in loc if p not in _UNION_TAGS)
-            problems.append(
-                (located.line_of(loc), _render_path(loc), _describe(error, model, loc))
-            )
+            path, key = _resolve(located.data, tuple(error["loc"]))
+            message = _describe(error, model, path, key)
+            problems.append((located.line_of(path), render_path(path), message))
         raise ConfigError(located.source, problems) from None
-
-
-# pydantic inserts the union member's name into `loc`; those are not keys in the file.
-_UNION_TAGS = {"str", "int", "float", "bool", "list[str]", "dict[str,str]"}
 
 
 def load_model(path: str | Path, model: type[M], *, context: dict[str, Any] | None = None) -> M:

@@ -1,8 +1,8 @@
 """The decision engine: request facts in, routing decision (with its trace) out.
 
 Pure Python on purpose: the gRPC layer turns a request into `RequestFacts`, the
-`policy` commands turn a test case into the same thing (`facts_from_case`), and both
-get the very same `decide()`. Order of work, as in the architecture's data flow:
+`policy` commands turn a test case into the same thing (`cases.facts_from_case`), and
+both get the very same `decide()`. Order of work, as in the architecture's data flow:
 
 1. the sensitivity verdict, before any rule: label, detector findings, unreadable or
    oversized text, detector errors, unknown caller, pinned session. Each cause is a
@@ -10,8 +10,8 @@ get the very same `decide()`. Order of work, as in the architecture's data flow:
 2. the rules, in order, first match wins (a matching rule may add `rule:<id>`);
 3. the runtime guard: a sensitive request whose chosen route is not on-prem goes to the
    policy's `sensitive_route` instead (or is denied if that is not on-prem either).
-   The load-time guard in `policy.py` should make this unreachable; it is here so no
-   policy object, however built, can send sensitive data to the cloud;
+   The load-time guard in `policy_checks.py` should make this unreachable; it is here so
+   no policy object, however built, can send sensitive data to the cloud;
 4. a sensitive request that was routed pins its session. Not a denied one (its data
    went nowhere) and not one from an unknown caller (all its requests are sensitive
    anyway): otherwise anyone could flood the bounded pin store and evict live pins.
@@ -19,28 +19,25 @@ get the very same `decide()`. Order of work, as in the architecture's data flow:
 No value taken from the request is ever copied into a `Decision`, its reasons, its
 trace or a log line: only detector names, counts and positions, and values from
 closed vocabularies (labels, auth kinds, booleans).
+
+This module holds the vocabularies, the facts, the decision and `decide` itself: the
+per-request path. The compiled `match:` conditions are in `conditions` (built once per
+policy load) and the test-case files that drive `decide` offline are in `cases`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, get_args
+from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
-from pydantic import model_validator
-from pydantic_core import PydanticCustomError
-
-from hybridroute.config import Strict, load_model
 from hybridroute.router.detectors import TextTooLarge
 
 if TYPE_CHECKING:
-    from hybridroute.router.policy import MatchSpec, Policy, Rule
+    from hybridroute.router.policy import Policy, Rule
     from hybridroute.router.sessions import SessionPins
 
 __all__ = [
@@ -49,10 +46,6 @@ __all__ = [
     "LABEL_KEYS",
     "SENSITIVE_LABELS",
     "AuthKind",
-    "Case",
-    "CaseFile",
-    "CaseRequest",
-    "Condition",
     "Decision",
     "DetectorHit",
     "LabelKey",
@@ -60,12 +53,8 @@ __all__ = [
     "RuleTrace",
     "Subject",
     "TextField",
-    "check_expectations",
-    "compile_match",
     "decide",
-    "facts_from_case",
     "label_key",
-    "load_cases",
     "metadata_text_fields",
 ]
 
@@ -110,6 +99,22 @@ class RequestFacts:
     parameters: Mapping[str, object] = field(default_factory=dict)
     texts: Sequence[TextField] = ()
     problems: Sequence[str] = ()  # parse problems; any makes the request sensitive
+
+
+def metadata_text_fields(metadata: Mapping[str, str]) -> list[TextField]:
+    """The metadata values that are content (and so scanned), as text fields.
+
+    Transport headers, binary (`-bin`) headers, the classification label and the
+    caller's credentials are not content; everything else, x-session-id included, may
+    be forwarded upstream, so it is scanned like any input text.
+    """
+    return [
+        TextField(f"metadata:{name}", value)
+        for name, value in metadata.items()
+        if name not in _UNSCANNED_METADATA
+        and not name.startswith((":", "grpc-"))
+        and not name.endswith("-bin")
+    ]
 
 
 class RuleTrace(NamedTuple):
@@ -159,7 +164,7 @@ class Decision:
         return self.fallbacks[0] if self.fallbacks else None
 
 
-# --- what rules see, and compiled match conditions -------------------------------------
+# --- what rules see (the conditions that test it are in `conditions`) ------------------
 
 
 @dataclass(slots=True)
@@ -177,159 +182,6 @@ class Subject:
     session_pinned: bool
     metadata: Mapping[str, str]
     parameters: Mapping[str, object]
-
-
-class Condition(Protocol):
-    """One `match:` key, compiled. `why_not` is None when it holds."""
-
-    @property
-    def key(self) -> str: ...
-
-    def why_not(self, subject: Subject) -> str | None: ...
-
-
-def _show(items: Iterable[object]) -> str:
-    return "[" + ", ".join(str(i) for i in items) + "]"
-
-
-def _glob_regex(patterns: Sequence[str]) -> re.Pattern[str]:
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-
-
-# Conditions are slotted classes whose failure messages are built once, at compile
-# time: `decide` evaluates them on every request and formats nothing.
-
-
-class GlobCondition:
-    """`caller`, `model`, `model_version`: the value matches one of the globs."""
-
-    __slots__ = ("_why", "key", "patterns", "regex")
-
-    def __init__(self, key: Literal["caller", "model", "model_version"], patterns: Sequence[str]):
-        self.key, self.patterns, self.regex = key, tuple(patterns), _glob_regex(patterns)
-        self._why = f"{key} does not match {_show(patterns)}"
-
-    def why_not(self, subject: Subject) -> str | None:
-        value: str | None = getattr(subject, self.key)
-        return None if value is not None and self.regex.match(value) else self._why
-
-
-class ChoiceCondition:
-    """`label`, `auth`: a value from a closed vocabulary, so the message may show it."""
-
-    __slots__ = ("_why", "allowed", "key")
-
-    def __init__(self, key: Literal["label", "auth"], allowed: Sequence[str]):
-        self.key, self.allowed = key, frozenset(allowed)
-        vocabulary = LABEL_KEYS if key == "label" else AUTH_KINDS
-        self._why = {v: f"{key} '{v}' not in {_show(allowed)}" for v in vocabulary}
-
-    def why_not(self, subject: Subject) -> str | None:
-        value: str = getattr(subject, self.key)
-        if value in self.allowed:
-            return None
-        return self._why.get(value, f"{self.key} is not one of the allowed values")
-
-
-class FlagCondition:
-    """`caller_known`, `sensitive`, `session_pinned`."""
-
-    __slots__ = ("_why", "expected", "key")
-
-    def __init__(self, key: Literal["caller_known", "sensitive", "session_pinned"], expected: bool):
-        self.key, self.expected = key, expected
-        self._why = f"{key} is {str(not expected).lower()}"
-
-    def why_not(self, subject: Subject) -> str | None:
-        return None if getattr(subject, self.key) is self.expected else self._why
-
-
-class DetectedCondition:
-    """`detected`: `any`, `none`, or one of the named detectors fired."""
-
-    __slots__ = ("_why", "mode", "names")
-    key = "detected"
-
-    def __init__(self, items: Sequence[str]):
-        self.mode = items[0] if items[0] in ("any", "none") else "names"
-        self.names = frozenset(items) if self.mode == "names" else frozenset()
-        self._why = "no detector fired" if self.mode == "any" else f"none of {_show(items)} fired"
-
-    def why_not(self, subject: Subject) -> str | None:
-        fired = subject.detected
-        if self.mode == "none":
-            return f"detectors fired: {_show(sorted(fired))}" if fired else None
-        if self.mode == "any":
-            return None if fired else self._why
-        return None if fired & self.names else self._why
-
-
-class MetadataCondition:
-    """`metadata: {name: glob}`: the header is present and matches (value never shown)."""
-
-    __slots__ = ("_absent", "_why", "key", "name", "patterns", "regex")
-
-    def __init__(self, name: str, patterns: Sequence[str]):
-        self.name, self.key = name, f"metadata.{name}"
-        self.patterns, self.regex = tuple(patterns), _glob_regex(patterns)
-        self._absent = f"metadata '{name}' is absent"
-        self._why = f"metadata '{name}' does not match {_show(patterns)}"
-
-    def why_not(self, subject: Subject) -> str | None:
-        value = subject.metadata.get(self.name)
-        if value is None:
-            return self._absent
-        return None if self.regex.match(value) else self._why
-
-
-def param_key(value: object) -> tuple[str, object] | None:
-    """Comparison key for parameter equality: bools never equal numbers, 1 == 1.0."""
-    if isinstance(value, bool):
-        return ("b", value)
-    if isinstance(value, int | float):
-        return ("n", value)
-    if isinstance(value, str):
-        return ("s", value)
-    return None
-
-
-class ParameterCondition:
-    """`parameters: {name: value}`: the parameter equals one of the values."""
-
-    __slots__ = ("_absent", "_why", "key", "keys", "name")
-
-    def __init__(self, name: str, values: Sequence[object]):
-        self.name, self.key = name, f"parameters.{name}"
-        self.keys = frozenset(param_key(v) for v in values)
-        self._absent = f"parameter '{name}' is absent"
-        self._why = f"parameter '{name}' is not one of {_show(values)}"
-
-    def why_not(self, subject: Subject) -> str | None:
-        if self.name not in subject.parameters:
-            return self._absent
-        return None if param_key(subject.parameters[self.name]) in self.keys else self._why
-
-
-def compile_match(spec: MatchSpec) -> tuple[Condition, ...]:
-    """Turn a validated `match:` block into conditions, cheapest first."""
-    out: list[Condition] = []
-    for flag in ("sensitive", "caller_known", "session_pinned"):
-        if (expected := getattr(spec, flag)) is not None:
-            out.append(FlagCondition(flag, expected))
-    if spec.label is not None:
-        out.append(ChoiceCondition("label", spec.label))
-    if spec.auth is not None:
-        out.append(ChoiceCondition("auth", spec.auth))
-    if spec.detected is not None:
-        out.append(DetectedCondition(spec.detected))
-    for glob_key in ("caller", "model", "model_version"):
-        if (patterns := getattr(spec, glob_key)) is not None:
-            out.append(GlobCondition(glob_key, patterns))
-    for name, patterns in (spec.metadata or {}).items():
-        out.append(MetadataCondition(name, patterns))
-    for name, values in (spec.parameters or {}).items():
-        out.append(ParameterCondition(name, values))
-    return tuple(out)
 
 
 def label_key(raw: str | None) -> str:
@@ -501,125 +353,3 @@ def decide(
         trace=tuple(trace),
         detector_hits=tuple(scan.hits),
     )
-
-
-# --- test cases and explain requests -------------------------------------------------
-
-
-def metadata_text_fields(metadata: Mapping[str, str]) -> list[TextField]:
-    """The metadata values that are content (and so scanned), as text fields.
-
-    Transport headers, binary (`-bin`) headers, the classification label and the
-    caller's credentials are not content; everything else, x-session-id included, may
-    be forwarded upstream, so it is scanned like any input text.
-    """
-    return [
-        TextField(f"metadata:{name}", value)
-        for name, value in metadata.items()
-        if name not in _UNSCANNED_METADATA
-        and not name.startswith((":", "grpc-"))
-        and not name.endswith("-bin")
-    ]
-
-
-class CaseRequest(Strict):
-    """A request as written in a test case or an explain file."""
-
-    caller: str | None = None
-    auth: Literal["cert", "token", "none"] | None = None  # default: cert if caller given
-    model: str
-    model_version: str = ""
-    metadata: dict[str, str] = {}
-    inputs: dict[str, list[str | bytes | None]] = {}  # None/non-UTF-8 bytes: unreadable
-    parameters: dict[str, str | int | float | bool] = {}
-    session: str | None = None  # default: metadata x-session-id
-    problems: list[str] = []
-
-
-class CaseExpect(Strict):
-    """What a case expects of the decision; only the given keys are checked."""
-
-    zone: Literal["onprem", "cloud"] | None = None
-    route: str | None = None
-    decision: Literal["route", "deny"] | None = None
-    rule: str | None = None
-    sensitive: bool | None = None
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> CaseExpect:
-        if not self.model_fields_set:
-            raise PydanticCustomError(
-                "expect", "expect at least one of zone, route, decision, rule, sensitive"
-            )
-        return self
-
-
-class Case(Strict):
-    name: str
-    request: CaseRequest
-    expect: CaseExpect
-
-
-class CaseFile(Strict):
-    cases: list[Case]
-
-
-def load_cases(path: str | Path) -> CaseFile:
-    """A cases file, validated; errors name file, line and key like the policy's."""
-    return load_model(path, CaseFile)
-
-
-def _decode(item: str | bytes | None) -> str | None:
-    if isinstance(item, bytes):
-        try:
-            return item.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return item
-
-
-def facts_from_case(request: CaseRequest | Mapping[str, object]) -> RequestFacts:
-    """The facts the router would collect for this request (same text sources).
-
-    Takes a case's `request:` (validated, or as a plain mapping), as written in a
-    cases file or a `policy explain --request` file.
-    """
-    if not isinstance(request, CaseRequest):
-        request = CaseRequest.model_validate(request)
-    texts = [
-        TextField(f"input:{name}[{i}]", _decode(item))
-        for name, items in request.inputs.items()
-        for i, item in enumerate(items)
-    ]
-    texts += [
-        TextField(f"parameter:{k}", v) for k, v in request.parameters.items() if isinstance(v, str)
-    ]
-    texts += metadata_text_fields(request.metadata)
-    return RequestFacts(
-        caller=request.caller,
-        auth=request.auth or ("cert" if request.caller is not None else "none"),
-        model=request.model,
-        model_version=request.model_version,
-        label=request.metadata.get("x-data-classification"),
-        session_id=request.session or request.metadata.get("x-session-id"),
-        metadata=dict(request.metadata),
-        parameters=dict(request.parameters),
-        texts=tuple(texts),
-        problems=tuple(request.problems),
-    )
-
-
-def check_expectations(decision: Decision, expect: CaseExpect) -> list[str]:
-    """How `decision` differs from `expect`, one line per mismatch (empty: passed)."""
-    actual = {
-        "zone": decision.zone,
-        "route": decision.route,
-        "decision": decision.action,
-        "rule": decision.rule_id,
-        "sensitive": decision.sensitive,
-    }
-    return [
-        f"expected {key} {getattr(expect, key)!r}, got {actual[key]!r}"
-        for key in ("decision", "zone", "route", "rule", "sensitive")
-        if key in expect.model_fields_set and getattr(expect, key) != actual[key]
-    ]

@@ -1,4 +1,4 @@
-"""Routing policy: YAML schema, compilation, and the load-time checks including the guard.
+"""Routing policy: the YAML schema, its compilation, and the compiled `Policy`.
 
 A policy is refused at load, with every problem listed as `file:line: key: problem`,
 unless it is consistent and *cannot* send a sensitive request to the cloud: a rule
@@ -8,18 +8,18 @@ route may fall back to a cloud one. The engine checks the zone of every decision
 at run time (defence in depth), so a policy object that bypassed this module still
 cannot leak; this module lets a security team find out *before* rollout.
 
-Rules are compiled once into the engine's condition objects (globs become one regex
-each), so `engine.decide` parses nothing per request; the shadow analysis at the end
-of this module evaluates those same conditions, so the checks and the engine cannot
-disagree about what a rule means.
+Rules are compiled once into the engine's condition objects (`conditions`; globs become
+one regex each), so `engine.decide` parses nothing per request. This module holds the
+schema models, `compile_policy` and `Policy`; the semantic checks it runs before
+compiling (the guard, fallbacks, detectors) and the warnings it attaches after
+(shadowed and never-matching rules, unused entries) are in `policy_checks`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -29,21 +29,10 @@ from pydantic import BeforeValidator, Field, StringConstraints, field_validator,
 from pydantic_core import PydanticCustomError
 
 from hybridroute.config import ConfigError, Located, Strict, load_yaml, validate
-from hybridroute.router.detectors import BUILTIN, Scanner, check_pattern, regex_detector
-from hybridroute.router.engine import (
-    AUTH_KINDS,
-    LABEL_KEYS,
-    SENSITIVE_LABELS,
-    AuthKind,
-    Condition,
-    DetectedCondition,
-    GlobCondition,
-    LabelKey,
-    MetadataCondition,
-    ParameterCondition,
-    Subject,
-    compile_match,
-)
+from hybridroute.router.conditions import Condition, compile_match
+from hybridroute.router.detectors import BUILTIN, Scanner, regex_detector
+from hybridroute.router.engine import AuthKind, LabelKey
+from hybridroute.router.policy_checks import Problem, find_problems, find_warnings
 
 __all__ = [
     "Audit",
@@ -59,8 +48,6 @@ __all__ = [
     "Sessions",
     "compile_policy",
 ]
-
-Problem = tuple[int | None, str, str]  # (line, key path, message), as ConfigError takes
 
 # --- schema --------------------------------------------------------------------------
 
@@ -198,6 +185,11 @@ class Detectors(Strict):
     custom: tuple[CustomDetector, ...] = ()
     max_text_bytes: int = Field(default=1 << 20, ge=1)
 
+    def enabled(self) -> tuple[str, ...]:
+        """The enabled detector names: the chosen (or all) built-ins, then the custom ones."""
+        builtin = self.builtin if self.builtin is not None else tuple(BUILTIN)
+        return tuple(dict.fromkeys([*builtin, *(c.name for c in self.custom)]))
+
 
 class Sessions(Strict):
     pin_ttl: Duration = 1800.0
@@ -270,6 +262,10 @@ class PolicySpec(Strict):
     default_route: Name
     rules: tuple[RuleSpec, ...] = ()
 
+    def zone_of(self, route: str) -> str | None:
+        """The zone a route sends to, or None for an unknown route or pool."""
+        return _zone_of(self.routes, self.pools, route)
+
 
 # --- the compiled policy ---------------------------------------------------------------
 
@@ -321,9 +317,13 @@ class Policy:
 
     def zone_of(self, route: str) -> str | None:
         """The zone a route sends to, or None for an unknown route or pool."""
-        found = self.routes.get(route)
-        pool = self.pools.get(found.pool) if found is not None else None
-        return pool.zone if pool is not None else None
+        return _zone_of(self.routes, self.pools, route)
+
+
+def _zone_of(routes: Mapping[str, Route], pools: Mapping[str, Pool], route: str) -> str | None:
+    found = routes.get(route)
+    pool = pools.get(found.pool) if found is not None else None
+    return pool.zone if pool is not None else None
 
 
 def compile_policy(path: str | Path) -> Policy:
@@ -332,7 +332,7 @@ def compile_policy(path: str | Path) -> Policy:
     raw, text = _read(path)
     located = load_yaml(path, text=text)
     spec = validate(located, PolicySpec)
-    problems = _problems(spec, located)
+    problems = find_problems(spec, located)
     if problems:
         raise ConfigError(source, sorted(problems, key=lambda p: (p[0] or 0, p[1])))
     rules = tuple(
@@ -347,7 +347,7 @@ def compile_policy(path: str | Path) -> Policy:
         )
         for i, r in enumerate(spec.rules)
     )
-    enabled = _enabled_detectors(spec)
+    enabled = spec.detectors.enabled()
     custom = {c.name: c.pattern for c in spec.detectors.custom}
     scanner = Scanner(
         [BUILTIN[n] if n in BUILTIN else regex_detector(n, custom[n]) for n in enabled],
@@ -369,7 +369,7 @@ def compile_policy(path: str | Path) -> Policy:
         sessions=spec.sessions,
         scanner=scanner,
     )
-    warnings = [*_usage_warnings(spec, located), *_rule_warnings(policy)]
+    warnings = find_warnings(spec, located, policy)
     return _replace_warnings(policy, located, warnings)
 
 
@@ -400,286 +400,3 @@ def _resolve_paths(pool: Pool, base: Path) -> Pool:
         if (value := getattr(pool, key)) and not Path(value).is_absolute()
     }
     return pool.model_copy(update=update) if update else pool
-
-
-def _enabled_detectors(spec: PolicySpec) -> tuple[str, ...]:
-    builtin = spec.detectors.builtin if spec.detectors.builtin is not None else tuple(BUILTIN)
-    return tuple(dict.fromkeys([*builtin, *(c.name for c in spec.detectors.custom)]))
-
-
-# --- errors ------------------------------------------------------------------------------
-
-
-def _problem(located: Located, message: str, *path: str | int) -> Problem:
-    """A problem at `path` (e.g. "rules", 3, "route"), with that key's line."""
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
-    return (located.line_of(path), where, message)
-
-
-def _zone(spec: PolicySpec, route: str) -> str | None:
-    found = spec.routes.get(route)
-    pool = spec.pools.get(found.pool) if found is not None else None
-    return pool.zone if pool is not None else None
-
-
-def _chain(spec: PolicySpec, route: str) -> list[str]:
-    """`route` and the routes its fallbacks lead to, stopping at unknowns and cycles."""
-    chain = [route]
-    while (found := spec.routes.get(chain[-1])) is not None and found.fallback is not None:
-        if found.fallback in chain or found.fallback not in spec.routes:
-            break
-        chain.append(found.fallback)
-    return chain
-
-
-def _problems(spec: PolicySpec, located: Located) -> list[Problem]:
-    return [
-        *_pool_problems(spec, located),
-        *_route_problems(spec, located),
-        *_detector_problems(spec, located),
-        *_rule_problems(spec, located),
-    ]
-
-
-def _pool_problems(spec: PolicySpec, located: Located) -> Iterator[Problem]:
-    """An endpoint listed in pools of both zones would make its zone ambiguous."""
-    seen: dict[str, tuple[str, str]] = {}
-    for name, pool in spec.pools.items():
-        for i, endpoint in enumerate(pool.endpoints):
-            zone, first = seen.setdefault(endpoint, (pool.zone, name))
-            if zone != pool.zone:
-                message = f"endpoint '{endpoint}' is also in {zone} pool '{first}'; "
-                message += "an endpoint belongs to exactly one zone"
-                yield _problem(located, message, "pools", name, "endpoints", i)
-
-
-def _route_problems(spec: PolicySpec, located: Located) -> Iterator[Problem]:
-    for name, route in spec.routes.items():
-        if route.pool not in spec.pools:
-            message = f"route '{name}' names unknown pool '{route.pool}'"
-            yield _problem(
-                located, f"{message} (pools: {', '.join(spec.pools)})", "routes", name, "pool"
-            )
-        yield from _fallback_problems(spec, located, name, route)
-    for key in ("default_route", "sensitive_route"):
-        name = getattr(spec, key)
-        if name not in spec.routes:
-            yield _problem(located, f"unknown route '{name}'", key)
-        elif (zone := _zone(spec, name)) not in ("onprem", None):
-            message = f"{key} '{name}' is in a {zone} pool; it must be on-prem (fail closed)"
-            yield _problem(located, message, key)
-
-
-def _fallback_problems(
-    spec: PolicySpec, located: Located, name: str, route: Route
-) -> Iterator[Problem]:
-    fallback = route.fallback
-    path = ("routes", name, "fallback")
-    if fallback is None:
-        return
-    if fallback not in spec.routes:
-        yield _problem(located, f"fallback names unknown route '{fallback}'", *path)
-        return
-    chain = _chain(spec, name)
-    if spec.routes[chain[-1]].fallback == name:  # reported once per route on the cycle
-        yield _problem(located, f"fallback cycle: {' -> '.join([*chain, name])}", *path)
-    if _zone(spec, name) == "onprem" and _zone(spec, fallback) == "cloud":
-        message = f"on-prem route '{name}' falls back to cloud route '{fallback}': sensitive "
-        message += "requests ride on-prem routes, so their fallbacks must stay on-prem"
-        yield _problem(located, message, *path)
-
-
-def _detector_problems(spec: PolicySpec, located: Located) -> Iterator[Problem]:
-    for i, name in enumerate(spec.detectors.builtin or ()):
-        if name not in BUILTIN:
-            message = f"unknown built-in detector '{name}' (known: {', '.join(BUILTIN)})"
-            yield _problem(located, message, "detectors", "builtin", i)
-    names: set[str] = set()
-    for i, custom in enumerate(spec.detectors.custom):
-        if custom.name in BUILTIN or custom.name in ("any", "none") or custom.name in names:
-            message = f"detector name '{custom.name}' is already taken"
-            yield _problem(located, message, "detectors", "custom", i, "name")
-        names.add(custom.name)
-        if (trouble := check_pattern(custom.pattern)) is not None:
-            message = f"detector '{custom.name}': {trouble}"
-            yield _problem(located, message, "detectors", "custom", i, "pattern")
-
-
-def _rule_problems(spec: PolicySpec, located: Located) -> Iterator[Problem]:
-    enabled = set(_enabled_detectors(spec))
-    first_line: dict[str, int | None] = {}
-    for i, rule in enumerate(spec.rules):
-        if rule.id in first_line:
-            message = f"duplicate rule id '{rule.id}' (first at line {first_line[rule.id]})"
-            yield _problem(located, message, "rules", i, "id")
-        first_line.setdefault(rule.id, located.line_of(("rules", i)))
-        for j, name in enumerate(rule.match.detected or ()):
-            if name not in ("any", "none") and name not in enabled:
-                message = f"detector '{name}' is not enabled in this policy"
-                yield _problem(located, message, "rules", i, "match", "detected", j)
-        if rule.route is not None and rule.route not in spec.routes:
-            yield _problem(located, f"unknown route '{rule.route}'", "rules", i, "route")
-        elif rule.route is not None:
-            yield from _guard_problems(spec, located, i, rule)
-
-
-def _guard_problems(
-    spec: PolicySpec, located: Located, i: int, rule: RuleSpec
-) -> Iterator[Problem]:
-    """THE GUARD: no rule may be able to carry a sensitive request to a cloud pool."""
-    chain = _chain(spec, rule.route or "")
-    cloud = next((r for r in chain if _zone(spec, r) == "cloud"), None)
-    if cloud is None:
-        return
-    pool = spec.routes[cloud].pool
-    via = "" if cloud == rule.route else f" (through fallback route '{cloud}')"
-    if rule.sensitive:
-        message = f"rule '{rule.id}' marks requests sensitive and routes them to cloud pool "
-        yield _problem(located, f"{message}'{pool}'{via}", "rules", i, "sensitive")
-    if rule.match.sensitive is not False:
-        message = f"rule '{rule.id}' can send sensitive requests to cloud pool '{pool}'{via}; "
-        yield _problem(
-            located, f"{message}add 'sensitive: false' to its match", "rules", i, "route"
-        )
-
-
-# --- warnings ----------------------------------------------------------------------------
-
-
-def _usage_warnings(spec: PolicySpec, located: Located) -> Iterator[Problem]:
-    used_pools = {r.pool for r in spec.routes.values()}
-    for name in spec.pools:
-        if name not in used_pools:
-            yield _problem(located, f"pool '{name}' is not used by any route", "pools", name)
-    used_routes = {spec.default_route, spec.sensitive_route}
-    used_routes |= {r.fallback for r in spec.routes.values() if r.fallback}
-    used_routes |= {r.route for r in spec.rules if r.route}
-    for name, route in spec.routes.items():
-        if name not in used_routes:
-            yield _problem(located, f"route '{name}' is not used", "routes", name)
-        if route.audit.level == "decisions" and route.audit.sample < 1:
-            message = "'sample' only thins the detail of level 'full'; every decision is recorded"
-            yield _problem(located, message, "routes", name, "audit")
-    if not spec.callers:
-        message = "no callers listed: every request is from an unknown caller"
-        yield _problem(located, message, "callers")
-
-
-# Shadow analysis. The keys with a finite domain (label, auth, caller_known,
-# session_pinned, detected, plus "some text was unreadable") span a few hundred cells;
-# each rule's finite conditions are evaluated on every cell, giving a bitmask. Keys
-# with an open domain (caller, model, model_version, metadata, parameters) are compared
-# by containment. Rule B is shadowed when earlier rules whose open conditions contain
-# B's together cover every cell B covers. Sound (no false warnings) by construction;
-# incomplete where globs overlap in ways simple containment cannot see.
-
-_FINITE = frozenset({"label", "auth", "caller_known", "session_pinned", "detected", "sensitive"})
-_OPEN = (GlobCondition, MetadataCondition, ParameterCondition)
-
-
-def _cells(policy: Policy) -> list[Subject]:
-    named = {
-        n
-        for r in policy.rules
-        for c in r.conditions
-        if isinstance(c, DetectedCondition)
-        for n in c.names
-    }
-    fired: list[str | None] = [None, *sorted(named)]
-    if set(policy.detectors) - named:
-        fired.append("\0other")  # stands for every detector no rule names
-    cells = []
-    for label, auth, known, pinned, det, doubt in itertools.product(
-        LABEL_KEYS, AUTH_KINDS, (True, False), (True, False), fired, (True, False)
-    ):
-        detected = frozenset() if det is None else frozenset({det})
-        sensitive = (
-            doubt
-            or not known
-            or pinned
-            or bool(detected)
-            or label in SENSITIVE_LABELS
-            or label == "invalid"
-        )
-        cells.append(Subject(None, known, auth, "", "", label, detected, sensitive, pinned, {}, {}))
-    return cells
-
-
-def _mask(rule: Rule, cells: list[Subject], callers: frozenset[str]) -> int:
-    finite = [c for c in rule.conditions if c.key in _FINITE]
-    known = _known_by_caller(rule, callers)
-    bits = 0
-    for i, cell in enumerate(cells):
-        if (known is None or cell.caller_known is known) and all(
-            c.why_not(cell) is None for c in finite
-        ):
-            bits |= 1 << i
-    return bits
-
-
-def _known_by_caller(rule: Rule, callers: frozenset[str]) -> bool | None:
-    """A `caller:` list of plain names decides `caller_known` by itself."""
-    for c in rule.conditions:
-        if (
-            isinstance(c, GlobCondition)
-            and c.key == "caller"
-            and not any(_wild(p) for p in c.patterns)
-        ):
-            known = {p in callers for p in c.patterns}
-            return known.pop() if len(known) == 1 else None
-    return None
-
-
-def _wild(pattern: str) -> bool:
-    return any(ch in pattern for ch in "*?[")
-
-
-def _open_covers(a: Rule, b: Rule) -> bool:
-    """Every value B's open conditions accept, A's accept too."""
-    b_conditions = {c.key: c for c in b.conditions if isinstance(c, _OPEN)}
-    for cond in a.conditions:
-        if not isinstance(cond, _OPEN):
-            continue
-        other = b_conditions.get(cond.key)
-        if other is None:
-            return False
-        if isinstance(cond, ParameterCondition):
-            if not (isinstance(other, ParameterCondition) and other.keys <= cond.keys):
-                return False
-        elif isinstance(other, ParameterCondition) or not all(
-            p in cond.patterns or "*" in cond.patterns or (not _wild(p) and cond.regex.match(p))
-            for p in other.patterns
-        ):
-            return False
-    return True
-
-
-def _rule_warnings(policy: Policy) -> Iterator[Problem]:
-    cells = _cells(policy)
-    masks = [_mask(r, cells, policy.callers) for r in policy.rules]
-    for j, rule in enumerate(policy.rules):
-        where = (rule.line, f"rules[{j}]")
-        if masks[j] == 0:
-            yield (
-                *where,
-                f"rule '{rule.id}' can never match: no request satisfies all its "
-                "conditions (a detector hit, a sensitive or invalid label, an unknown caller "
-                "or a pinned session make a request sensitive)",
-            )
-            continue
-        earlier = [
-            i for i in range(j) if masks[i] & masks[j] and _open_covers(policy.rules[i], rule)
-        ]
-        union = 0
-        for i in earlier:
-            union |= masks[i]
-        if masks[j] & ~union:
-            continue
-        alone = next((i for i in earlier if not masks[j] & ~masks[i]), None)
-        by = [alone] if alone is not None else earlier
-        names = ", ".join(f"'{policy.rules[i].id}' (line {policy.rules[i].line})" for i in by)
-        yield (
-            *where,
-            f"rule '{rule.id}' is shadowed: earlier rule{'s' if len(by) > 1 else ''} "
-            f"{names} match every request it matches",
-        )

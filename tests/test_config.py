@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
 import pytest
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 
-from hybridroute.config import ConfigError, Strict, load_model
+from hybridroute.config import ConfigError, Strict, load_model, render_path
 
 
 class Limits(Strict):
@@ -35,7 +38,9 @@ def test_valid_document_loads(tmp_path: Path) -> None:
 
 
 def test_unknown_key_names_file_line_key_and_the_allowed_keys(tmp_path: Path) -> None:
-    path = _write(tmp_path, "routes:\n  - name: a\n    zone: onprem\n    limits:\n      max_row: 3\n")
+    path = _write(
+        tmp_path, "routes:\n  - name: a\n    zone: onprem\n    limits:\n      max_row: 3\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_model(path, Doc)
     assert str(info.value) == (
@@ -44,8 +49,10 @@ def test_unknown_key_names_file_line_key_and_the_allowed_keys(tmp_path: Path) ->
 
 
 def test_wrong_type_and_missing_key_are_each_reported_with_their_line(tmp_path: Path) -> None:
-    path = _write(tmp_path, "routes:\n  - name: a\n  - name: b\n    zone: cloud\n"
-                  "    limits: {max_rows: lots}\n")
+    path = _write(
+        tmp_path,
+        "routes:\n  - name: a\n  - name: b\n    zone: cloud\n    limits: {max_rows: lots}\n",
+    )
     with pytest.raises(ConfigError) as info:
         load_model(path, Doc)
     text = str(info.value)
@@ -64,3 +71,84 @@ def test_syntax_errors_and_missing_files_say_where(tmp_path: Path) -> None:
         load_model(_write(tmp_path, "routes:\n  - name: a: b\n"), Doc)
     with pytest.raises(ConfigError, match=r"nope.yaml: file not found"):
         load_model(tmp_path / "nope.yaml", Doc)
+
+
+# --- key paths inside mappings of user-named entries ------------------------------------
+
+
+def _plain_name(value: object) -> object:
+    if isinstance(value, bool):
+        raise PydanticCustomError("name", "YAML reads on/off/yes/no as booleans; quote it")
+    if isinstance(value, str) and " " in value:
+        raise PydanticCustomError("name", "a name has no spaces")
+    return value
+
+
+class Pool(Strict):
+    zone: Literal["onprem", "cloud"]
+    size: int = 1
+
+
+class Pools(Strict):
+    pools: dict[Annotated[str, BeforeValidator(_plain_name)], Pool]
+    tags: dict[str, str | int] = {}
+
+
+def _errors(tmp_path: Path, text: str, model: type[Strict] = Pools) -> list[str]:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_model(path, model)
+    return [line.removeprefix(f"{path}:") for line in str(info.value).splitlines()]
+
+
+def test_a_value_inside_a_named_entry_reads_as_a_dotted_path(tmp_path: Path) -> None:
+    text = "pools:\n  onprem:\n    zone: moon\n"
+    assert _errors(tmp_path, text) == [
+        "3: pools.onprem.zone: Input should be 'onprem' or 'cloud'",
+    ]
+
+
+def test_a_key_that_is_not_a_plain_name_is_quoted_in_brackets(tmp_path: Path) -> None:
+    text = "pools:\n  ok: {zone: onprem}\n  'bad name':\n    zone: moon\n"
+    assert _errors(tmp_path, text) == [
+        "3: pools['bad name']: invalid key: a name has no spaces",
+        "4: pools['bad name'].zone: Input should be 'onprem' or 'cloud'",
+    ]
+
+
+def test_a_boolean_key_renders_as_written_with_its_own_line(tmp_path: Path) -> None:
+    text = "pools:\n  a: {zone: onprem}\n  on:\n    zone: cloud\n    size: many\n"
+    assert _errors(tmp_path, text) == [
+        "3: pools[True]: invalid key: YAML reads on/off/yes/no as booleans; quote it",
+        "5: pools[True].size: Input should be a valid integer, unable to parse string as an "
+        "integer",
+    ]
+
+
+def test_numeric_and_null_keys_render_by_value_with_their_own_line(tmp_path: Path) -> None:
+    text = "pools:\n  a: {zone: onprem}\n  7: {zone: cloud}\n  1.5: {zone: cloud}\n  ~: {zone: x}\n"
+    found = _errors(tmp_path, text)
+    assert "3: pools[7]: invalid key: Input should be a valid string" in found
+    assert "4: pools[1.5]: invalid key: Input should be a valid string" in found
+    assert "5: pools[None]: invalid key: Input should be a valid string" in found
+    assert "5: pools[None].zone: Input should be 'onprem' or 'cloud'" in found
+
+
+def test_keys_named_like_pydantic_union_members_are_kept_in_the_path(tmp_path: Path) -> None:
+    text = "pools:\n  str:\n    zone: moon\ntags:\n  int: [1]\n"
+    found = _errors(tmp_path, text)
+    assert "3: pools.str.zone: Input should be 'onprem' or 'cloud'" in found
+    assert "5: tags.int: Input should be a valid string" in found
+
+
+def test_an_unknown_key_inside_a_named_entry_lists_the_allowed_keys(tmp_path: Path) -> None:
+    text = "pools:\n  onprem:\n    zone: onprem\n    sise: 2\n"
+    assert _errors(tmp_path, text) == ["4: pools.onprem.sise: unknown key (allowed: zone, size)"]
+
+
+def test_render_path_reads_like_python() -> None:
+    assert render_path(("routes", 0, "limits", "max_rows")) == "routes[0].limits.max_rows"
+    assert render_path(("pools", "on-prem_2", "zone")) == "pools.on-prem_2.zone"
+    assert render_path(("pools", "gpu.large")) == "pools['gpu.large']"
+    assert render_path(("pools", "1st", True, None)) == "pools['1st'][True][None]"
+    assert render_path(()) == ""

@@ -22,9 +22,9 @@ from hybridroute.router.detectors import (
     ScanError,
     Scanner,
     TextTooLarge,
-    check_pattern,
     regex_detector,
 )
+from hybridroute.router.patterns import check_pattern
 
 CORPUS = Path(__file__).with_name("detector_corpus.yaml")
 DETECTORS = ("credit_card", "us_ssn", "iban", "email", "ip_address", "phone")

@@ -16,13 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hybridroute.config import ConfigError
+from hybridroute.router.cases import CaseRequest, facts_from_case
 from hybridroute.router.engine import (
-    CaseRequest,
     Decision,
     RequestFacts,
     TextField,
     decide,
-    facts_from_case,
     metadata_text_fields,
 )
 from hybridroute.router.policy import Policy, Rule, compile_policy

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hybridroute.config import ConfigError
-from hybridroute.router.engine import check_expectations, decide, facts_from_case, load_cases
+from hybridroute.router.cases import check_expectations, facts_from_case, load_cases
+from hybridroute.router.engine import decide
 from hybridroute.router.policy import Policy, compile_policy
 from hybridroute.router.sessions import SessionPins
 
@@ -412,7 +413,7 @@ def test_unused_pools_routes_and_no_callers_are_warned(tmp_path: Path) -> None:
 def test_names_must_be_plain_and_yaml_booleans_are_caught(tmp_path: Path) -> None:
     text = HEAD.replace("routes:\n", "routes:\n  'bad name': {pool: onprem}\n  other: {pool: on}\n")
     message = errors_of(tmp_path, text)
-    assert "routes.bad name.[key]: a name is 1-64 letters, digits" in message
+    assert "routes['bad name']: invalid key: a name is 1-64 letters, digits" in message
     assert "policy.yaml:7: routes.other.pool: YAML reads on/off/yes/no/true/false as booleans" in (
         message
     )

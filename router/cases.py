@@ -1,0 +1,136 @@
+"""Policy test cases: requests written in YAML, with what their decision must be.
+
+A cases file lists requests as a client would send them and the decision each must
+get (`expect:` zone, route, decision, rule or sensitive). `load_cases` reads one with
+the same file:line:key errors as a policy, `facts_from_case` turns a case's request
+into the `RequestFacts` the router would collect for it (the same text sources), and
+`check_expectations` compares the decision with the expectation.
+
+The tests use these now, and the `hybridroute policy test/explain/diff` commands will;
+none of it is on the request path, so it lives apart from `engine`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_core import PydanticCustomError
+
+from hybridroute.config import Strict, load_model
+from hybridroute.router.engine import Decision, RequestFacts, TextField, metadata_text_fields
+
+__all__ = [
+    "Case",
+    "CaseExpect",
+    "CaseFile",
+    "CaseRequest",
+    "check_expectations",
+    "facts_from_case",
+    "load_cases",
+]
+
+
+class CaseRequest(Strict):
+    """A request as written in a test case or an explain file."""
+
+    caller: str | None = None
+    auth: Literal["cert", "token", "none"] | None = None  # default: cert if caller given
+    model: str
+    model_version: str = ""
+    metadata: dict[str, str] = {}
+    inputs: dict[str, list[str | bytes | None]] = {}  # None/non-UTF-8 bytes: unreadable
+    parameters: dict[str, str | int | float | bool] = {}
+    session: str | None = None  # default: metadata x-session-id
+    problems: list[str] = []
+
+
+class CaseExpect(Strict):
+    """What a case expects of the decision; only the given keys are checked."""
+
+    zone: Literal["onprem", "cloud"] | None = None
+    route: str | None = None
+    decision: Literal["route", "deny"] | None = None
+    rule: str | None = None
+    sensitive: bool | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> CaseExpect:
+        if not self.model_fields_set:
+            raise PydanticCustomError(
+                "expect", "expect at least one of zone, route, decision, rule, sensitive"
+            )
+        return self
+
+
+class Case(Strict):
+    name: str
+    request: CaseRequest
+    expect: CaseExpect
+
+
+class CaseFile(Strict):
+    cases: list[Case]
+
+
+def load_cases(path: str | Path) -> CaseFile:
+    """A cases file, validated; errors name file, line and key like the policy's."""
+    return load_model(path, CaseFile)
+
+
+def _decode(item: str | bytes | None) -> str | None:
+    if isinstance(item, bytes):
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return item
+
+
+def facts_from_case(request: CaseRequest | Mapping[str, object]) -> RequestFacts:
+    """The facts the router would collect for this request (same text sources).
+
+    Takes a case's `request:` (validated, or as a plain mapping), as written in a
+    cases file or a `policy explain --request` file.
+    """
+    if not isinstance(request, CaseRequest):
+        request = CaseRequest.model_validate(request)
+    texts = [
+        TextField(f"input:{name}[{i}]", _decode(item))
+        for name, items in request.inputs.items()
+        for i, item in enumerate(items)
+    ]
+    texts += [
+        TextField(f"parameter:{k}", v) for k, v in request.parameters.items() if isinstance(v, str)
+    ]
+    texts += metadata_text_fields(request.metadata)
+    return RequestFacts(
+        caller=request.caller,
+        auth=request.auth or ("cert" if request.caller is not None else "none"),
+        model=request.model,
+        model_version=request.model_version,
+        label=request.metadata.get("x-data-classification"),
+        session_id=request.session or request.metadata.get("x-session-id"),
+        metadata=dict(request.metadata),
+        parameters=dict(request.parameters),
+        texts=tuple(texts),
+        problems=tuple(request.problems),
+    )
+
+
+def check_expectations(decision: Decision, expect: CaseExpect) -> list[str]:
+    """How `decision` differs from `expect`, one line per mismatch (empty: passed)."""
+    actual = {
+        "zone": decision.zone,
+        "route": decision.route,
+        "decision": decision.action,
+        "rule": decision.rule_id,
+        "sensitive": decision.sensitive,
+    }
+    return [
+        f"expected {key} {getattr(expect, key)!r}, got {actual[key]!r}"
+        for key in ("decision", "zone", "route", "rule", "sensitive")
+        if key in expect.model_fields_set and getattr(expect, key) != actual[key]
+    ]
