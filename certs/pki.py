@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from hybridroute.certs.credentials import CredentialsError, load_certificates, load_private_key
 
 __all__ = [
@@ -175,8 +176,8 @@ def _standard_specs(apps: Sequence[str], sans: Sequence[str]) -> list[_LeafSpec]
     extra = _dedupe(sans)
     specs = [
         _LeafSpec("router", "router", _dedupe(("router", *_LOCAL_SANS, *extra)), True, True),
-        _LeafSpec("node", "node", _dedupe((*_LOCAL_SANS, *extra)), True, False),
-        _LeafSpec("cloud", "cloud", _dedupe((*_LOCAL_SANS, *extra)), True, False),
+        _LeafSpec("node", "node", _dedupe(("node", *_LOCAL_SANS, *extra)), True, False),
+        _LeafSpec("cloud", "cloud", _dedupe(("cloud", *_LOCAL_SANS, *extra)), True, False),
     ]
     specs += [_LeafSpec(f"app-{a}", a, (a,), False, True) for a in _dedupe(apps)]
     return specs

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from hybridroute.certs.credentials import (
     CredentialsError,
     channel_credentials,
@@ -35,7 +36,6 @@ from hybridroute.certs.credentials import (
     server_credentials,
 )
 from hybridroute.certs.pki import PkiExistsError, PkiLayout, init_pki, issue_leaf
-
 from hybridroute.cli import main
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -185,7 +185,8 @@ def test_leaves_have_the_identities_sans_and_usages_of_their_role(pki: Path) -> 
     assert eku(node) == eku(load_cert(layout.cloud.cert)) == {server}
     assert eku(app) == {client}
     assert san_strings(router) == {"router", "localhost", "127.0.0.1", "::1"}
-    assert san_strings(node) == {"localhost", "127.0.0.1", "::1"}
+    assert san_strings(node) == {"node", "localhost", "127.0.0.1", "::1"}
+    assert san_strings(load_cert(layout.cloud.cert)) == {"cloud", "localhost", "127.0.0.1", "::1"}
     assert san_strings(app) == {"other-app"}
     ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     for leaf in (router, node, app):

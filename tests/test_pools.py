@@ -1,0 +1,430 @@
+"""Upstream pools and health checks against real nodes over real mutual TLS.
+
+Each test runs one event loop (`asyncio.run`) holding both the nodes and the `Pools`
+under test; health intervals are 100 ms so transitions show up within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from support import free_port
+
+from hybridroute.certs.credentials import server_credentials
+from hybridroute.certs.pki import init_pki
+from hybridroute.node.server import NodeOptions, NodeServer
+from hybridroute.router.health import HealthSettings
+from hybridroute.router.policy import Policy, compile_policy
+from hybridroute.router.pools import PoolError, Pools, UpstreamTLS
+
+FAST = {"interval": "100ms", "timeout": "100ms", "healthy_threshold": 1, "unhealthy_threshold": 2}
+DEAD = "127.0.0.1:1"  # nothing listens there: an on-prem pool that is simply down
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 15))
+
+
+def make_policy(tmp_path: Path, pools: dict[str, dict[str, Any]], name: str = "p") -> Policy:
+    """A valid policy around `pools` (one route per pool, first on-prem pool as default)."""
+    pools = {n: {"health": FAST, **spec} for n, spec in pools.items()}
+    onprem = next(n for n, spec in pools.items() if spec["zone"] == "onprem")
+    doc = {
+        "version": 1,
+        "pools": pools,
+        "routes": {n: {"pool": n} for n in pools},
+        "callers": ["demo-app"],
+        "sensitive_route": onprem,
+        "default_route": onprem,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return compile_policy(path)
+
+
+def tls(pki: Path, **extra: Any) -> UpstreamTLS:
+    return UpstreamTLS(ca=pki / "ca.pem", cert=pki / "router.pem", key=pki / "router.key", **extra)
+
+
+async def start_node(
+    model_repo: Path, pki: Path, port: int = 0, certs: Path | None = None, insecure: bool = False
+) -> NodeServer:
+    """A real node; `certs` picks its server certificate's PKI (default: the router's)."""
+    certs = certs or pki
+    node = NodeServer(
+        NodeOptions(
+            models=model_repo,
+            listen=f"127.0.0.1:{port}",
+            cert=None if insecure else certs / "node.pem",
+            key=None if insecure else certs / "node.key",
+            client_ca=None if insecure else pki / "ca.pem",
+            allow_clients=() if insecure else ("router",),
+            insecure=insecure,
+        )
+    )
+    await node.start()
+    return node
+
+
+def addr(node: NodeServer) -> str:
+    return f"127.0.0.1:{node.port}"
+
+
+async def until(condition: Callable[[], bool], within: float = 3.0) -> float:
+    """Seconds until `condition()` holds; fails the test after `within`."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < within, "condition not reached in time"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+async def checked(pools: Pools) -> None:
+    async with asyncio.timeout(3):
+        await pools.wait_checked()
+
+
+async def stop_all(pools: Pools, nodes: Iterable[NodeServer]) -> None:
+    await pools.close()
+    for node in nodes:
+        await node.stop(grace=0)
+
+
+# --------------------------------------------------------------------------- pick
+
+
+def test_pick_prefers_least_outstanding_skips_unhealthy_and_never_panics(
+    tmp_path: Path, pki: Path, model_repo: Path
+) -> None:
+    async def scenario() -> None:
+        a, b = await start_node(model_repo, pki), await start_node(model_repo, pki)
+        pools = Pools(tls(pki))
+        await pools.apply(
+            make_policy(tmp_path, {"on": {"zone": "onprem", "endpoints": [addr(a), addr(b)]}})
+        )
+        await checked(pools)
+        pool = pools.get("on")
+        ea, eb = pool.endpoints
+        assert ea.healthy and eb.healthy and ea.zone == eb.zone == "onprem"
+
+        assert {pool.pick() for _ in range(60)} == {ea, eb}  # ties broken at random
+        with ea.track(), ea.track():
+            assert ea.outstanding == 2
+            assert {pool.pick() for _ in range(30)} == {eb}
+            with eb.track():
+                assert {pool.pick() for _ in range(30)} == {eb}  # 1 < 2
+            assert pool.pick(exclude=[eb]) is ea  # the retry path
+        with pytest.raises(RuntimeError), ea.track():
+            raise RuntimeError("upstream call failed")
+        assert ea.outstanding == 0
+
+        pools.report_failure(eb, "UNAVAILABLE: connection reset")
+        assert not eb.healthy
+        assert {pool.pick() for _ in range(30)} == {ea}
+        assert pool.pick(exclude=[ea]) is None  # no panic mode: never the unhealthy one
+        pools.report_failure(ea, "UNAVAILABLE: connection reset")
+        assert pool.pick() is None
+        await stop_all(pools, [a, b])
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- active checks
+
+
+def test_stopped_node_is_ejected_and_readmitted_after_restart_on_same_port(
+    tmp_path: Path, pki: Path, model_repo: Path
+) -> None:
+    async def scenario() -> None:
+        port = free_port()
+        node = await start_node(model_repo, pki, port)
+        pools = Pools(tls(pki))
+        assert not pools.all_checked  # nothing applied yet: the router must not serve
+        await pools.apply(
+            make_policy(tmp_path, {"on": {"zone": "onprem", "endpoints": [addr(node)]}})
+        )
+        await checked(pools)
+        (endpoint,) = pools.get("on").endpoints
+        assert endpoint.healthy and endpoint.checks_passed >= 1 and endpoint.last_error is None
+
+        await node.stop(grace=0)
+        took = await until(lambda: not endpoint.healthy)
+        assert took < 1.0  # unhealthy_threshold 2 x interval 100 ms, plus slack
+        assert pools.get("on").pick() is None
+        assert endpoint.last_error and "UNAVAILABLE" in endpoint.last_error
+
+        node = await start_node(model_repo, pki, port)
+        assert await until(lambda: endpoint.healthy) < 3.0  # reconnect backoff is capped at 1 s
+        assert pools.get("on").endpoints == [endpoint] and pools.get("on").pick() is endpoint
+        await stop_all(pools, [node])
+
+    run(scenario())
+
+
+def test_not_serving_node_is_ejected_then_readmitted(
+    tmp_path: Path, pki: Path, model_repo: Path
+) -> None:
+    async def scenario() -> None:
+        node = await start_node(model_repo, pki)
+        pools = Pools(tls(pki))
+        await pools.apply(
+            make_policy(tmp_path, {"on": {"zone": "onprem", "endpoints": [addr(node)]}})
+        )
+        await checked(pools)
+        (endpoint,) = pools.get("on").endpoints
+        assert endpoint.healthy
+        # The node's own health servicer: what its graceful shutdown flips.
+        await node._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await until(lambda: not endpoint.healthy, 1.0)
+        assert endpoint.last_error == "health status NOT_SERVING"
+        await node._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await until(lambda: endpoint.healthy, 1.0)
+        await stop_all(pools, [node])
+
+    run(scenario())
+
+
+def test_passive_ejection_is_immediate_logged_once_and_readmitted_by_checks(
+    tmp_path: Path, pki: Path, model_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    changes: list[tuple[str, bool]] = []
+
+    async def scenario() -> None:
+        node = await start_node(model_repo, pki)
+        pools = Pools(tls(pki), on_change=lambda e, healthy: changes.append((e.address, healthy)))
+        health = {**FAST, "healthy_threshold": 3}
+        spec = {"zone": "onprem", "endpoints": [addr(node)], "health": health}
+        await pools.apply(make_policy(tmp_path, {"on": spec}))
+        await checked(pools)
+        (endpoint,) = pools.get("on").endpoints
+        assert endpoint.healthy  # the very first pass admits, whatever healthy_threshold
+        caplog.clear()
+        changes.clear()
+
+        pools.report_failure(endpoint, "UNAVAILABLE: stream reset")
+        pools.report_failure(endpoint, "UNAVAILABLE: stream reset")
+        assert not endpoint.healthy and pools.get("on").pick() is None
+        assert pools.snapshot()[0]["last_error"] == "UNAVAILABLE: stream reset"
+        passed = endpoint.checks_passed
+        await until(lambda: endpoint.healthy, 2.0)
+        assert endpoint.checks_passed - passed >= 3  # healthy_threshold consecutive passes
+        await stop_all(pools, [node])
+
+    with caplog.at_level(logging.INFO, logger="hybridroute.router"):
+        run(scenario())
+    transitions = [r for r in caplog.records if "is UNHEALTHY" in r.getMessage()]
+    assert len(transitions) == 1 and transitions[0].levelno == logging.WARNING
+    assert changes[:2] == [(changes[0][0], False), (changes[0][0], True)]
+
+
+# ------------------------------------------------------------------------ mTLS
+
+
+def test_onprem_endpoints_need_the_private_ca_the_right_name_and_tls(
+    tmp_path: Path, pki: Path, model_repo: Path
+) -> None:
+    other = tmp_path / "other-pki"
+    init_pki(other)
+
+    async def scenario() -> None:
+        good = await start_node(model_repo, pki)
+        foreign = await start_node(model_repo, pki, certs=other)  # trusts us; we must not
+        plain = await start_node(model_repo, pki, insecure=True)
+        pools = Pools(tls(pki))
+        policy = make_policy(
+            tmp_path,
+            {
+                "right_name": {
+                    "zone": "onprem",
+                    "endpoints": [addr(good)],
+                    "server_name": "localhost",
+                },
+                "foreign_ca": {"zone": "onprem", "endpoints": [addr(foreign)]},
+                "wrong_name": {
+                    "zone": "onprem",
+                    "endpoints": [addr(good)],
+                    "server_name": "node.example.com",
+                },
+                "plaintext": {"zone": "onprem", "endpoints": [addr(plain)]},
+            },
+        )
+        await pools.apply(policy)
+        await checked(pools)
+        await asyncio.sleep(0.5)  # several more rounds: "stays" unhealthy
+        rows = {row["pool"]: row for row in pools.snapshot()}
+        assert rows["right_name"]["healthy"] is True
+        for name in ("foreign_ca", "wrong_name", "plaintext"):
+            assert rows[name]["healthy"] is False, name
+            assert rows[name]["checks_passed"] == 0 and rows[name]["checks_failed"] >= 3, name
+            assert pools.get(name).pick() is None
+        await stop_all(pools, [good, foreign, plain])
+
+    run(scenario())
+
+
+# ------------------------------------------------------------------------ cloud
+
+
+async def start_cloud(
+    pki: Path, seen: list[tuple[tuple[str, str | bytes], ...]]
+) -> grpc.aio.Server:
+    """A stand-in cloud endpoint: server-side TLS only, records each call's metadata."""
+
+    class Record(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+        async def intercept_service(
+            self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+        ) -> Any:
+            seen.append(tuple(details.invocation_metadata))
+            return await continuation(details)
+
+    server = grpc.aio.server(interceptors=[Record()])
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_secure_port(
+        "127.0.0.1:0", server_credentials(pki / "cloud.pem", pki / "cloud.key", None)
+    )
+    await server.start()
+    server.port = port  # type: ignore[attr-defined]
+    return server
+
+
+def test_cloud_pool_sends_bearer_token_and_never_shows_it(
+    tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = "s3cret-token-value"
+    monkeypatch.setenv("HR_TEST_TOKEN", f"  {token}\n")
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{token}-from-file\n")
+    seen: list[tuple[tuple[str, str | bytes], ...]] = []
+
+    async def scenario() -> None:
+        server = await start_cloud(pki, seen)
+        address = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
+        pools = Pools(tls(pki, cloud_ca=pki / "ca.pem"))
+        cloud = {"zone": "cloud", "endpoints": [address]}
+        await pools.apply(
+            make_policy(
+                tmp_path,
+                {
+                    "on": {"zone": "onprem", "endpoints": [DEAD]},
+                    "env": {
+                        **cloud,
+                        "ca": str(pki / "ca.pem"),
+                        "bearer_token_env": "HR_TEST_TOKEN",
+                    },
+                    "file": {**cloud, "bearer_token_file": str(token_file)},  # uses cloud_ca
+                },
+            )
+        )
+        await checked(pools)
+        await asyncio.sleep(0.3)
+        env, file = pools.get("env").endpoints[0], pools.get("file").endpoints[0]
+        assert env.call_metadata == (("authorization", f"Bearer {token}"),)
+        assert file.call_metadata == (("authorization", f"Bearer {token}-from-file"),)
+        assert env.healthy and file.healthy and env.zone == "cloud"
+        assert not pools.get("on").endpoints[0].healthy
+        pools2 = Pools(tls(pki))  # no cloud_ca: system roots do not trust our dev CA
+        await pools2.apply(
+            make_policy(
+                tmp_path, {"on": {"zone": "onprem", "endpoints": [DEAD]}, "sys": cloud}, "p2"
+            )
+        )
+        await checked(pools2)
+        assert not pools2.get("sys").endpoints[0].healthy
+        snapshot = repr(pools.snapshot()) + repr(env) + repr(pools.get("env"))
+        assert token not in snapshot
+        await pools.close()
+        await pools2.close()
+        await server.stop(0)
+
+    with caplog.at_level(logging.DEBUG):
+        run(scenario())
+    sent = [dict(md).get("authorization") for md in seen]
+    assert f"Bearer {token}" in sent and f"Bearer {token}-from-file" in sent  # checks carry it
+    assert token not in caplog.text
+
+
+def test_missing_token_fails_apply_naming_pool_and_source_and_changes_nothing(
+    tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HR_TEST_MISSING", raising=False)
+
+    async def scenario() -> None:
+        pools = Pools(tls(pki))
+        onprem = {"zone": "onprem", "endpoints": [DEAD]}
+        await pools.apply(make_policy(tmp_path, {"on": onprem}))
+        before = pools.get("on")
+        bad_env = {
+            "zone": "cloud",
+            "endpoints": ["127.0.0.1:2"],
+            "bearer_token_env": "HR_TEST_MISSING",
+        }
+        with pytest.raises(PoolError, match=r"pool 'cloudy': environment variable HR_TEST_MISSING"):
+            await pools.apply(make_policy(tmp_path, {"on": onprem, "cloudy": bad_env}, "bad"))
+        missing = str(tmp_path / "no-such-token")
+        bad_file = {**bad_env, "bearer_token_env": None, "bearer_token_file": missing}
+        with pytest.raises(
+            PoolError, match=r"pool 'cloudy': bearer_token_file .*no-such-token not found"
+        ):
+            await pools.apply(make_policy(tmp_path, {"on": onprem, "cloudy": bad_file}, "bad2"))
+        assert pools.get("on") is before and pools.names == ("on",)
+        await pools.close()
+
+    run(scenario())
+
+
+# ------------------------------------------------------------------------ reload
+
+
+def test_apply_keeps_unchanged_endpoints_and_their_health_and_drops_removed(
+    tmp_path: Path, pki: Path, model_repo: Path
+) -> None:
+    async def scenario() -> None:
+        a, b = await start_node(model_repo, pki), await start_node(model_repo, pki)
+        pools = Pools(tls(pki))
+        both = {"zone": "onprem", "endpoints": [addr(a), addr(b)]}
+        await pools.apply(make_policy(tmp_path, {"on": both}, "v1"))
+        await checked(pools)
+        ea, eb = pools.get("on").endpoints
+        assert ea.healthy and eb.healthy
+        passed = ea.checks_passed
+
+        slower = {**FAST, "interval": "200ms", "timeout": "150ms"}
+        v2 = {
+            "on": {"zone": "onprem", "endpoints": [addr(a)], "health": slower},
+            "named": {**both, "server_name": "localhost"},  # a channel setting: new objects
+        }
+        await pools.apply(make_policy(tmp_path, v2, "v2"))
+        assert pools.get("on").endpoints == [ea]  # same object, no re-check needed
+        assert ea.healthy and ea.checks_passed >= passed and pools.get("on").pick() is ea
+        assert not eb.healthy  # retired: a stale Pool can no longer pick it
+        named = pools.get("named").endpoints
+        assert all(e is not ea and e is not eb for e in named)
+        assert {(r["pool"], r["address"]) for r in pools.snapshot()} == {
+            ("on", addr(a)),
+            ("named", addr(a)),
+            ("named", addr(b)),
+        }
+        await checked(pools)
+        assert all(e.healthy for e in named)
+        await stop_all(pools, [a, b])
+
+    run(scenario())
+
+
+def test_health_settings_are_validated() -> None:
+    with pytest.raises(ValueError):
+        HealthSettings(interval=0)
+    with pytest.raises(ValueError):
+        HealthSettings(unhealthy_threshold=0)
+    assert HealthSettings() == HealthSettings(1.0, 0.5, 1, 2)
