@@ -21,7 +21,6 @@ from hybridroute.certs.pki import (
     init_pki,
     issue_leaf,
 )
-
 from hybridroute.cli import UsageError
 
 __all__ = ["format_table", "register"]

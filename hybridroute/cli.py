@@ -23,10 +23,12 @@ class UsageError(Exception):
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
+    from hybridroute import stack_cli
     from hybridroute.certs import cli as certs_cli
     from hybridroute.node import cli as node_cli
+    from hybridroute.router import cli as router_cli
 
-    return [certs_cli.register, node_cli.register]
+    return [stack_cli.register, certs_cli.register, node_cli.register, router_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

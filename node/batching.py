@@ -146,7 +146,7 @@ class Batcher:
         elif self._adaptive_wait and self._queued_rows < expected:
             await self._wait_for(expected, self._adaptive_wait)
 
-    async def _wait_for(self, rows: int, timeout: float) -> None:
+    async def _wait_for(self, rows: int, timeout: float) -> None:  # noqa: ASYNC109
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._queued_rows < rows and not self._closing:

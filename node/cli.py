@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,12 @@ def _register_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics")
     p.add_argument(
+        "--bearer-token-env",
+        metavar="VAR",
+        help="require 'authorization: Bearer $VAR' on every call (how a cloud endpoint "
+        "authenticates; combine with --cert/--key and no --client-ca)",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="plaintext gRPC without TLS or client authentication (never for sensitive data)",
@@ -95,16 +102,18 @@ def _node_serve(args: argparse.Namespace) -> int:
     from hybridroute.node.dataplane import BatchingDefaults
     from hybridroute.node.server import NodeOptions, run_node
 
-    if not args.insecure:
-        missing = [
-            flag
-            for flag, value in (
-                ("--cert", args.cert),
-                ("--key", args.key),
-                ("--client-ca", args.client_ca),
+    token = None
+    if args.bearer_token_env:
+        token = os.environ.get(args.bearer_token_env, "").strip()
+        if not token:
+            raise UsageError(
+                f"--bearer-token-env: environment variable {args.bearer_token_env} is not set"
             )
-            if value is None
-        ]
+    if not args.insecure:
+        needed = [("--cert", args.cert), ("--key", args.key)]
+        if token is None:
+            needed.append(("--client-ca", args.client_ca))
+        missing = [flag for flag, value in needed if value is None]
         if missing:
             raise UsageError(
                 f"node serve needs {', '.join(missing)} for mutual TLS "
@@ -131,6 +140,7 @@ def _node_serve(args: argparse.Namespace) -> int:
         ),
         max_message_bytes=args.max_message_bytes,
         grace_seconds=args.grace,
+        bearer_token=token,
     )
     try:
         return asyncio.run(run_node(options))

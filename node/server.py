@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,6 +50,7 @@ class NodeOptions:
     max_message_bytes: int = 64 * 1024 * 1024
     grace_seconds: float = 10.0
     name: str = "hybridroute-node"
+    bearer_token: str | None = None  # when set, every call must carry it (cloud stand-in)
 
 
 class _AllowList(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -83,6 +85,28 @@ class _AllowList(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
+class _BearerToken(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Require `authorization: Bearer <token>`, as a cloud inference endpoint would."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        metadata = dict(details.invocation_metadata or ())  # type: ignore[attr-defined]
+        given = str(metadata.get("authorization", "")).encode()
+        if hmac.compare_digest(given, self._expected):
+            return await continuation(details)
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 class NodeServer:
     """A started node. `await start()`, then `await stop()`; `port` is the bound port."""
 
@@ -108,7 +132,11 @@ class NodeServer:
             batching=opts.batching,
         )
         self._servicer = InferenceServicer(self._dataplane, self.metrics, name=opts.name)
-        interceptors = [_AllowList(opts.allow_clients)] if opts.allow_clients else []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if opts.allow_clients:
+            interceptors.append(_AllowList(opts.allow_clients))
+        if opts.bearer_token:
+            interceptors.append(_BearerToken(opts.bearer_token))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

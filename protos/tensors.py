@@ -102,8 +102,11 @@ def _element_count(name: str, shape: Sequence[int]) -> int:
     return count
 
 
-def decode_bytes_elements(name: str, buffer: bytes, expected: int) -> list[bytes]:
-    """Split a raw BYTES tensor into its elements, checking every length prefix."""
+def decode_bytes_elements(
+    name: str, buffer: bytes, expected: int, *, check_count: bool = True
+) -> list[bytes]:
+    """Split a raw BYTES tensor into its elements, checking every length prefix (and,
+    with `check_count`, that there are `expected` of them)."""
     items: list[bytes] = []
     offset, end = 0, len(buffer)
     view = memoryview(buffer)
@@ -124,7 +127,7 @@ def decode_bytes_elements(name: str, buffer: bytes, expected: int) -> list[bytes
             )
         items.append(bytes(view[offset : offset + length]))
         offset += length
-    if len(items) != expected:
+    if check_count and len(items) != expected:
         raise TensorError(
             name, f"shape needs {expected} BYTES elements, raw data holds {len(items)}"
         )

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from hybridroute.node.batching import BatchError, Batcher
+from hybridroute.node.batching import Batcher, BatchError
 
 
 class RecordingModel:
@@ -80,8 +80,9 @@ def test_a_failing_row_fails_only_its_own_caller(executor) -> None:
     async def main() -> list[object]:
         batcher = Batcher(model.run, executor=executor)
         rows = [np.full((1, 2), -1.0 if i == 3 else float(i)) for i in range(8)]
-        out = await asyncio.gather(*(batcher.submit(r, ["label"]) for r in rows),
-                                   return_exceptions=True)
+        out = await asyncio.gather(
+            *(batcher.submit(r, ["label"]) for r in rows), return_exceptions=True
+        )
         await batcher.close()
         return out
 

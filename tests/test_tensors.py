@@ -16,8 +16,19 @@ from hybridroute.protos.tensors import (
     encode_output,
 )
 
-NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-           "FP32", "FP64"]
+NUMERIC = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP32",
+    "FP64",
+]
 
 
 def _array(datatype: str) -> np.ndarray:
@@ -61,42 +72,78 @@ def test_fp16_travels_raw_only() -> None:
     assert decoded.array.dtype == np.float16
     typed = pb.ModelInferRequest()
     typed.inputs.add(name="h", datatype="FP16", shape=[2])
-    with pytest.raises(TensorError, match="'h'.*only as raw"):
+    with pytest.raises(TensorError, match=r"'h'.*only as raw"):
         decode_inputs(typed)
 
 
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda r: (r.inputs.add(name="x", datatype="FP64", shape=[1, 4]),
-                    r.raw_input_contents.append(b"\0" * 24)),
-         r"tensor 'x': raw data is 24 bytes, expected 32"),
-        (lambda r: (r.inputs.add(name="t", datatype="BYTES", shape=[2]),
-                    r.raw_input_contents.append(struct.pack("<I", 9) + b"abc")),
-         r"tensor 't': malformed BYTES data: element 0 declares 9 bytes but only 3 remain"),
-        (lambda r: (r.inputs.add(name="t", datatype="BYTES", shape=[2]),
-                    r.raw_input_contents.append(encode_bytes_elements([b"a"]) + b"\1\0")),
-         r"tensor 't': malformed BYTES data: element 1 has a truncated 4-byte length"),
-        (lambda r: (r.inputs.add(name="t", datatype="BYTES", shape=[3]),
-                    r.raw_input_contents.append(encode_bytes_elements([b"a", b"b"]))),
-         r"tensor 't': shape needs 3 BYTES elements, raw data holds 2"),
-        (lambda r: r.inputs.add(name="y", datatype="FLOAT", shape=[1]),
-         r"tensor 'y': unknown datatype 'FLOAT'"),
-        (lambda r: r.inputs.add(name="z", datatype="FP64", shape=[2, 2]).contents.fp64_contents
-         .extend([1.0, 2.0, 3.0]),
-         r"tensor 'z': fp64_contents holds 3 elements, expected 4 for shape \[2, 2\]"),
-        (lambda r: r.inputs.add(name="w", datatype="INT64", shape=[1]).contents.fp64_contents
-         .extend([1.0]),
-         r"tensor 'w': int64_contents holds 0 elements, expected 1"),
-        (lambda r: (r.inputs.add(name="a", datatype="FP64", shape=[1]),
-                    r.inputs.add(name="b", datatype="FP64", shape=[1]),
-                    r.raw_input_contents.append(b"\0" * 8)),
-         r"1 raw buffers for 2 inputs"),
-        (lambda r: (r.inputs.add(name="m", datatype="FP64", shape=[1]).contents.fp64_contents
-                    .append(1.0), r.raw_input_contents.append(b"\0" * 8)),
-         r"tensor 'm': has typed contents although the request uses raw data"),
-        (lambda r: r.inputs.add(name="n", datatype="FP64", shape=[-1, 4]),
-         r"tensor 'n': shape \[-1, 4\] has a negative dimension"),
+        (
+            lambda r: (
+                r.inputs.add(name="x", datatype="FP64", shape=[1, 4]),
+                r.raw_input_contents.append(b"\0" * 24),
+            ),
+            r"tensor 'x': raw data is 24 bytes, expected 32",
+        ),
+        (
+            lambda r: (
+                r.inputs.add(name="t", datatype="BYTES", shape=[2]),
+                r.raw_input_contents.append(struct.pack("<I", 9) + b"abc"),
+            ),
+            r"tensor 't': malformed BYTES data: element 0 declares 9 bytes but only 3 remain",
+        ),
+        (
+            lambda r: (
+                r.inputs.add(name="t", datatype="BYTES", shape=[2]),
+                r.raw_input_contents.append(encode_bytes_elements([b"a"]) + b"\1\0"),
+            ),
+            r"tensor 't': malformed BYTES data: element 1 has a truncated 4-byte length",
+        ),
+        (
+            lambda r: (
+                r.inputs.add(name="t", datatype="BYTES", shape=[3]),
+                r.raw_input_contents.append(encode_bytes_elements([b"a", b"b"])),
+            ),
+            r"tensor 't': shape needs 3 BYTES elements, raw data holds 2",
+        ),
+        (
+            lambda r: r.inputs.add(name="y", datatype="FLOAT", shape=[1]),
+            r"tensor 'y': unknown datatype 'FLOAT'",
+        ),
+        (
+            lambda r: r.inputs.add(
+                name="z", datatype="FP64", shape=[2, 2]
+            ).contents.fp64_contents.extend([1.0, 2.0, 3.0]),
+            r"tensor 'z': fp64_contents holds 3 elements, expected 4 for shape \[2, 2\]",
+        ),
+        (
+            lambda r: r.inputs.add(
+                name="w", datatype="INT64", shape=[1]
+            ).contents.fp64_contents.extend([1.0]),
+            r"tensor 'w': int64_contents holds 0 elements, expected 1",
+        ),
+        (
+            lambda r: (
+                r.inputs.add(name="a", datatype="FP64", shape=[1]),
+                r.inputs.add(name="b", datatype="FP64", shape=[1]),
+                r.raw_input_contents.append(b"\0" * 8),
+            ),
+            r"1 raw buffers for 2 inputs",
+        ),
+        (
+            lambda r: (
+                r.inputs.add(name="m", datatype="FP64", shape=[1]).contents.fp64_contents.append(
+                    1.0
+                ),
+                r.raw_input_contents.append(b"\0" * 8),
+            ),
+            r"tensor 'm': has typed contents although the request uses raw data",
+        ),
+        (
+            lambda r: r.inputs.add(name="n", datatype="FP64", shape=[-1, 4]),
+            r"tensor 'n': shape \[-1, 4\] has a negative dimension",
+        ),
     ],
 )
 def test_malformed_tensors_name_the_tensor_and_expected_vs_got(build, message: str) -> None:

@@ -1,0 +1,90 @@
+"""The router's admin API (protos/admin.proto): status and policy reload.
+
+Only identities listed under `admins` in the router config may call it; the same
+mutual TLS as the front door authenticates them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from hybridroute import __version__
+from hybridroute.certs.credentials import peer_identities
+from hybridroute.protos import admin_pb2 as pb
+from hybridroute.protos import admin_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from hybridroute.router.server import RouterServer
+
+__all__ = ["AdminServicer"]
+
+
+class AdminServicer(pb_grpc.RouterAdminServicer):
+    def __init__(self, router: RouterServer) -> None:
+        self._router = router
+
+    def register(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_RouterAdminServicer_to_server(self, server)
+
+    async def _authorise(self, context: grpc.aio.ServicerContext) -> None:
+        admins = set(self._router.config.admins)
+        who = peer_identities(context)
+        if self._router.config.tls is None and not who:
+            return  # plaintext development router: nobody can be told apart
+        if not who & admins:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"identity {sorted(who) or ['<none>']} is not an admin of this router "
+                "(router config: admins)",
+            )
+
+    async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
+        await self._authorise(context)
+        router = self._router
+        store = router.policies
+        refused = store.last_refused
+        policy = pb.PolicyStatus(
+            path=str(store.path),
+            version_hash=store.current.version_hash,
+            loaded_at=store.loaded_at,
+            last_refused_error=refused.error or "" if refused else "",
+            last_refused_at=refused.at if refused else 0.0,
+            warnings=len(store.current.warnings),
+        )
+        response = pb.StatusResponse(
+            version=__version__,
+            serving=router.serving,
+            not_serving_reason=router.not_serving_reason(),
+            started_at=router.started_at,
+            in_flight=int(
+                router.metrics.registry.get_sample_value("hybridroute_router_in_flight_requests")
+                or 0
+            ),
+            policy=policy,
+            audit_failure=router.audit.failure or "",
+        )
+        for row in router.pools.snapshot():
+            age = row.get("last_check_age")
+            response.endpoints.add(
+                pool=row["pool"],
+                zone=row["zone"],
+                address=row["address"],
+                healthy=row["healthy"],
+                outstanding=row["outstanding"],
+                last_error=row.get("last_error") or "",
+                seconds_since_check=-1.0 if age is None else float(age),
+            )
+        return response
+
+    async def ReloadPolicy(
+        self, request: pb.ReloadPolicyRequest, context: Any
+    ) -> pb.ReloadPolicyResponse:
+        await self._authorise(context)
+        result = await self._router.policies.reload("admin API")
+        return pb.ReloadPolicyResponse(
+            accepted=result.accepted,
+            version_hash=result.version_hash or "",
+            error=result.error or "",
+        )

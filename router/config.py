@@ -1,0 +1,141 @@
+"""The router's own configuration (`router.yaml`): where it listens, how callers
+authenticate, which policy it enforces, and how it reaches upstream nodes.
+
+Everything about *where requests may go* lives in the policy, owned by the security
+team; this file is the operator's. Relative paths are resolved against the file's
+folder, so a state directory can be moved as a whole.
+
+    listen: 127.0.0.1:8100
+    tls: {cert: pki/router.pem, key: pki/router.key, client_ca: pki/ca.pem}
+    tokens:                      # bearer tokens, stored as SHA-256 of the token
+      - {caller: analytics, sha256: 9f86d081...}
+    policy: ../policies/default.yaml
+    upstream: {ca: pki/ca.pem, cert: pki/router.pem, key: pki/router.key}
+    metrics_listen: 127.0.0.1:9100
+    admins: [demo-app]           # identities allowed to call the admin API (status)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, model_validator
+
+from hybridroute.config import Strict, load_model
+
+__all__ = [
+    "RouterConfig",
+    "TLSFiles",
+    "Token",
+    "UpstreamFiles",
+    "hash_token",
+    "load_config",
+    "new_token",
+]
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _sha256_hex(value: str) -> str:
+    if not _HEX64.match(value):
+        raise ValueError(
+            "expected the token's SHA-256 as 64 lowercase hex digits "
+            "(make one with 'hybridroute router token NAME')"
+        )
+    return value
+
+
+def hash_token(token: str) -> str:
+    """What the config stores for a bearer token. Tokens are random (>= 32 bytes), so a
+    plain SHA-256 is enough: there is no low-entropy password to stretch."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return "hrt_" + secrets.token_urlsafe(32)
+
+
+class Token(Strict):
+    caller: str = Field(min_length=1, max_length=128)
+    sha256: Annotated[str, AfterValidator(_sha256_hex)]
+
+    def matches(self, digest: str) -> bool:
+        return hmac.compare_digest(self.sha256, digest)
+
+
+class TLSFiles(Strict):
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # verify app client certificates against this CA
+
+
+class UpstreamFiles(Strict):
+    ca: Path  # the private CA that signs on-prem node certificates
+    cert: Path  # the router's client certificate for nodes
+    key: Path
+    cloud_ca: Path | None = None  # cloud endpoints' CA when a pool gives none (None = system)
+
+
+class RouterConfig(Strict):
+    listen: str = "127.0.0.1:8100"
+    token_listen: str | None = None  # TLS without client certificates, for token callers
+    tls: TLSFiles | None = None
+    insecure: bool = False  # plaintext front door: development only, logs a warning
+    tokens: list[Token] = []
+    policy: Path
+    upstream: UpstreamFiles
+    metrics_listen: str | None = None
+    admins: list[str] = []
+    grace_seconds: float = Field(default=5.0, ge=0)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    watch_policy: bool = True  # reload when the policy file changes (SIGHUP always does)
+
+    @model_validator(mode="after")
+    def _front_door(self) -> RouterConfig:
+        if self.tls is None and not self.insecure:
+            raise ValueError(
+                "set tls (cert, key, client_ca) or, for development only, insecure: true"
+            )
+        if self.token_listen is not None and self.tls is None:
+            raise ValueError("token_listen needs tls (cert, key): tokens never travel in plaintext")
+        return self
+
+    def resolved(self, base: Path) -> RouterConfig:
+        """Relative paths made absolute against `base` (the config file's folder)."""
+
+        def fix(path: Path | None) -> Path | None:
+            return None if path is None else (path if path.is_absolute() else base / path)
+
+        tls = (
+            None
+            if self.tls is None
+            else TLSFiles(
+                cert=fix(self.tls.cert), key=fix(self.tls.key), client_ca=fix(self.tls.client_ca)
+            )
+        )
+        up = self.upstream
+        upstream = UpstreamFiles(
+            ca=fix(up.ca), cert=fix(up.cert), key=fix(up.key), cloud_ca=fix(up.cloud_ca)
+        )
+        return self.model_copy(
+            update={"tls": tls, "upstream": upstream, "policy": fix(self.policy)}
+        )
+
+    def caller_for_token(self, token: str) -> str | None:
+        digest = hash_token(token)
+        found = None
+        for entry in self.tokens:  # compare all, constant time each: no early exit
+            if entry.matches(digest):
+                found = entry.caller
+        return found
+
+
+def load_config(path: str | Path) -> RouterConfig:
+    """Load and validate router.yaml; errors name file, line and key."""
+    path = Path(path)
+    return load_model(path, RouterConfig).resolved(path.resolve().parent)

@@ -1,0 +1,125 @@
+"""Forwarding a decided request upstream: pick, send the original bytes, retry once.
+
+The request travels as the bytes that arrived (a generic call with no serializer), so
+the router never re-encodes what it forwards. A request that fails with UNAVAILABLE
+before any response is retried once on another healthy endpoint the decision allows
+(the same pool first, then the decision's fallback routes, which the engine already
+limited to zones the request may use), within the caller's deadline.
+
+The last line of defence for invariant 1 is here too: an endpoint outside the
+on-prem zone is never called for a sensitive request, whatever the decision says.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from hybridroute.router.engine import Decision
+from hybridroute.router.metrics import RouterMetrics
+from hybridroute.router.policy import Policy
+from hybridroute.router.pools import Endpoint, Pools
+
+__all__ = ["Forwarded", "Forwarder", "RouterError"]
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 2  # the first try and one retry
+
+
+class RouterError(Exception):
+    """An error the router answers with: a status code and a message without values."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    reply: bytes
+    endpoint: Endpoint
+    route: str
+    attempts: int
+
+
+class Forwarder:
+    def __init__(self, pools: Pools, metrics: RouterMetrics) -> None:
+        self._pools = pools
+        self._metrics = metrics
+
+    def _pick(
+        self, policy: Policy, routes: Sequence[str], exclude: Sequence[Endpoint]
+    ) -> tuple[str, Endpoint] | None:
+        for route in routes:
+            endpoint = self._pools.get(policy.routes[route].pool).pick(exclude)
+            if endpoint is not None:
+                return route, endpoint
+        return None
+
+    async def forward(
+        self,
+        method: str,
+        raw: bytes,
+        policy: Policy,
+        decision: Decision,
+        *,
+        deadline: float | None,
+        metadata: Sequence[tuple[str, str]],
+    ) -> Forwarded:
+        """`deadline` is on `time.monotonic()`'s clock (None: the caller set none)."""
+        assert decision.route is not None
+        routes = (decision.route, *decision.fallbacks)
+        tried: list[Endpoint] = []
+        while True:
+            picked = self._pick(policy, routes, tried)
+            if picked is None:
+                pools = ", ".join(f"'{policy.routes[r].pool}'" for r in routes)
+                raise RouterError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no healthy endpoint for route '{decision.route}' (pools {pools})",
+                )
+            route, endpoint = picked
+            if decision.sensitive and endpoint.zone != "onprem":
+                log.error(
+                    "refusing to send a sensitive request to %s endpoint %s (route %s)",
+                    endpoint.zone,
+                    endpoint.address,
+                    route,
+                )
+                raise RouterError(grpc.StatusCode.INTERNAL, "routing refused by the zone guard")
+            tried.append(endpoint)
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            try:
+                reply = await self._call(endpoint, method, raw, timeout, metadata)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                self._pools.report_failure(endpoint, "UNAVAILABLE")
+                if len(tried) >= MAX_ATTEMPTS:
+                    raise
+                self._metrics.upstream_retries.labels(endpoint.pool).inc()
+                continue
+            return Forwarded(reply, endpoint, route, len(tried))
+
+    @staticmethod
+    async def _call(
+        endpoint: Endpoint,
+        method: str,
+        raw: bytes,
+        timeout: float | None,  # noqa: ASYNC109 - passed on to the upstream call
+        metadata: Sequence[tuple[str, str]],
+    ) -> bytes:
+        call = endpoint.channel.unary_unary(method)
+        with endpoint.track():
+            reply: bytes = await call(
+                raw, timeout=timeout, metadata=(*metadata, *endpoint.call_metadata)
+            )
+        return reply

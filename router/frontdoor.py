@@ -1,0 +1,261 @@
+"""The router's Open Inference Protocol front door.
+
+One generic handler serves every `inference.GRPCInferenceService` method without
+deserialising it into the servicer's types: requests stay bytes, so they can be
+forwarded unchanged, and only what the policy needs is parsed (`router/facts.py`).
+
+For each call: authenticate, decide (the live policy), audit, forward, reply. Every
+reply carries `x-hybridroute-request-id`, `-route` and `-zone`, errors included. The
+audit record is committed before the reply is released; when the audit sink cannot
+record, requests are refused with UNAVAILABLE (invariant 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from hybridroute import __version__
+from hybridroute.protos import inference_pb2 as pb
+from hybridroute.router.audit import AuditEvent, AuditSink, AuditUnavailable
+from hybridroute.router.auth import Unauthenticated, authenticate
+from hybridroute.router.config import RouterConfig
+from hybridroute.router.engine import Decision, decide
+from hybridroute.router.facts import Caller, request_facts
+from hybridroute.router.forward import Forwarder, RouterError
+from hybridroute.router.metrics import RouterMetrics
+from hybridroute.router.policystore import PolicyStore
+from hybridroute.router.sessions import SessionPins
+
+__all__ = ["SERVICE", "FrontDoor"]
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+_PREFIX = f"/{SERVICE}/"
+
+# Caller metadata that must not travel upstream: the caller's own credentials, and
+# transport headers grpc sets itself.
+_NOT_FORWARDED = frozenset({"authorization", "user-agent", "te", "content-type"})
+
+Behaviour = Callable[[bytes, grpc.aio.ServicerContext, str], Awaitable[bytes]]
+
+
+class FrontDoor(grpc.GenericRpcHandler):
+    def __init__(
+        self,
+        config: RouterConfig,
+        policies: PolicyStore,
+        forwarder: Forwarder,
+        sessions: SessionPins,
+        audit: AuditSink,
+        metrics: RouterMetrics,
+        *,
+        is_serving: Callable[[], bool],
+    ) -> None:
+        self._config = config
+        self._policies = policies
+        self._forwarder = forwarder
+        self._sessions = sessions
+        self._audit = audit
+        self._metrics = metrics
+        self._is_serving = is_serving
+        routed: Behaviour = self._routed
+        self._handlers: dict[str, Behaviour] = {
+            "ServerLive": self._server_live,
+            "ServerReady": self._server_ready,
+            "ServerMetadata": self._server_metadata,
+            "ModelInfer": routed,
+            "ModelMetadata": routed,
+            "ModelReady": routed,
+        }
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = details.method  # type: ignore[attr-defined]
+        if not method.startswith(_PREFIX):
+            return None
+        rpc = method[len(_PREFIX) :]
+        behaviour = self._handlers.get(rpc, self._not_routed)
+
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return await behaviour(raw, context, rpc)
+
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    # -------------------------------------------------------------- local answers
+
+    async def _authenticated(self, context: grpc.aio.ServicerContext) -> Caller:
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            return authenticate(context, metadata, self._config)
+        except Unauthenticated as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise  # unreachable
+
+    async def _server_live(self, raw: bytes, context: grpc.aio.ServicerContext, rpc: str) -> bytes:
+        await self._authenticated(context)
+        return pb.ServerLiveResponse(live=True).SerializeToString()
+
+    async def _server_ready(self, raw: bytes, context: grpc.aio.ServicerContext, rpc: str) -> bytes:
+        await self._authenticated(context)
+        return pb.ServerReadyResponse(ready=self._is_serving()).SerializeToString()
+
+    async def _server_metadata(
+        self, raw: bytes, context: grpc.aio.ServicerContext, rpc: str
+    ) -> bytes:
+        await self._authenticated(context)
+        return pb.ServerMetadataResponse(
+            name="hybridroute-router", version=__version__, extensions=[]
+        ).SerializeToString()
+
+    async def _not_routed(self, raw: bytes, context: grpc.aio.ServicerContext, rpc: str) -> bytes:
+        await self._authenticated(context)
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "model repository operations are not routed; call a node's admin API directly",
+        )
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ routed methods
+
+    async def _routed(self, raw: bytes, context: grpc.aio.ServicerContext, method: str) -> bytes:
+        started = time.perf_counter()
+        event = AuditEvent(
+            request_id=uuid.uuid4().hex,
+            outcome="rejected",
+            caller=None,
+            auth="none",
+            method=method,
+            bytes_in=len(raw),
+        )
+        self._metrics.in_flight.inc()
+        try:
+            reply = await self._decide_and_forward(raw, context, method, event)
+        except RouterError as exc:
+            event.code = exc.code.name
+            reply = None
+            error: RouterError | None = exc
+        else:
+            error = None
+        finally:
+            self._metrics.in_flight.dec()
+        event.latency_ms = (time.perf_counter() - started) * 1000
+        event.bytes_out = len(reply) if reply is not None else 0
+        error = await self._record(event, error)
+        self._count(event)
+        trailing = _reply_metadata(event)
+        if error is not None:
+            await context.abort(error.code, error.message, trailing_metadata=trailing)
+        context.set_trailing_metadata(trailing)
+        assert reply is not None
+        return reply
+
+    async def _record(self, event: AuditEvent, error: RouterError | None) -> RouterError | None:
+        """Commit the audit record; if that fails, the reply is withheld (invariant 5)."""
+        try:
+            await self._audit.record(event)
+        except AuditUnavailable as exc:
+            log.error("audit record not written (%s); refusing the reply", exc)
+            event.code = grpc.StatusCode.UNAVAILABLE.name
+            return RouterError(
+                grpc.StatusCode.UNAVAILABLE, "the audit trail cannot be written; request refused"
+            )
+        return error
+
+    async def _decide_and_forward(
+        self, raw: bytes, context: grpc.aio.ServicerContext, method: str, event: AuditEvent
+    ) -> bytes:
+        metadata = dict(context.invocation_metadata() or ())
+        if self._audit.failure is not None:
+            raise RouterError(
+                grpc.StatusCode.UNAVAILABLE, "the audit trail cannot be written; request refused"
+            )
+        try:
+            caller = authenticate(context, metadata, self._config)
+        except Unauthenticated as exc:
+            raise RouterError(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        event.caller, event.auth = caller.identity, caller.auth
+        policy = self._policies.current  # one snapshot decides this request to the end
+        request, model, version = _parse(method, raw)
+        facts = request_facts(request, metadata, caller, model=model, model_version=version)
+        event.model, event.model_version = facts.model, facts.model_version
+        event.session_id = facts.session_id
+        decision = decide(policy, facts, self._sessions)
+        _describe(event, decision)
+        if decision.action == "deny":
+            event.outcome = "denied"
+            raise RouterError(
+                grpc.StatusCode.PERMISSION_DENIED, f"denied by policy rule '{decision.rule_id}'"
+            )
+        forwarded_md = [
+            (k, v)
+            for k, v in metadata.items()
+            if k not in _NOT_FORWARDED and not k.startswith(("grpc-", ":"))
+        ]
+        forwarded_md.append(("x-hybridroute-request-id", event.request_id))
+        deadline = _deadline(context)
+        try:
+            result = await self._forwarder.forward(
+                f"{_PREFIX}{method}",
+                raw,
+                policy,
+                decision,
+                deadline=deadline,
+                metadata=forwarded_md,
+            )
+        except grpc.aio.AioRpcError as exc:
+            event.outcome = "routed"
+            raise RouterError(exc.code(), exc.details() or exc.code().name) from None
+        event.outcome = "routed"
+        event.route, event.zone = result.route, result.endpoint.zone
+        event.pool, event.endpoint = result.endpoint.pool, result.endpoint.address
+        event.attempts = result.attempts
+        return result.reply
+
+    def _count(self, event: AuditEvent) -> None:
+        self._metrics.requests.labels(event.route, event.zone, event.outcome, event.code).inc()
+        self._metrics.latency.labels(event.route).observe(event.latency_ms / 1000)
+
+
+def _parse(method: str, raw: bytes) -> tuple[pb.ModelInferRequest | None, str, str]:
+    """The inference request (ModelInfer), or the model a metadata call names."""
+    try:
+        if method == "ModelInfer":
+            request = pb.ModelInferRequest.FromString(raw)
+            return request, request.model_name, request.model_version
+        kind = pb.ModelMetadataRequest if method == "ModelMetadata" else pb.ModelReadyRequest
+        probe = kind.FromString(raw)
+    except DecodeError:
+        raise RouterError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{method} request is not a valid protobuf message"
+        ) from None
+    return None, probe.name, probe.version
+
+
+def _describe(event: AuditEvent, decision: Decision) -> None:
+    event.policy_hash, event.rule_id = decision.policy_hash, decision.rule_id
+    event.sensitive, event.reasons = decision.sensitive, decision.reasons
+    event.findings = dict(decision.findings)
+    event.route, event.zone, event.pool = (
+        decision.route or "",
+        decision.zone or "",
+        (decision.pool or ""),
+    )
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _reply_metadata(event: AuditEvent) -> tuple[tuple[str, str], ...]:
+    return (
+        ("x-hybridroute-request-id", event.request_id),
+        ("x-hybridroute-route", event.route),
+        ("x-hybridroute-zone", event.zone),
+    )

@@ -1,0 +1,205 @@
+"""Run a router: front door, admin API, its own health, policy reloads, shutdown.
+
+`RouterServer` is used by `hybridroute router serve` and, in-process, by tests and
+benchmarks; `run_router` adds signals: SIGHUP reloads the policy, SIGTERM/SIGINT stop.
+
+The router's `grpc.health.v1` status is SERVING only once a valid policy is loaded,
+every endpoint has had a health check, and the audit trail can be written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from hybridroute.certs.credentials import server_credentials
+from hybridroute.router.admin import AdminServicer
+from hybridroute.router.audit import AuditSink, LogAuditSink
+from hybridroute.router.config import RouterConfig
+from hybridroute.router.forward import Forwarder
+from hybridroute.router.frontdoor import FrontDoor
+from hybridroute.router.metrics import RouterMetrics
+from hybridroute.router.policy import Policy
+from hybridroute.router.policystore import PolicyStore
+from hybridroute.router.pools import Endpoint, Pools, UpstreamTLS
+from hybridroute.router.sessions import SessionPins
+
+__all__ = ["RouterServer", "run_router"]
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class RouterServer:
+    """A router. `await start()` then `await stop()`; `port` is the bound port."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        audit: AuditSink | None = None,
+        insecure_upstream: bool = False,
+    ) -> None:
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.audit: AuditSink = audit or LogAuditSink()
+        up = config.upstream
+        self.pools = Pools(
+            UpstreamTLS(up.ca, up.cert, up.key, up.cloud_ca, insecure=insecure_upstream),
+            on_change=self._endpoint_changed,
+        )
+        self.policies = PolicyStore(config.policy, self._apply_policy)
+        self.sessions = SessionPins(
+            self.policies.current.sessions.pin_ttl, self.policies.current.sessions.max_sessions
+        )
+        self.started_at = time.time()
+        self.port: int | None = None
+        self.token_port: int | None = None
+        self.metrics_port: int | None = None
+        self._health = HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._serving = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, *, wait_checked: float = 10.0) -> None:
+        await self.policies.start()
+        forwarder = Forwarder(self.pools, self.metrics)
+        front = FrontDoor(
+            self.config,
+            self.policies,
+            forwarder,
+            self.sessions,
+            self.audit,
+            self.metrics,
+            is_serving=lambda: self._serving,
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ]
+        )
+        server.add_generic_rpc_handlers((front,))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        AdminServicer(self).register(server)
+        self._bind(server)
+        await server.start()
+        self._server = server
+        await self._health.set("", NOT_SERVING)
+        if self.config.metrics_listen:
+            host, _, port = self.config.metrics_listen.rpartition(":")
+            self.metrics_port = self.metrics.serve(host or "127.0.0.1", int(port))
+        self._tasks.append(asyncio.create_task(self._track_serving(), name="router-health"))
+        if self.config.watch_policy:
+            self._tasks.append(asyncio.create_task(self.policies.watch(), name="policy-watch"))
+        if wait_checked:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_checked):
+                    await self.pools.wait_checked()
+            await self._update_serving()
+        log.info(
+            "router listening on port %s (policy %s)",
+            self.port,
+            self.policies.current.version_hash[:12],
+        )
+
+    def _bind(self, server: grpc.aio.Server) -> None:
+        config = self.config
+        if config.tls is None:
+            log.warning(
+                "router front door on %s is PLAINTEXT (insecure: true): callers are "
+                "not authenticated by TLS. Never use this for sensitive data.",
+                config.listen,
+            )
+            self.port = server.add_insecure_port(config.listen)
+        else:
+            creds = server_credentials(config.tls.cert, config.tls.key, config.tls.client_ca)
+            self.port = server.add_secure_port(config.listen, creds)
+            if config.token_listen:
+                token_creds = server_credentials(config.tls.cert, config.tls.key, None)
+                self.token_port = server.add_secure_port(config.token_listen, token_creds)
+                if not self.token_port:
+                    raise OSError(f"could not bind token_listen {config.token_listen}")
+        if not self.port:
+            raise OSError(f"could not bind {config.listen}: address in use or not available")
+
+    async def stop(self, grace: float | None = None) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(self.config.grace_seconds if grace is None else grace)
+            self._server = None
+        await self.pools.close()
+        await self.audit.close()
+        log.info("router stopped")
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    def not_serving_reason(self) -> str:
+        if self.audit.failure is not None:
+            return f"audit trail cannot be written: {self.audit.failure}"
+        if not self.pools.all_checked:
+            return "waiting for the first health check of every endpoint"
+        return ""
+
+    async def _update_serving(self) -> None:
+        serving = self.not_serving_reason() == ""
+        if serving != self._serving:
+            self._serving = serving
+            await self._health.set("", SERVING if serving else NOT_SERVING)
+            log.info(
+                "router %s", "SERVING" if serving else f"NOT_SERVING: {self.not_serving_reason()}"
+            )
+
+    async def _track_serving(self) -> None:
+        while True:
+            await self._update_serving()
+            await asyncio.sleep(0.2)
+
+    async def _apply_policy(self, policy: Policy) -> None:
+        await self.pools.apply(policy)
+        if hasattr(self, "sessions"):
+            self.sessions.reconfigure(policy.sessions.pin_ttl, policy.sessions.max_sessions)
+
+    def _endpoint_changed(self, endpoint: Endpoint, healthy: bool) -> None:
+        self.metrics.endpoint_healthy.labels(endpoint.pool, endpoint.zone, endpoint.address).set(
+            int(healthy)
+        )
+
+
+async def run_router(config: RouterConfig) -> int:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy. Returns the exit code."""
+    router = RouterServer(config)
+    await router.start()
+    print(f"router ready on {config.listen.rpartition(':')[0]}:{router.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: asyncio.ensure_future(router.policies.reload("SIGHUP"))
+    )
+    await stop.wait()
+    log.info("router shutting down (grace %.0fs)", config.grace_seconds)
+    await router.stop()
+    return 0
