@@ -13,7 +13,7 @@ from hybridroute.certs.pki import init_pki
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dev PKI minted once per session (see `hybridroute.certs.pki.PkiLayout` for names)."""
     root = tmp_path_factory.mktemp("pki")
-    init_pki(root, apps=["demo-app", "other-app"])
+    init_pki(root, apps=["demo-app", "other-app", "admin"])
     return root
 
 
@@ -25,3 +25,14 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     write_samples(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    """`hybridroute up` (2 on-prem nodes, a cloud stand-in, the router) as real processes,
+    shared by the tests that do not disturb it. Fault tests start their own."""
+    from support import Stack
+
+    running = Stack(tmp_path_factory.mktemp("stack"))
+    yield running
+    running.stop()

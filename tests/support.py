@@ -84,3 +84,76 @@ def mtls_channel(address: str, pki: Path, app: str = "demo-app") -> grpc.Channel
 
     creds = channel_credentials(pki / "ca.pem", pki / f"app-{app}.pem", pki / f"app-{app}.key")
     return grpc.secure_channel(address, creds)
+
+
+def free_port_block(count: int) -> int:
+    """A base port such that base .. base+count-1 are free right now."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 40000)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise RuntimeError(f"no block of {count} free ports")
+
+
+class Stack:
+    """`hybridroute up` as a real process tree; `info` is its stack.json."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        policy: Path | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> None:
+        import json
+
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        args = ["up", "--state-dir", str(state_dir), "--base-port", str(free_port_block(8))]
+        if policy is not None:
+            args += ["--policy", str(policy)]
+        if env:
+            os.environ.update(env)
+        self.process = Process(
+            args, ready="hybridroute is up", log=state_dir / "up.log", timeout=timeout
+        )
+        self.info = json.loads((state_dir / "stack.json").read_text())
+
+    @property
+    def router_address(self) -> str:
+        return str(self.info["router"]["address"])
+
+    def node(self, name: str) -> dict[str, Any]:
+        return next(n for n in self.info["nodes"] if n["name"] == name)
+
+    def channel(self, app: str = "demo-app") -> grpc.Channel:
+        from hybridroute.certs.credentials import channel_credentials
+
+        files = self.info["apps"][app]
+        creds = channel_credentials(
+            Path(self.info["router"]["ca"]), Path(files["cert"]), Path(files["key"])
+        )
+        return grpc.secure_channel(self.router_address, creds)
+
+    def stop(self) -> int:
+        if self.process.proc.poll() is None:
+            self.process.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.process.proc.wait(60)
+            finally:
+                self.process.stop()
+        self.process.stop()
+        return int(self.process.proc.returncode)

@@ -41,7 +41,7 @@ from hybridroute.cli import main
 SERVING = health_pb2.HealthCheckResponse.SERVING
 EXPECTED_FILES = {
     *(f"{stem}.{ext}" for stem in ("ca", "router", "node", "cloud") for ext in ("pem", "key")),
-    *(f"app-{a}.{ext}" for a in ("demo-app", "other-app") for ext in ("pem", "key")),
+    *(f"app-{a}.{ext}" for a in ("demo-app", "other-app", "admin") for ext in ("pem", "key")),
     "audit-signing.key",
     "audit-signing.pub",
 }

@@ -1,0 +1,305 @@
+"""The router in-process, for what needs its config in hand: bearer tokens, policy
+reloads (good, bad, guard-violating), deadlines and cancellation, the admin API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from support import HYBRIDROUTE, LoopThread, free_port, mtls_channel
+from test_router_e2e import CLEAN, ticket
+
+from hybridroute.certs.credentials import channel_credentials
+from hybridroute.node.server import NodeOptions, NodeServer
+from hybridroute.protos import admin_pb2, admin_pb2_grpc
+from hybridroute.protos import inference_pb2 as pb
+from hybridroute.protos import inference_pb2_grpc as pb_grpc
+from hybridroute.router.config import hash_token, load_config
+from hybridroute.router.server import RouterServer
+from hybridroute.stack import default_policy_path
+
+TOKEN = "hrt_test-token-for-analytics-0123456789abcdef"
+
+
+def _policy_text(onprem: list[int], cloud: int) -> str:
+    text = default_policy_path().read_text()
+    text = text.replace(
+        '["127.0.0.1:8101", "127.0.0.1:8102"]',
+        "[" + ", ".join(f'"127.0.0.1:{p}"' for p in onprem) + "]",
+    )
+    return text.replace('["127.0.0.1:8201"]', f'["127.0.0.1:{cloud}"]')
+
+
+class Harness:
+    def __init__(self, root: Path, pki: Path, models: Path) -> None:
+        os.environ["HYBRIDROUTE_CLOUD_TOKEN"] = "cloud-secret-token"
+        self.loop = LoopThread()
+        self.pki = pki
+        self.nodes = [self._node(models, pki, "node", client_ca=True) for _ in range(2)]
+        self.cloud = self._node(models, pki, "cloud", client_ca=False)
+        self.policy = root / "policy.yaml"
+        self.policy.write_text(self.policy_text())
+        self.token_port = free_port()
+        config = root / "router.yaml"
+        config.write_text(f"""
+listen: 127.0.0.1:0
+token_listen: 127.0.0.1:{self.token_port}
+tls: {{cert: {pki}/router.pem, key: {pki}/router.key, client_ca: {pki}/ca.pem}}
+tokens:
+  - {{caller: analytics, sha256: {hash_token(TOKEN)}}}
+policy: {self.policy}
+upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key,
+           cloud_ca: {pki}/ca.pem}}
+admins: [admin]
+""")
+        self.router = RouterServer(load_config(config))
+        self.loop.run(self.router.start())
+        self.address = f"localhost:{self.router.port}"
+
+    def policy_text(self) -> str:
+        return _policy_text([n.port for n in self.nodes], self.cloud.port)
+
+    def _node(self, models: Path, pki: Path, identity: str, *, client_ca: bool) -> NodeServer:
+        node = NodeServer(
+            NodeOptions(
+                models=models,
+                listen="127.0.0.1:0",
+                cert=pki / f"{identity}.pem",
+                key=pki / f"{identity}.key",
+                client_ca=pki / "ca.pem" if client_ca else None,
+                allow_clients=("router",) if client_ca else (),
+                bearer_token=None if client_ca else "cloud-secret-token",
+            )
+        )
+        self.loop.run(node.start())
+        return node
+
+    def stub(self, app: str = "demo-app") -> pb_grpc.GRPCInferenceServiceStub:
+        return pb_grpc.GRPCInferenceServiceStub(mtls_channel(self.address, self.pki, app))
+
+    def close(self) -> None:
+        self.loop.run(self.router.stop(grace=1))
+        for node in [*self.nodes, self.cloud]:
+            self.loop.run(node.stop(grace=1))
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def harness(
+    tmp_path_factory: pytest.TempPathFactory, pki: Path, model_repo: Path
+) -> Iterator[Harness]:
+    h = Harness(tmp_path_factory.mktemp("router"), pki, model_repo)
+    yield h
+    h.close()
+
+
+def _zone(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    request: pb.ModelInferRequest,
+    metadata: list[tuple[str, str]],
+) -> str:
+    _, call = stub.ModelInfer.with_call(request, metadata=metadata, timeout=10)
+    return dict(call.trailing_metadata())["x-hybridroute-zone"]
+
+
+# ------------------------------------------------------------------ bearer tokens
+
+
+def test_a_bearer_token_identifies_its_caller(harness: Harness, pki: Path) -> None:
+    creds = channel_credentials(pki / "ca.pem")  # server-side TLS only
+    with grpc.secure_channel(f"localhost:{harness.token_port}", creds) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        zone = _zone(
+            stub,
+            ticket(CLEAN),
+            [("authorization", f"Bearer {TOKEN}"), ("x-data-classification", "public")],
+        )
+        assert zone == "cloud"  # analytics is a known caller: clean public data may go out
+        for header in (f"Bearer {TOKEN}x", "Basic abc", ""):
+            metadata = [("authorization", header)] if header else []
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(ticket(CLEAN), metadata=metadata, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert TOKEN not in (info.value.details() or "")
+
+
+# ------------------------------------------------------------------ policy reload
+
+
+def _admin(harness: Harness) -> admin_pb2_grpc.RouterAdminStub:
+    return admin_pb2_grpc.RouterAdminStub(mtls_channel(harness.address, harness.pki, "admin"))
+
+
+def test_reload_good_then_bad_keeps_the_last_good_policy(harness: Harness) -> None:
+    admin = _admin(harness)
+    stub = harness.stub()
+    public = [("x-data-classification", "public")]
+    assert _zone(stub, ticket(CLEAN), public) == "cloud"
+    original = harness.policy.read_text()
+    try:
+        # Good: public data now stays on-prem as well (the cloud rule is gone).
+        harness.policy.write_text(original.replace("route: cloud\n", "route: onprem\n"))
+        result = admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=30)
+        assert result.accepted, result.error
+        assert _zone(stub, ticket(CLEAN), public) == "onprem"
+        good_hash = result.version_hash
+        # Bad: a typo. Refused with file and line; the good policy keeps serving.
+        harness.policy.write_text(original.replace("default_route:", "default_rout:"))
+        result = admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=30)
+        assert not result.accepted
+        assert f"{harness.policy}:" in result.error and "default_rout" in result.error
+        assert _zone(stub, ticket(CLEAN), public) == "onprem"
+        status = admin.Status(admin_pb2.StatusRequest(), timeout=5)
+        assert status.policy.version_hash == good_hash
+        assert "default_rout" in status.policy.last_refused_error
+    finally:
+        harness.policy.write_text(original)
+        assert admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=30).accepted
+
+
+def test_a_policy_sending_sensitive_data_to_the_cloud_is_refused_at_reload(
+    harness: Harness,
+) -> None:
+    admin = _admin(harness)
+    original = harness.policy.read_text()
+    leaky = original.replace(
+        "match: {label: [public], sensitive: false}", "match: {label: [public]}"
+    )
+    assert leaky != original
+    try:
+        harness.policy.write_text(leaky)
+        result = admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=30)
+        assert not result.accepted
+        assert "can send sensitive requests to cloud pool 'cloud'" in result.error
+        zone = _zone(
+            harness.stub(), ticket("ssn 321-54-9876"), [("x-data-classification", "public")]
+        )
+        assert zone == "onprem"
+    finally:
+        harness.policy.write_text(original)
+        admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=30)
+
+
+def test_the_router_reloads_when_the_policy_file_changes(harness: Harness) -> None:
+    admin = _admin(harness)
+    before = admin.Status(admin_pb2.StatusRequest(), timeout=5).policy.version_hash
+    original = harness.policy.read_text()
+    try:
+        harness.policy.write_text(original + "\n# touched by a test\n")
+        deadline = time.monotonic() + 10
+        while admin.Status(admin_pb2.StatusRequest(), timeout=5).policy.version_hash == before:
+            assert time.monotonic() < deadline, "the file change was not picked up"
+            time.sleep(0.2)
+    finally:
+        harness.policy.write_text(original)
+
+
+def test_only_admins_may_call_the_admin_api(harness: Harness) -> None:
+    stub = admin_pb2_grpc.RouterAdminStub(mtls_channel(harness.address, harness.pki))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Status(admin_pb2.StatusRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    status = _admin(harness).Status(admin_pb2.StatusRequest(), timeout=5)
+    assert status.serving and len(status.endpoints) == 3
+    assert all(e.healthy for e in status.endpoints)
+
+
+# ------------------------------------------------------------- deadlines, cancel
+
+
+def test_the_callers_deadline_reaches_the_node(harness: Harness) -> None:
+    big = pb.ModelInferRequest(model_name="ticket-triage")
+    big.inputs.add(name="text", datatype="BYTES", shape=[200_000])
+    from hybridroute.protos.tensors import encode_bytes_elements
+
+    big.raw_input_contents.append(encode_bytes_elements([b"my printer is broken"] * 200_000))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        harness.stub().ModelInfer(
+            big, metadata=[("x-data-classification", "internal")], timeout=0.3
+        )
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 2
+
+
+def test_a_router_with_an_invalid_policy_does_not_start_and_says_where(
+    tmp_path: Path, pki: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        _policy_text([free_port()], free_port()).replace(
+            "match: {label: [public], sensitive: false}", "match: {label: [public]}"
+        )
+    )
+    config = tmp_path / "router.yaml"
+    config.write_text(f"""
+listen: 127.0.0.1:{free_port()}
+tls: {{cert: {pki}/router.pem, key: {pki}/router.key, client_ca: {pki}/ca.pem}}
+policy: {policy}
+upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key}}
+""")
+    done = subprocess.run(
+        [*HYBRIDROUTE, "router", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"{policy}:" in done.stderr
+    assert "can send sensitive requests to cloud pool 'cloud'" in done.stderr
+
+
+def test_sighup_reloads_the_policy(tmp_path: Path, pki: Path) -> None:
+    from support import Process
+
+    policy = tmp_path / "policy.yaml"
+    text = _policy_text([free_port()], free_port())
+    policy.write_text(text)
+    config = tmp_path / "router.yaml"
+    config.write_text(f"""
+listen: 127.0.0.1:{free_port()}
+tls: {{cert: {pki}/router.pem, key: {pki}/router.key, client_ca: {pki}/ca.pem}}
+policy: {policy}
+upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key}}
+watch_policy: false
+""")
+    router = Process(
+        ["router", "serve", "--config", str(config)],
+        ready="router ready on",
+        log=tmp_path / "router.log",
+    )
+    try:
+        policy.write_text(text.replace("default_route:", "default_rout:"))
+        router.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "policy reload (SIGHUP) refused" not in router.output:
+            assert time.monotonic() < deadline, router.output
+            time.sleep(0.1)
+        policy.write_text(text + "\n# edited\n")
+        router.signal(signal.SIGHUP)
+        while "policy reloaded (SIGHUP)" not in router.output:
+            assert time.monotonic() < deadline, router.output
+            time.sleep(0.1)
+        router.signal(signal.SIGTERM)
+        assert router.wait(30) == 0
+    finally:
+        router.stop()
+
+
+def test_numbers_only_requests_are_answered(harness: Harness) -> None:
+    request = pb.ModelInferRequest(model_name="iris")
+    request.inputs.add(name="input", datatype="FP64", shape=[2, 4])
+    request.raw_input_contents.append(
+        np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]).tobytes()
+    )
+    reply = harness.stub().ModelInfer(
+        request, metadata=[("x-data-classification", "public")], timeout=10
+    )
+    assert np.frombuffer(reply.raw_output_contents[0], dtype="<i8").tolist() == [0, 2]

@@ -1,0 +1,200 @@
+"""The router end to end, as `hybridroute up` runs it: real processes, real mTLS.
+
+Each test sends requests an application would send and checks where they went, from
+the reply metadata and from the nodes' own request counters (a sensitive request must
+never move the cloud node's counter).
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from support import Stack
+
+from hybridroute.certs.credentials import channel_credentials
+from hybridroute.protos import inference_pb2 as pb
+from hybridroute.protos import inference_pb2_grpc as pb_grpc
+from hybridroute.protos.tensors import encode_bytes_elements
+
+CLEAN = "the app crashes when I open the settings page"
+
+
+def ticket(text: str, model: str = "ticket-triage") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(encode_bytes_elements([text.encode()]))
+    return request
+
+
+def iris_row() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="iris")
+    request.inputs.add(name="input", datatype="FP64", shape=[1, 4])
+    request.raw_input_contents.append(np.array([[5.1, 3.5, 1.4, 0.2]]).tobytes())
+    return request
+
+
+def send(
+    stack: Stack,
+    request: pb.ModelInferRequest,
+    *,
+    app: str = "demo-app",
+    label: str | None = None,
+    session: str | None = None,
+) -> tuple[str, dict[str, str]]:
+    """(status code name, reply metadata) for one request through the router."""
+    metadata = []
+    if label:
+        metadata.append(("x-data-classification", label))
+    if session:
+        metadata.append(("x-session-id", session))
+    with stack.channel(app) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            _, call = stub.ModelInfer.with_call(request, metadata=metadata, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name, dict(exc.trailing_metadata() or ())
+    return "OK", dict(call.trailing_metadata())
+
+
+def node_requests(stack: Stack, name: str) -> float:
+    """The node's own count of ModelInfer requests it has answered (any code)."""
+    text = urllib.request.urlopen(stack.node(name)["metrics"], timeout=5).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("hybridroute_node_requests_total{")
+    )
+
+
+SENSITIVE = [
+    pytest.param(dict(request=ticket(CLEAN), label="confidential"), id="label-confidential"),
+    pytest.param(dict(request=ticket(CLEAN), label="internal"), id="label-internal"),
+    pytest.param(
+        dict(request=ticket("please update my SSN 321-54-9876"), label="public"),
+        id="ssn-in-public-text",
+    ),
+    pytest.param(
+        dict(request=ticket("refund to card 4111 1111 1111 1111"), label="public"),
+        id="card-in-public-text",
+    ),
+    pytest.param(
+        dict(request=ticket("mail me at jane.doe@example.com"), label="public"),
+        id="email-in-public-text",
+    ),
+    pytest.param(dict(request=ticket(CLEAN), label=None), id="no-label"),
+    pytest.param(
+        dict(request=ticket(CLEAN), label="public", app="batch-jobs"), id="sensitive-caller"
+    ),
+]
+
+
+@pytest.mark.parametrize("case", SENSITIVE)
+def test_sensitive_requests_go_on_prem_and_never_touch_the_cloud(stack: Stack, case) -> None:
+    before = node_requests(stack, "cloud-1")
+    code, reply = send(stack, **case)
+    assert code == "OK"
+    assert reply["x-hybridroute-zone"] == "onprem"
+    assert reply["x-hybridroute-route"] == "onprem"
+    assert len(reply["x-hybridroute-request-id"]) == 32
+    assert node_requests(stack, "cloud-1") == before
+
+
+def test_a_sensitive_model_is_decided_on_prem_even_when_no_node_has_it(stack: Stack) -> None:
+    before = node_requests(stack, "cloud-1")
+    code, reply = send(stack, ticket(CLEAN, model="hr-salaries"), label="public")
+    assert code == "NOT_FOUND"  # the on-prem node answered: it has no such model
+    assert reply["x-hybridroute-zone"] == "onprem"
+    assert node_requests(stack, "cloud-1") == before
+
+
+def test_public_clean_requests_go_to_the_cloud(stack: Stack) -> None:
+    before = node_requests(stack, "cloud-1")
+    for request in (ticket(CLEAN), iris_row()):
+        code, reply = send(stack, request, label="public")
+        assert (code, reply["x-hybridroute-zone"]) == ("OK", "cloud")
+        assert reply["x-hybridroute-route"] == "cloud"
+    assert node_requests(stack, "cloud-1") == before + 2
+
+
+def test_a_session_that_carried_personal_data_stays_on_prem(stack: Stack) -> None:
+    session = "session-e2e-pin"
+    assert (
+        send(stack, ticket(CLEAN), label="public", session=session)[1]["x-hybridroute-zone"]
+        == "cloud"
+    )
+    assert (
+        send(stack, ticket("my ssn is 321-54-9876"), label="public", session=session)[1][
+            "x-hybridroute-zone"
+        ]
+        == "onprem"
+    )
+    code, reply = send(stack, ticket(CLEAN), label="public", session=session)
+    assert (code, reply["x-hybridroute-zone"]) == ("OK", "onprem")
+
+
+def test_an_unknown_caller_is_denied_naming_the_rule_not_the_data(stack: Stack) -> None:
+    code, reply = send(stack, ticket("ssn 321-54-9876"), app="admin", label="public")
+    assert code == "PERMISSION_DENIED"
+    assert reply["x-hybridroute-request-id"]
+    with stack.channel("admin") as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(ticket("ssn 321-54-9876"), timeout=10)
+    assert "deny-unknown-callers" in info.value.details()
+    assert "321-54" not in info.value.details()
+
+
+def test_a_caller_without_credentials_is_refused(stack: Stack) -> None:
+    creds = channel_credentials(Path(stack.info["router"]["ca"]))  # TLS, no client cert
+    with (
+        grpc.secure_channel(stack.router_address, creds) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(ticket(CLEAN), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails
+
+
+def test_malformed_request_bytes_are_invalid_argument_with_metadata(stack: Stack) -> None:
+    with stack.channel() as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff not protobuf", timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(info.value.trailing_metadata())["x-hybridroute-request-id"]
+
+
+def test_metadata_calls_are_routed_and_work_with_tritonclient(stack: Stack) -> None:
+    import tritonclient.grpc as triton
+
+    app = stack.info["apps"]["demo-app"]
+    client = triton.InferenceServerClient(
+        stack.router_address,
+        ssl=True,
+        root_certificates=stack.info["router"]["ca"],
+        private_key=app["key"],
+        certificate_chain=app["cert"],
+    )
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.get_server_metadata().name == "hybridroute-router"
+        assert client.is_model_ready("iris", headers={"x-data-classification": "public"})
+        meta = client.get_model_metadata("ticket-triage")
+        assert meta.inputs[0].datatype == "BYTES"
+        x = triton.InferInput("input", [1, 4], "FP64")
+        x.set_data_from_numpy(np.array([[6.7, 3.0, 5.2, 2.3]]))
+        result = client.infer("iris", [x], headers={"x-data-classification": "public"})
+        assert result.as_numpy("label").tolist() == [2]
+    finally:
+        client.close()
+
+
+def test_router_metrics_count_requests_by_route_zone_and_code(stack: Stack) -> None:
+    send(stack, ticket(CLEAN), label="public")
+    text = urllib.request.urlopen(stack.info["router"]["metrics"], timeout=5).read().decode()
+    assert (
+        'hybridroute_router_requests_total{code="OK",decision="routed",route="cloud",zone="cloud"}'
+    ) in text
+    assert "hybridroute_router_request_duration_seconds_bucket" in text
+    assert "hybridroute_router_endpoint_healthy{endpoint=" in text
