@@ -43,10 +43,23 @@ def _payloads() -> list[bytes]:
 
 def _start_node(repo: Path, pki: Path, port: int, batching: bool) -> subprocess.Popen[bytes]:
     args = [
-        sys.executable, "-m", "hybridroute", "--log-level", "WARNING", "node", "serve",
-        "--models", str(repo), "--listen", f"127.0.0.1:{port}",
-        "--cert", str(pki / "node.pem"), "--key", str(pki / "node.key"),
-        "--client-ca", str(pki / "ca.pem"),
+        sys.executable,
+        "-m",
+        "hybridroute",
+        "--log-level",
+        "WARNING",
+        "node",
+        "serve",
+        "--models",
+        str(repo),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--cert",
+        str(pki / "node.pem"),
+        "--key",
+        str(pki / "node.key"),
+        "--client-ca",
+        str(pki / "ca.pem"),
     ]
     if not batching:
         args.append("--no-batching")
@@ -99,24 +112,39 @@ def main() -> None:
             node = _start_node(root / "models", root / "pki", port, batching)
             try:
                 for concurrency in (1, 16):
-                    r = asyncio.run(_measure(f"localhost:{port}", root / "pki", concurrency,
-                                             args.seconds, args.runs))
+                    r = asyncio.run(
+                        _measure(
+                            f"localhost:{port}", root / "pki", concurrency, args.seconds, args.runs
+                        )
+                    )
                     if not batching:
                         baseline[concurrency] = r.rps
-                    rows.append([label, concurrency, f"{r.rps:.0f}", f"{r.p50_ms:.2f}",
-                                 f"{r.p99_ms:.2f}", r.errors,
-                                 f"{r.rps / baseline[concurrency]:.2f}"])
-                    print(f"  measured batching {label} c={concurrency}: {r.rps:.0f} req/s",
-                          file=sys.stderr, flush=True)
+                    rows.append(
+                        [
+                            label,
+                            concurrency,
+                            f"{r.rps:.0f}",
+                            f"{r.p50_ms:.2f}",
+                            f"{r.p99_ms:.2f}",
+                            r.errors,
+                            f"{r.rps / baseline[concurrency]:.2f}",
+                        ]
+                    )
+                    print(
+                        f"  measured batching {label} c={concurrency}: {r.rps:.0f} req/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             finally:
                 node.terminate()
                 node.wait(30)
                 time.sleep(0.2)
     print()
-    print(f"node, iris RandomForest(50), 1 row/request, mTLS, median of {args.runs} x "
-          f"{args.seconds:.0f} s")
-    print(table(["batching", "concurrency", "req/s", "p50 ms", "p99 ms", "errors",
-                 "vs off"], rows))
+    print(
+        f"node, iris RandomForest(50), 1 row/request, mTLS, median of {args.runs} x "
+        f"{args.seconds:.0f} s"
+    )
+    print(table(["batching", "concurrency", "req/s", "p50 ms", "p99 ms", "errors", "vs off"], rows))
 
 
 if __name__ == "__main__":

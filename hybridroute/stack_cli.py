@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(default: the router on 8100 and the policy's own addresses)",
     )
     up.set_defaults(handler=_up)
+    _register_status(sub)
+    _register_demo(sub)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -43,3 +45,65 @@ def _up(args: argparse.Namespace) -> int:
     return run_stack(
         StackOptions(state_dir=args.state_dir, policy=args.policy, base_port=args.base_port)
     )
+
+
+def _register_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = sub.add_parser(
+        "status",
+        help="a running router's health, endpoints and active policy",
+        description="Ask a router's admin API for its state. Exit 0 SERVING, 1 NOT_SERVING, "
+        "2 no status (unreachable, refused, bad credentials).",
+    )
+    status.add_argument(
+        "--stack",
+        type=Path,
+        metavar="FILE",
+        help="stack.json from `hybridroute up` (default .hybridroute/stack.json)",
+    )
+    status.add_argument("--router", metavar="ADDR", help="router address host:port")
+    status.add_argument("--ca", type=Path, metavar="F", help="CA that signed the router's cert")
+    status.add_argument("--cert", type=Path, metavar="F", help="admin client certificate")
+    status.add_argument("--key", type=Path, metavar="F", help="its private key")
+    status.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    status.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds to wait for the router (default 5)",
+    )
+    status.set_defaults(handler=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from hybridroute.status import run_status
+
+    return run_status(args)
+
+
+def _register_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="send a mix of requests through a running stack and show where each went",
+        description="Several callers, labels and payloads (with and without personal data) "
+        "through the router; exit 1 if anything sensitive reached the cloud.",
+    )
+    demo.add_argument(
+        "--stack",
+        type=Path,
+        metavar="FILE",
+        help="stack.json from `hybridroute up` (default .hybridroute/stack.json)",
+    )
+    demo.add_argument(
+        "--count",
+        type=int,
+        metavar="N",
+        help="requests to send in total, cycling through the kinds (default: each kind 3 times)",
+    )
+    demo.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from hybridroute.demo import run_demo
+
+    return run_demo(args)

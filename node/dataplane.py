@@ -140,7 +140,9 @@ class DataPlane:
         rows, outputs = self.validate(model, inputs, requested)
         result = await self._batcher(model).submit(rows, outputs)
         specs = {o.name: o for o in model.config.outputs}
-        answer = [(name, specs[name].datatype, result[name]) for name in outputs]
+        answer: list[tuple[str, str, Array]] = [
+            (name, specs[name].datatype, result[name]) for name in outputs
+        ]
         self._metrics.latency.labels(model.config.name).observe(time.perf_counter() - started)
         return InferResult(model.config.name, str(model.config.version), answer)
 

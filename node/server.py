@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -31,6 +31,9 @@ from hybridroute.protos import inference_pb2_grpc as pb_grpc
 __all__ = ["NodeOptions", "NodeServer", "run_node"]
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -53,7 +56,7 @@ class NodeOptions:
     bearer_token: str | None = None  # when set, every call must carry it (cloud stand-in)
 
 
-class _AllowList(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class _AllowList(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Serve only callers whose certificate identity (CN or DNS SAN) is on the list."""
 
     def __init__(self, allowed: Sequence[str]) -> None:
@@ -61,22 +64,22 @@ class _AllowList(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler
         inner, allowed = handler.unary_unary, self._allowed
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             who = peer_identities(context)
             if not who & allowed:
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"client identity {sorted(who) or ['<none>']} is not allowed on this node",
                 )
-            return await inner(request, context)
+            return await inner(request, context)  # type: ignore[arg-type]  # aio handler
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
@@ -85,7 +88,7 @@ class _AllowList(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
-class _BearerToken(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class _BearerToken(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Require `authorization: Bearer <token>`, as a cloud inference endpoint would."""
 
     def __init__(self, token: str) -> None:
@@ -93,15 +96,15 @@ class _BearerToken(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        metadata = dict(details.invocation_metadata or ())  # type: ignore[attr-defined]
+    ) -> Handler:
+        metadata = dict(details.invocation_metadata or ())
         given = str(metadata.get("authorization", "")).encode()
         if hmac.compare_digest(given, self._expected):
             return await continuation(details)
 
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
         return grpc.unary_unary_rpc_method_handler(refuse)
@@ -132,7 +135,7 @@ class NodeServer:
             batching=opts.batching,
         )
         self._servicer = InferenceServicer(self._dataplane, self.metrics, name=opts.name)
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         if opts.allow_clients:
             interceptors.append(_AllowList(opts.allow_clients))
         if opts.bearer_token:

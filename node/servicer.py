@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
 
 _UNKNOWN_MODEL = "_unknown"  # metrics label for names that match no model (bounded cardinality)
 
@@ -52,7 +52,7 @@ def _maps_errors(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
     """Turn the node's exceptions into the right gRPC status instead of UNKNOWN."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
             return await method(self, request, context)
         except Exception as exc:

@@ -28,7 +28,7 @@ class AdminServicer(pb_grpc.RouterAdminServicer):
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_RouterAdminServicer_to_server(self, server)
 
-    async def _authorise(self, context: grpc.aio.ServicerContext) -> None:
+    async def _authorise(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         admins = set(self._router.config.admins)
         who = peer_identities(context)
         if self._router.config.tls is None and not who:

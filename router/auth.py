@@ -31,7 +31,7 @@ def _certificate_identity(context: Any) -> str | None:
         return None
     cn = context.auth_context().get(_AUTH_CN, [])
     for raw in cn:
-        value = raw.decode("utf-8", "replace")
+        value = str(raw.decode("utf-8", "replace"))
         if value in names:
             return value
     return sorted(names)[0]

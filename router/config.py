@@ -108,19 +108,24 @@ class RouterConfig(Strict):
     def resolved(self, base: Path) -> RouterConfig:
         """Relative paths made absolute against `base` (the config file's folder)."""
 
-        def fix(path: Path | None) -> Path | None:
-            return None if path is None else (path if path.is_absolute() else base / path)
+        def fix(path: Path) -> Path:
+            return path if path.is_absolute() else base / path
+
+        def fix_optional(path: Path | None) -> Path | None:
+            return None if path is None else fix(path)
 
         tls = (
             None
             if self.tls is None
             else TLSFiles(
-                cert=fix(self.tls.cert), key=fix(self.tls.key), client_ca=fix(self.tls.client_ca)
+                cert=fix(self.tls.cert),
+                key=fix(self.tls.key),
+                client_ca=fix_optional(self.tls.client_ca),
             )
         )
         up = self.upstream
         upstream = UpstreamFiles(
-            ca=fix(up.ca), cert=fix(up.cert), key=fix(up.key), cloud_ca=fix(up.cloud_ca)
+            ca=fix(up.ca), cert=fix(up.cert), key=fix(up.key), cloud_ca=fix_optional(up.cloud_ca)
         )
         return self.model_copy(
             update={"tls": tls, "upstream": upstream, "policy": fix(self.policy)}

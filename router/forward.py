@@ -117,7 +117,7 @@ class Forwarder:
         timeout: float | None,  # noqa: ASYNC109 - passed on to the upstream call
         metadata: Sequence[tuple[str, str]],
     ) -> bytes:
-        call = endpoint.channel.unary_unary(method)
+        call = endpoint.channel.unary_unary(method, None, None)  # bytes in, bytes out
         with endpoint.track():
             reply: bytes = await call(
                 raw, timeout=timeout, metadata=(*metadata, *endpoint.call_metadata)

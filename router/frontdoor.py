@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -43,10 +44,12 @@ _PREFIX = f"/{SERVICE}/"
 # transport headers grpc sets itself.
 _NOT_FORWARDED = frozenset({"authorization", "user-agent", "te", "content-type"})
 
-Behaviour = Callable[[bytes, grpc.aio.ServicerContext, str], Awaitable[bytes]]
+if TYPE_CHECKING:
+    Context = grpc.aio.ServicerContext[Any, Any]
+    Behaviour = Callable[[bytes, Context, str], Awaitable[bytes]]
 
 
-class FrontDoor(grpc.GenericRpcHandler):
+class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     def __init__(
         self,
         config: RouterConfig,
@@ -75,21 +78,21 @@ class FrontDoor(grpc.GenericRpcHandler):
             "ModelReady": routed,
         }
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method: str = details.method  # type: ignore[attr-defined]
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = details.method
         if not method.startswith(_PREFIX):
             return None
         rpc = method[len(_PREFIX) :]
         behaviour = self._handlers.get(rpc, self._not_routed)
 
-        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        async def handle(raw: bytes, context: Context) -> bytes:
             return await behaviour(raw, context, rpc)
 
         return grpc.unary_unary_rpc_method_handler(handle)
 
     # -------------------------------------------------------------- local answers
 
-    async def _authenticated(self, context: grpc.aio.ServicerContext) -> Caller:
+    async def _authenticated(self, context: Context) -> Caller:
         metadata = dict(context.invocation_metadata() or ())
         try:
             return authenticate(context, metadata, self._config)
@@ -97,23 +100,21 @@ class FrontDoor(grpc.GenericRpcHandler):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             raise  # unreachable
 
-    async def _server_live(self, raw: bytes, context: grpc.aio.ServicerContext, rpc: str) -> bytes:
+    async def _server_live(self, raw: bytes, context: Context, rpc: str) -> bytes:
         await self._authenticated(context)
         return pb.ServerLiveResponse(live=True).SerializeToString()
 
-    async def _server_ready(self, raw: bytes, context: grpc.aio.ServicerContext, rpc: str) -> bytes:
+    async def _server_ready(self, raw: bytes, context: Context, rpc: str) -> bytes:
         await self._authenticated(context)
         return pb.ServerReadyResponse(ready=self._is_serving()).SerializeToString()
 
-    async def _server_metadata(
-        self, raw: bytes, context: grpc.aio.ServicerContext, rpc: str
-    ) -> bytes:
+    async def _server_metadata(self, raw: bytes, context: Context, rpc: str) -> bytes:
         await self._authenticated(context)
         return pb.ServerMetadataResponse(
             name="hybridroute-router", version=__version__, extensions=[]
         ).SerializeToString()
 
-    async def _not_routed(self, raw: bytes, context: grpc.aio.ServicerContext, rpc: str) -> bytes:
+    async def _not_routed(self, raw: bytes, context: Context, rpc: str) -> bytes:
         await self._authenticated(context)
         await context.abort(
             grpc.StatusCode.PERMISSION_DENIED,
@@ -123,7 +124,7 @@ class FrontDoor(grpc.GenericRpcHandler):
 
     # ------------------------------------------------------------ routed methods
 
-    async def _routed(self, raw: bytes, context: grpc.aio.ServicerContext, method: str) -> bytes:
+    async def _routed(self, raw: bytes, context: Context, method: str) -> bytes:
         started = time.perf_counter()
         event = AuditEvent(
             request_id=uuid.uuid4().hex,
@@ -168,7 +169,11 @@ class FrontDoor(grpc.GenericRpcHandler):
         return error
 
     async def _decide_and_forward(
-        self, raw: bytes, context: grpc.aio.ServicerContext, method: str, event: AuditEvent
+        self,
+        raw: bytes,
+        context: Context,
+        method: str,
+        event: AuditEvent,
     ) -> bytes:
         metadata = dict(context.invocation_metadata() or ())
         if self._audit.failure is not None:
@@ -248,7 +253,7 @@ def _describe(event: AuditEvent, decision: Decision) -> None:
     )
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def _deadline(context: Context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 

@@ -183,9 +183,11 @@ def test_a_certificate_from_another_ca_is_refused(address: str, pki: Path, tmp_p
 
 
 def test_an_identity_not_on_the_allow_list_is_permission_denied(address: str, pki: Path) -> None:
-    with mtls_channel(address, pki, app="other-app") as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)
+    with (
+        mtls_channel(address, pki, app="other-app") as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "other-app" in info.value.details()
 

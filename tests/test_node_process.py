@@ -90,9 +90,10 @@ def _wait_until_in_flight(metrics_port: int, count: int) -> None:
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
         for line in text.splitlines():
-            if line.startswith("hybridroute_node_in_flight_requests "):
-                if float(line.split()[-1]) >= count:
-                    return
+            if line.startswith("hybridroute_node_in_flight_requests ") and (
+                float(line.split()[-1]) >= count
+            ):
+                return
         time.sleep(0.005)
     raise TimeoutError(f"the node never had {count} requests in flight")
 
