@@ -35,6 +35,7 @@ class AuditEvent:
     method: str
     model: str = ""
     model_version: str = ""
+    label: str = ""  # normalised x-data-classification: public..restricted, none, invalid
     policy_hash: str = ""
     rule_id: str = ""
     sensitive: bool | None = None

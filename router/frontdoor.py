@@ -26,7 +26,7 @@ from hybridroute.protos import inference_pb2 as pb
 from hybridroute.router.audit import AuditEvent, AuditSink, AuditUnavailable
 from hybridroute.router.auth import Unauthenticated, authenticate
 from hybridroute.router.config import RouterConfig
-from hybridroute.router.engine import Decision, decide
+from hybridroute.router.engine import Decision, decide, label_key
 from hybridroute.router.facts import Caller, request_facts
 from hybridroute.router.forward import Forwarder, RouterError
 from hybridroute.router.metrics import RouterMetrics
@@ -189,7 +189,9 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         request, model, version = _parse(method, raw)
         facts = request_facts(request, metadata, caller, model=model, model_version=version)
         event.model, event.model_version = facts.model, facts.model_version
+        event.label = label_key(facts.label)
         event.session_id = facts.session_id
+        event.client_request_id = request.id if request is not None and request.id else None
         decision = decide(policy, facts, self._sessions)
         _describe(event, decision)
         if decision.action == "deny":
