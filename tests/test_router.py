@@ -303,3 +303,31 @@ def test_numbers_only_requests_are_answered(harness: Harness) -> None:
         request, metadata=[("x-data-classification", "public")], timeout=10
     )
     assert np.frombuffer(reply.raw_output_contents[0], dtype="<i8").tolist() == [0, 2]
+
+
+def test_a_caller_cancelling_cancels_the_upstream_call(harness: Harness) -> None:
+    from hybridroute.protos.tensors import encode_bytes_elements
+
+    big = pb.ModelInferRequest(model_name="ticket-triage")
+    big.inputs.add(name="text", datatype="BYTES", shape=[300_000])
+    big.raw_input_contents.append(encode_bytes_elements([b"my printer is broken"] * 300_000))
+
+    def in_flight() -> float:
+        return sum(
+            node.metrics.registry.get_sample_value("hybridroute_node_in_flight_requests") or 0
+            for node in harness.nodes
+        )
+
+    future = harness.stub().ModelInfer.future(
+        big, metadata=[("x-data-classification", "internal")], timeout=30
+    )
+    deadline = time.monotonic() + 10
+    while in_flight() < 1:
+        assert time.monotonic() < deadline, "the request never reached a node"
+        time.sleep(0.01)
+    future.cancel()
+    cancelled_at = time.monotonic()
+    while in_flight() > 0:
+        # 300k texts take the estimator seconds; the node call must end long before.
+        assert time.monotonic() - cancelled_at < 1.0, "the upstream call was not cancelled"
+        time.sleep(0.01)
