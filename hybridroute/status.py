@@ -20,8 +20,10 @@ durations seconds; `null` when not applicable):
   `started_at`, `uptime_seconds`, `in_flight`, `audit` {`ok` (bool), `failure`
   (str|null)};
 - `policy`: `path`, `version_hash` (full sha256 of the policy file), `loaded_at`,
-  `loaded_seconds_ago`, `warnings` (count), `signed_by` (str|null), `last_refused`
-  (null, or {`error`, `at`, `seconds_ago`});
+  `loaded_seconds_ago`, `warnings` (count), `signed_by` (str|null: the signer and the
+  fingerprint of its key, e.g. "secteam (key 1a2b3c4d5e6f7a8b)", set only when the
+  policy's signature verified against the router's trusted key), `signed_at` (null when
+  not signed), `last_refused` (null, or {`error`, `at`, `seconds_ago`});
 - `endpoints`: list of {`pool`, `zone`, `address`, `node` (stack name|null), `healthy`,
   `outstanding`, `seconds_since_check` (null: never checked), `last_error` (str|null)};
 - `processes`: null without `--stack`; else a list of {`name`, `zone`, `address`, `pid`,
@@ -183,6 +185,7 @@ def _policy_dict(policy: admin_pb2.PolicyStatus, now: float) -> dict[str, Any]:
         "loaded_seconds_ago": max(0.0, now - policy.loaded_at),
         "warnings": policy.warnings,
         "signed_by": policy.signed_by or None,
+        "signed_at": policy.signed_at if policy.signed_by else None,
         "last_refused": refused,
     }
 
@@ -269,6 +272,14 @@ def _header_lines(router: dict[str, Any]) -> list[str]:
     ]
 
 
+def _signed_text(policy: dict[str, Any]) -> str:
+    """Who signed the live policy and when; "not signed" when the router verified no
+    signature (no trusted key configured, or an unsigned policy that was allowed)."""
+    if not policy["signed_by"]:
+        return "not signed"
+    return f"{policy['signed_by']} at {_local(policy['signed_at'])}"
+
+
 def _policy_lines(policy: dict[str, Any]) -> list[str]:
     refused = policy["last_refused"]
     refused_text = (
@@ -283,7 +294,7 @@ def _policy_lines(policy: dict[str, Any]) -> list[str]:
         f"  loaded at     {_local(policy['loaded_at'])} "
         f"({format_age(policy['loaded_seconds_ago'])} ago)",
         f"  warnings      {policy['warnings']}",
-        f"  signed by     {policy['signed_by'] or 'not signed'}",
+        f"  signed by     {_signed_text(policy)}",
         f"  last refused  {refused_text}",
     ]
 

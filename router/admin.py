@@ -16,9 +16,18 @@ from hybridroute.protos import admin_pb2 as pb
 from hybridroute.protos import admin_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
+    from hybridroute.router.policystore import ReloadResult
     from hybridroute.router.server import RouterServer
 
 __all__ = ["AdminServicer"]
+
+
+def _signer(active: ReloadResult) -> str:
+    """`secteam (key 1a2b3c4d5e6f7a8b)`: the name alone could be claimed by any key the
+    router trusted at some point; the fingerprint says which key it was."""
+    if active.signed_by is None:
+        return ""
+    return f"{active.signed_by} (key {(active.signing_key or '')[:16]})"
 
 
 class AdminServicer(pb_grpc.RouterAdminServicer):
@@ -52,6 +61,8 @@ class AdminServicer(pb_grpc.RouterAdminServicer):
             last_refused_error=refused.error or "" if refused else "",
             last_refused_at=refused.at if refused else 0.0,
             warnings=len(store.current.warnings),
+            signed_by=_signer(store.active),
+            signed_at=store.active.signed_at or 0.0,
         )
         response = pb.StatusResponse(
             version=__version__,

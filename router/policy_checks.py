@@ -18,6 +18,7 @@ schema reads on its own and the guard can be reviewed on its own.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -148,12 +149,22 @@ def _rule_problems(spec: PolicySpec, located: Located) -> Iterator[Problem]:
         first_line.setdefault(rule.id, located.line_of(("rules", i)))
         for j, name in enumerate(rule.match.detected or ()):
             if name not in ("any", "none") and name not in enabled:
-                message = f"detector '{name}' is not enabled in this policy"
+                message = _detector_unknown(name, enabled)
                 yield _problem(located, message, "rules", i, "match", "detected", j)
         if rule.route is not None and rule.route not in spec.routes:
             yield _problem(located, f"unknown route '{rule.route}'", "rules", i, "route")
         elif rule.route is not None:
             yield from _guard_problems(spec, located, i, rule)
+
+
+def _detector_unknown(name: str, enabled: set[str]) -> str:
+    """A built-in that is switched off and a name that exists nowhere are different
+    mistakes; the second is usually a typo, so suggest the closest enabled name."""
+    if name in BUILTIN:
+        return f"detector '{name}' is not enabled in this policy (add it to detectors.builtin)"
+    close = difflib.get_close_matches(name, sorted(enabled), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"detector '{name}' does not exist (not built in, not a custom detector){hint}"
 
 
 def _guard_problems(

@@ -2,8 +2,16 @@
 
 Reload is atomic: a request takes `store.current` once and is decided by that object
 to the end, so in-flight requests finish under the policy they started with. A new
-policy that fails to compile (or, later, to verify) is refused: the last good one
-keeps serving, and the refusal is logged, counted and shown by `hybridroute status`.
+policy that fails to compile or to verify is refused: the last good one keeps
+serving, and the refusal is logged, kept in `last_refused` (shown by `hybridroute
+status`) and handed to `on_result` (which the audit trail records).
+
+Signatures (see `signing`): with a trusted public key, a policy that has a signature
+file (`POLICY.sig`) is accepted only if it verifies, and the signer is reported; with
+`require_signed=True` an unsigned policy is refused too, at start (the router does not
+start) and at reload. The signature is checked against the hash of the very bytes
+that were compiled, so a file replaced between the two reads cannot slip through.
+Without a trusted key, signature files are ignored (and nothing is reported signed).
 """
 
 from __future__ import annotations
@@ -15,11 +23,24 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hybridroute.config import ConfigError
 from hybridroute.router.policy import Policy, compile_policy
+from hybridroute.router.signing import (
+    KeyFileError,
+    PolicySignature,
+    SignatureError,
+    TrustedKey,
+    load_trusted_key,
+    signature_path,
+    verify_envelope,
+)
 
-__all__ = ["PolicyStore", "ReloadResult"]
+if TYPE_CHECKING:
+    from hybridroute.router.config import RouterConfig
+
+__all__ = ["OnResult", "PolicyStore", "ReloadResult"]
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +49,28 @@ Apply = Callable[[Policy], Awaitable[None]]
 
 @dataclass(frozen=True)
 class ReloadResult:
+    """One attempt to load the policy (the first load included), accepted or refused.
+
+    `version_hash` is set only when accepted (it is then the live policy); the signer
+    fields only when the accepted policy's signature verified against the trusted key.
+    """
+
     accepted: bool
     version_hash: str | None
     error: str | None
     at: float
+    why: str = ""  # "start", "SIGHUP", "file changed", "admin API"
+    path: str = ""
+    signed_by: str | None = None
+    signed_at: float | None = None  # unix seconds, from the signature
+    signing_key: str | None = None  # hex SHA-256 of the public key
 
 
-def _stamp(path: Path) -> tuple[int, int, int, int] | None:
+OnResult = Callable[[ReloadResult], None]
+_Stamp = tuple[int, int, int, int] | None
+
+
+def _stamp(path: Path) -> _Stamp:
     try:
         st = os.stat(path)
     except OSError:
@@ -43,50 +79,181 @@ def _stamp(path: Path) -> tuple[int, int, int, int] | None:
 
 
 class PolicyStore:
-    def __init__(self, path: Path, apply: Apply) -> None:
+    """Holds the live `Policy`; `reload()` swaps in a new one only if it is acceptable.
+
+    Raises `ConfigError` from the constructor when the first policy is refused (an
+    unreadable trusted key included): a router must not start without a good policy.
+    `on_result` is called for that first load and for every later attempt.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        apply: Apply,
+        *,
+        public_key: Path | None = None,
+        require_signed: bool = False,
+        on_result: OnResult | None = None,
+    ) -> None:
         self.path = path
+        self.require_signed = require_signed
+        self.on_result = on_result
         self._apply = apply
         self._lock = asyncio.Lock()
-        self._stamp = _stamp(path)
-        self.current: Policy = compile_policy(path)  # raises ConfigError: router won't start
-        self.loaded_at = time.time()
         self.last_refused: ReloadResult | None = None
         self.history: list[ReloadResult] = []
-        for warning in self.current.warnings:
+        self._trusted: TrustedKey | None = None
+        self._stamp = self._stamps()
+        try:
+            self._trusted = self._trusted_key(public_key, require_signed)
+            policy, signature = self._load()
+        except (ConfigError, SignatureError) as exc:
+            self._record(self._refused(exc, "start"))
+            raise _as_config_error(path, exc) from None
+        self.current: Policy = policy
+        self.loaded_at = time.time()
+        self.active = self._accepted(policy, signature, "start", self.loaded_at)
+        self._record(self.active)
+        for warning in policy.warnings:
             log.warning("policy: %s", warning)
+
+    @classmethod
+    def for_config(
+        cls, config: RouterConfig, apply: Apply, *, on_result: OnResult | None = None
+    ) -> PolicyStore:
+        """The store a router with `config` needs (policy path and signing settings)."""
+        return cls(
+            config.policy,
+            apply,
+            public_key=config.policy_public_key,
+            require_signed=config.require_signed_policy,
+            on_result=on_result,
+        )
+
+    @staticmethod
+    def _trusted_key(public_key: Path | None, require_signed: bool) -> TrustedKey | None:
+        if require_signed and public_key is None:
+            raise ConfigError(
+                "router config", [(None, "require_signed_policy", "needs policy_public_key")]
+            )
+        if public_key is None:
+            return None
+        try:
+            return load_trusted_key(public_key)
+        except KeyFileError as exc:
+            raise ConfigError(str(public_key), [(None, "policy_public_key", str(exc))]) from None
+
+    @property
+    def signature(self) -> PolicySignature | None:
+        """The verified signature of the live policy, or None when it is not signed."""
+        r = self.active
+        if r.signed_by is None or r.signed_at is None or r.signing_key is None:
+            return None
+        return PolicySignature(r.signed_by, r.signing_key, r.signed_at, r.version_hash or "")
 
     async def start(self) -> None:
         await self._apply(self.current)
 
     async def reload(self, why: str) -> ReloadResult:
-        """Try the file as it is now; keep the current policy if it is not valid."""
+        """Try the file as it is now; keep the current policy if it is not acceptable."""
         async with self._lock:
-            self._stamp = _stamp(self.path)
+            self._stamp = self._stamps()
             try:
-                policy = await asyncio.to_thread(compile_policy, self.path)
+                policy, signature = await asyncio.to_thread(self._load)
                 await self._apply(policy)
-            except (ConfigError, OSError, ValueError) as exc:
-                result = ReloadResult(False, None, str(exc), time.time())
-                self.last_refused = result
+            except (ConfigError, SignatureError, OSError, ValueError) as exc:
+                result = self._refused(exc, why)
                 log.error(
                     "policy reload (%s) refused; still serving %s:\n%s",
                     why,
                     self.current.version_hash[:12],
-                    exc,
+                    result.error,
                 )
             else:
-                self.current, self.loaded_at = policy, time.time()
-                result = ReloadResult(True, policy.version_hash, None, self.loaded_at)
-                log.info("policy reloaded (%s): %s", why, policy.version_hash[:12])
+                loaded_at = time.time()
+                result = self._accepted(policy, signature, why, loaded_at)
+                self.current, self.loaded_at, self.active = policy, loaded_at, result
+                log.info("policy reloaded (%s): %s%s", why, policy.version_hash[:12], _by(result))
                 for warning in policy.warnings:
                     log.warning("policy: %s", warning)
-            self.history.append(result)
-            del self.history[:-20]
+            self._record(result)
             return result
 
     async def watch(self, interval: float = 1.0) -> None:
-        """Reload whenever the file's identity, size or mtime changes."""
+        """Reload whenever the policy file or its signature file changes (identity,
+        size or mtime): a signature deployed after its policy is picked up too."""
         while True:
             await asyncio.sleep(interval)
-            if _stamp(self.path) != self._stamp:
+            if self._stamps() != self._stamp:
                 await self.reload("file changed")
+
+    # ------------------------------------------------------------------ internals
+
+    def _stamps(self) -> tuple[_Stamp, _Stamp]:
+        return _stamp(self.path), _stamp(signature_path(self.path))
+
+    def _load(self) -> tuple[Policy, PolicySignature | None]:
+        """Compile, then verify the signature against the hash of the compiled bytes."""
+        policy = compile_policy(self.path)
+        return policy, self._verify(policy)
+
+    def _verify(self, policy: Policy) -> PolicySignature | None:
+        if self._trusted is None:
+            return None
+        sig_path = signature_path(self.path)
+        try:
+            envelope = sig_path.read_bytes()
+        except FileNotFoundError:
+            if self.require_signed:
+                raise SignatureError(
+                    f"not signed: no signature file {sig_path}, and this router requires "
+                    "a signed policy (require_signed_policy)"
+                ) from None
+            return None
+        except OSError as exc:
+            raise SignatureError(f"cannot read {sig_path}: {exc.strerror or exc}") from None
+        try:
+            return verify_envelope(envelope, self._trusted, policy.version_hash)
+        except SignatureError as exc:
+            raise SignatureError(f"signature {sig_path} refused: {exc}") from None
+
+    def _accepted(
+        self, policy: Policy, signature: PolicySignature | None, why: str, at: float
+    ) -> ReloadResult:
+        return ReloadResult(
+            True,
+            policy.version_hash,
+            None,
+            at,
+            why=why,
+            path=str(self.path),
+            signed_by=signature.signer if signature else None,
+            signed_at=signature.signed_at if signature else None,
+            signing_key=signature.key_id if signature else None,
+        )
+
+    def _refused(self, exc: Exception, why: str) -> ReloadResult:
+        error = str(exc) if not isinstance(exc, SignatureError) else f"{self.path}: {exc}"
+        result = ReloadResult(False, None, error, time.time(), why=why, path=str(self.path))
+        self.last_refused = result
+        return result
+
+    def _record(self, result: ReloadResult) -> None:
+        self.history.append(result)
+        del self.history[:-20]
+        if self.on_result is None:
+            return
+        try:
+            self.on_result(result)
+        except Exception:  # a failing hook must not leave the store half-updated
+            log.exception("policy store: on_result hook failed for %s", result)
+
+
+def _by(result: ReloadResult) -> str:
+    return f", signed by {result.signed_by}" if result.signed_by else ""
+
+
+def _as_config_error(path: Path, exc: ConfigError | SignatureError) -> ConfigError:
+    if isinstance(exc, ConfigError):
+        return exc
+    return ConfigError(str(path), [(None, "", f"policy refused: {exc}")])

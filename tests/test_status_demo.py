@@ -84,7 +84,7 @@ def test_status_json_has_the_documented_keys(stack, capsys) -> None:
     assert data["router"]["audit"] == {"ok": True, "failure": None}
     assert set(data["policy"]) == {
         "path", "version_hash", "loaded_at", "loaded_seconds_ago", "warnings", "signed_by",
-        "last_refused",
+        "signed_at", "last_refused",
     }  # fmt: skip
     assert data["policy"]["version_hash"] == _policy_sha256(stack)
     assert data["policy"]["last_refused"] is None

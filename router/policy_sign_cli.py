@@ -1,0 +1,108 @@
+"""Handlers of `hybridroute policy keygen | sign | verify` (parsers in `policy_cli`).
+
+`sign` compiles the policy first and refuses to sign one with errors: a signature
+says "reviewed and approved", and a router would refuse that file anyway. Exit codes
+are `policy_cli`'s: 1 when the answer is no (invalid policy, signature does not
+verify), 2 when the command cannot run (unreadable key, existing key files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+
+from hybridroute.cli import UsageError
+from hybridroute.router.policy_cli import EXIT_FAILED, EXIT_OK, load_policy_or_report
+from hybridroute.router.signing import (
+    KeyFileError,
+    SignatureError,
+    generate_keypair,
+    load_signing_key,
+    load_trusted_key,
+    sign_policy,
+    signature_path,
+    verify_policy_file,
+    write_signature,
+)
+
+__all__ = ["run_keygen", "run_sign", "run_verify"]
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    try:
+        key, pub = generate_keypair(args.out, args.signer, force=args.force)
+    except (ValueError, FileExistsError) as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot write keys to {args.out}: {exc.strerror or exc}") from None
+    print(f"private key  {key}  (0600: keep it with the security team, never on routers)")
+    print(f"public key   {pub}")
+    print(f"key id       {load_trusted_key(pub).key_id}")
+    print("router config:")
+    print(f"  policy_public_key: {pub.resolve()}")
+    print("  require_signed_policy: true")
+    return EXIT_OK
+
+
+def _warn_if_readable(path: os.PathLike[str]) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        print(
+            f"warning: {path} is readable by other users (mode {mode & 0o777:o}); "
+            "a signing key should be 0600",
+            file=sys.stderr,
+        )
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    try:
+        key = load_signing_key(args.key)
+    except KeyFileError as exc:
+        raise UsageError(str(exc)) from None
+    _warn_if_readable(args.key)
+    try:
+        data = args.policy.read_bytes()
+        envelope = sign_policy(data, key, signer=args.signer)
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.policy}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    policy = load_policy_or_report(args.policy)
+    if policy is None:
+        print("not signed: fix the errors first", file=sys.stderr)
+        return EXIT_FAILED
+    if policy.version_hash != hashlib.sha256(data).hexdigest():
+        print(f"not signed: {args.policy} changed while it was being signed", file=sys.stderr)
+        return EXIT_FAILED
+    out = write_signature(args.policy, envelope, args.out)
+    warned = f"; {len(policy.warnings)} warning(s), see 'policy check'" if policy.warnings else ""
+    print(f"signed {args.policy} (sha256 {policy.version_hash[:12]}{warned})")
+    print(f"  signer {args.signer or key.signer}, key {key.key_id[:16]}")
+    print(f"  signature written to {out}")
+    return EXIT_OK
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    try:
+        trusted = load_trusted_key(args.key)
+    except KeyFileError as exc:
+        raise UsageError(str(exc)) from None
+    sig = args.signature or signature_path(args.policy)
+    try:
+        found = verify_policy_file(args.policy, trusted, args.signature)
+    except SignatureError as exc:
+        print(f"{args.policy}: NOT VERIFIED: {exc}")
+        return EXIT_FAILED
+    age = max(0.0, time.time() - found.signed_at) / 86400
+    print(f"{args.policy}: verified ({sig})")
+    print(f"  sha256     {found.policy_sha256}")
+    print(f"  signed by  {found.signer} (key {found.key_id[:16]})")
+    print(f"  signed at  {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(found.signed_at))}"
+          f" ({age:.1f} days ago)")  # fmt: skip
+    return EXIT_OK
