@@ -5,7 +5,12 @@ from __future__ import annotations
 import runpy
 import sys
 
-BENCHMARKS = ["bench.bench_detectors", "bench.bench_node", "bench.bench_router"]
+BENCHMARKS = [
+    "bench.bench_detectors",
+    "bench.bench_node",
+    "bench.bench_router",
+    "bench.bench_audit",
+]
 
 if __name__ == "__main__":
     for name in BENCHMARKS:

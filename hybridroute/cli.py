@@ -26,9 +26,17 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
     from hybridroute import stack_cli
     from hybridroute.certs import cli as certs_cli
     from hybridroute.node import cli as node_cli
+    from hybridroute.router import audit_cli, policy_cli
     from hybridroute.router import cli as router_cli
 
-    return [stack_cli.register, certs_cli.register, node_cli.register, router_cli.register]
+    return [
+        stack_cli.register,
+        certs_cli.register,
+        node_cli.register,
+        router_cli.register,
+        policy_cli.register,
+        audit_cli.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

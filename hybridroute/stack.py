@@ -216,6 +216,11 @@ def _write_router_config(state: Path, pki: Path, policy: Path, listen: str, metr
         },
         "metrics_listen": metrics,
         "admins": ["admin"],
+        "audit": {  # the trail in the state dir, sealed with the key `certs init` made
+            "db": str(state / "audit.db"),
+            "hmac_key": str(state / "audit-hmac.key"),
+            "signing_key": str(pki / "audit-signing.key"),
+        },
     }
     path = state / "router.yaml"
     path.write_text("# Written by `hybridroute up`.\n" + yaml.safe_dump(config, sort_keys=False))
@@ -254,6 +259,7 @@ def _stack_json(
         "policy": str(policy),
         "pki": str(pki),
         "state_dir": str(state),
+        "audit": {"db": str(state / "audit.db"), "verify_key": str(pki / "audit-signing.pub")},
     }
 
 
@@ -275,7 +281,9 @@ Call the router with tritonclient:
     print(client.infer("ticket-triage", [x]).as_numpy("label"))   # stays on-prem
 
 Try `hybridroute demo --stack {path}` for a mix of requests and where each went,
-and `hybridroute status --stack {path}`. Ctrl-C stops everything.
+and `hybridroute status --stack {path}`. The audit trail of every decision:
+`hybridroute audit query --stack {path}`, checked with `hybridroute audit verify
+--stack {path}`. Ctrl-C stops everything.
 """
 
 

@@ -3,8 +3,15 @@
 Every decision (routed, denied, rejected before a decision could be made) produces one
 `AuditEvent`, handed to the sink *before* the reply is released (invariant 5). An
 event holds facts about the request, never its content: detector names and counts,
-not matches; the caller's request id and session id are never stored in the clear
-(the durable store of the audit issue keys them with HMAC; `LogAuditSink` drops them).
+positions rather than matches; the caller's request id and session id are never
+stored in the clear (the durable store keys them with HMAC; `LogAuditSink` drops them).
+
+Router lifecycle facts (start, stop, policy loads and refusals, certificate changes)
+are `AuditNote`s and go through the same sink, so they take their place in the same
+hash chain as the requests they explain.
+
+The durable sink is `hybridroute.router.auditstore.AuditStore`; `LogAuditSink` is a
+structured log line per decision, for log shipping beside it.
 """
 
 from __future__ import annotations
@@ -12,13 +19,29 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
-__all__ = ["AuditEvent", "AuditSink", "AuditUnavailable", "LogAuditSink"]
+from hybridroute.router.engine import DetectorHit, RuleTrace
+
+__all__ = [
+    "AUDIT_REFUSAL",
+    "AuditEvent",
+    "AuditNote",
+    "AuditSink",
+    "AuditUnavailable",
+    "Detail",
+    "LogAuditSink",
+    "wants_full_detail",
+]
 
 Outcome = Literal["routed", "denied", "rejected"]
+Detail = Literal["decisions", "full"]
+
+# The message of a request refused because the trail cannot be written: the store
+# recognises these records (they already say UNAVAILABLE) when it keeps them for later.
+AUDIT_REFUSAL = "the audit trail cannot be written; request refused"
 
 
 class AuditUnavailable(Exception):
@@ -27,6 +50,9 @@ class AuditUnavailable(Exception):
 
 @dataclass
 class AuditEvent:
+    """One decision. The sink owns it from `record()` until `record()` returns: the
+    front door does not touch it meanwhile, so the writer thread can read it unlocked."""
+
     request_id: str
     outcome: Outcome  # routed: a policy route was chosen; denied: a rule said no;
     # rejected: refused before or after deciding (unauthenticated, malformed, no endpoint)
@@ -47,11 +73,21 @@ class AuditEvent:
     endpoint: str = ""
     attempts: int = 0
     code: str = "OK"
+    error: str = ""  # the router's own message for a non-OK answer (never upstream text)
     latency_ms: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
-    served_version: str = ""
+    served_version: str = ""  # the model version the node says answered
     time: float = field(default_factory=time.time)
+    # How much the policy wants recorded for the chosen route (routes.<name>.audit), and
+    # the detail that level adds: the rules' trace and where the detectors fired.
+    route_detail: Detail = "full"
+    route_sample: float = 1.0
+    trace: tuple[RuleTrace, ...] = ()
+    hits: tuple[DetectorHit, ...] = ()
+    # Set by the store when it could not commit the record in time: the code the reply
+    # would have had (the caller got UNAVAILABLE instead).
+    withheld: str = ""
     # Values that may themselves be sensitive; stored only as keyed hashes.
     session_id: str | None = field(default=None, repr=False)
     client_request_id: str | None = field(default=None, repr=False)
@@ -66,9 +102,42 @@ class AuditEvent:
         return data
 
 
+@dataclass(frozen=True)
+class AuditNote:
+    """A router lifecycle fact: `kind` is e.g. `router.start`, `policy.reload`,
+    `cert.change`; `fields` are JSON values (no floats: the trail's encoding is exact)."""
+
+    kind: str
+    fields: Mapping[str, object]
+    time: float = field(default_factory=time.time)
+
+
+def wants_full_detail(event: AuditEvent, draw: float) -> bool:
+    """Whether this event's record carries the full detail (trace, detector positions).
+
+    Sensitive, undecided, denied, rejected and failed requests always do: those are the
+    ones an auditor reconstructs. Clean successful ones follow the route's policy level;
+    `draw` (uniform in [0, 1)) samples the `full` level. Every event gets a record
+    either way; only its detail varies.
+    """
+    if event.sensitive is not False or event.outcome != "routed" or event.code != "OK":
+        return True
+    if event.route_detail != "full":
+        return False
+    return draw < event.route_sample
+
+
 class AuditSink(Protocol):
+    async def start(self) -> None:
+        """Get ready to record (open files, check keys); raise if that is impossible."""
+
     async def record(self, event: AuditEvent) -> None:
         """Return only when the event is durable; raise AuditUnavailable otherwise."""
+
+    def note(self, note: AuditNote) -> Awaitable[None]:
+        """Like `record`, for a lifecycle fact; but the note takes its place in the trail
+        when `note` is *called* (await the result for durability), so a hook that
+        cannot await (a policy swap) still records before anything that follows it."""
 
     @property
     def failure(self) -> str | None:
@@ -78,14 +147,24 @@ class AuditSink(Protocol):
 
 
 class LogAuditSink:
-    """A structured log line per decision (logger `hybridroute.audit`): the minimum
-    until the durable store exists, and useful beside it for log shipping."""
+    """A structured log line per decision (logger `hybridroute.audit`): not durable and
+    not tamper-evident, so the router does not use it alone; useful for log shipping."""
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._log = logger or logging.getLogger("hybridroute.audit")
 
+    async def start(self) -> None:
+        return None
+
     async def record(self, event: AuditEvent) -> None:
-        self._log.info("%s", json.dumps(event.public_dict(), separators=(",", ":")))
+        data = event.public_dict()
+        data.pop("trace")
+        data.pop("hits")
+        self._log.info("%s", json.dumps(data, separators=(",", ":")))
+
+    def note(self, note: AuditNote) -> Awaitable[None]:
+        self._log.info("%s", json.dumps({"kind": note.kind, **note.fields}, default=str))
+        return _done()
 
     @property
     def failure(self) -> str | None:
@@ -93,3 +172,7 @@ class LogAuditSink:
 
     async def close(self) -> None:
         return None
+
+
+async def _done() -> None:
+    return None

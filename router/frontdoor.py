@@ -23,13 +23,14 @@ from google.protobuf.message import DecodeError
 
 from hybridroute import __version__
 from hybridroute.protos import inference_pb2 as pb
-from hybridroute.router.audit import AuditEvent, AuditSink, AuditUnavailable
+from hybridroute.router.audit import AUDIT_REFUSAL, AuditEvent, AuditSink, AuditUnavailable
 from hybridroute.router.auth import Unauthenticated, authenticate
 from hybridroute.router.config import RouterConfig
 from hybridroute.router.engine import Decision, decide, label_key
 from hybridroute.router.facts import Caller, request_facts
 from hybridroute.router.forward import Forwarder, RouterError
 from hybridroute.router.metrics import RouterMetrics
+from hybridroute.router.policy import Policy
 from hybridroute.router.policystore import PolicyStore
 from hybridroute.router.sessions import SessionPins
 
@@ -92,31 +93,59 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     # -------------------------------------------------------------- local answers
 
-    async def _authenticated(self, context: Context) -> Caller:
+    async def _authenticated(self, context: Context, method: str) -> Caller:
+        """The caller of a call the router answers itself; an unauthenticated one is
+        refused, and that refusal is audited like any other."""
         metadata = dict(context.invocation_metadata() or ())
         try:
             return authenticate(context, metadata, self._config)
         except Unauthenticated as exc:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            await self._refuse(context, method, None, grpc.StatusCode.UNAUTHENTICATED, str(exc))
             raise  # unreachable
 
+    async def _refuse(
+        self,
+        context: Context,
+        method: str,
+        caller: Caller | None,
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
+        """Audit a refusal of a call that is not routed, then answer it (or UNAVAILABLE
+        when even that record cannot be written)."""
+        event = AuditEvent(
+            request_id=uuid.uuid4().hex,
+            outcome="rejected",
+            caller=caller.identity if caller else None,
+            auth=caller.auth if caller else "none",
+            method=method,
+            code=code.name,
+            error=message,
+        )
+        error = await self._record(event, RouterError(code, message))
+        assert error is not None
+        await context.abort(error.code, error.message, trailing_metadata=_reply_metadata(event))
+
     async def _server_live(self, raw: bytes, context: Context, rpc: str) -> bytes:
-        await self._authenticated(context)
+        await self._authenticated(context, rpc)
         return pb.ServerLiveResponse(live=True).SerializeToString()
 
     async def _server_ready(self, raw: bytes, context: Context, rpc: str) -> bytes:
-        await self._authenticated(context)
+        await self._authenticated(context, rpc)
         return pb.ServerReadyResponse(ready=self._is_serving()).SerializeToString()
 
     async def _server_metadata(self, raw: bytes, context: Context, rpc: str) -> bytes:
-        await self._authenticated(context)
+        await self._authenticated(context, rpc)
         return pb.ServerMetadataResponse(
             name="hybridroute-router", version=__version__, extensions=[]
         ).SerializeToString()
 
     async def _not_routed(self, raw: bytes, context: Context, rpc: str) -> bytes:
-        await self._authenticated(context)
-        await context.abort(
+        caller = await self._authenticated(context, rpc)
+        await self._refuse(
+            context,
+            rpc,
+            caller,
             grpc.StatusCode.PERMISSION_DENIED,
             "model repository operations are not routed; call a node's admin API directly",
         )
@@ -139,6 +168,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             reply = await self._decide_and_forward(raw, context, method, event)
         except RouterError as exc:
             event.code = exc.code.name
+            event.error = event.error or exc.message
             reply = None
             error: RouterError | None = exc
         else:
@@ -146,7 +176,10 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         finally:
             self._metrics.in_flight.dec()
         event.latency_ms = (time.perf_counter() - started) * 1000
-        event.bytes_out = len(reply) if reply is not None else 0
+        if reply is not None:
+            event.bytes_out = len(reply)
+            if method == "ModelInfer":
+                event.served_version = _served_version(reply)
         error = await self._record(event, error)
         self._count(event)
         trailing = _reply_metadata(event)
@@ -163,9 +196,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         except AuditUnavailable as exc:
             log.error("audit record not written (%s); refusing the reply", exc)
             event.code = grpc.StatusCode.UNAVAILABLE.name
-            return RouterError(
-                grpc.StatusCode.UNAVAILABLE, "the audit trail cannot be written; request refused"
-            )
+            return RouterError(grpc.StatusCode.UNAVAILABLE, AUDIT_REFUSAL)
         return error
 
     async def _decide_and_forward(
@@ -176,15 +207,14 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         event: AuditEvent,
     ) -> bytes:
         metadata = dict(context.invocation_metadata() or ())
-        if self._audit.failure is not None:
-            raise RouterError(
-                grpc.StatusCode.UNAVAILABLE, "the audit trail cannot be written; request refused"
-            )
         try:
             caller = authenticate(context, metadata, self._config)
         except Unauthenticated as exc:
             raise RouterError(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
         event.caller, event.auth = caller.identity, caller.auth
+        if self._audit.failure is not None:  # refuse before deciding: nothing goes upstream
+            event.error = AUDIT_REFUSAL
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, AUDIT_REFUSAL)
         policy = self._policies.current  # one snapshot decides this request to the end
         request, model, version = _parse(method, raw)
         facts = request_facts(request, metadata, caller, model=model, model_version=version)
@@ -193,7 +223,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         event.session_id = facts.session_id
         event.client_request_id = request.id if request is not None and request.id else None
         decision = decide(policy, facts, self._sessions)
-        _describe(event, decision)
+        _describe(event, decision, policy)
         if decision.action == "deny":
             event.outcome = "denied"
             raise RouterError(
@@ -217,6 +247,9 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             )
         except grpc.aio.AioRpcError as exc:
             event.outcome = "routed"
+            # The node's own message may quote the request: it goes back to the caller,
+            # never into the trail.
+            event.error = f"upstream answered {exc.code().name}"
             raise RouterError(exc.code(), exc.details() or exc.code().name) from None
         event.outcome = "routed"
         event.route, event.zone = result.route, result.endpoint.zone
@@ -244,7 +277,7 @@ def _parse(method: str, raw: bytes) -> tuple[pb.ModelInferRequest | None, str, s
     return None, probe.name, probe.version
 
 
-def _describe(event: AuditEvent, decision: Decision) -> None:
+def _describe(event: AuditEvent, decision: Decision, policy: Policy) -> None:
     event.policy_hash, event.rule_id = decision.policy_hash, decision.rule_id
     event.sensitive, event.reasons = decision.sensitive, decision.reasons
     event.findings = dict(decision.findings)
@@ -253,6 +286,39 @@ def _describe(event: AuditEvent, decision: Decision) -> None:
         decision.zone or "",
         (decision.pool or ""),
     )
+    event.trace, event.hits = decision.trace, decision.detector_hits
+    route = policy.routes.get(decision.route) if decision.route else None
+    if route is not None:
+        event.route_detail, event.route_sample = route.audit.level, route.audit.sample
+
+
+def _served_version(reply: bytes) -> str:
+    """`model_version` (field 2) of a ModelInferResponse, read from the wire without
+    parsing the outputs: what came back, for the trail, at almost no cost."""
+    i = 0
+    try:
+        while i < len(reply):
+            tag, i = _varint(reply, i)
+            if tag & 7 != 2 or tag >> 3 > 2:
+                return ""
+            size, i = _varint(reply, i)
+            if tag >> 3 == 2:
+                return reply[i : i + size].decode("utf-8", "replace")[:128]
+            i += size
+    except IndexError:
+        return ""
+    return ""
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if byte < 0x80 or shift > 28:
+            return value, i
+        shift += 7
 
 
 def _deadline(context: Context) -> float | None:

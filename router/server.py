@@ -5,6 +5,14 @@ benchmarks; `run_router` adds signals: SIGHUP reloads the policy, SIGTERM/SIGINT
 
 The router's `grpc.health.v1` status is SERVING only once a valid policy is loaded,
 every endpoint has had a health check, and the audit trail can be written.
+
+The audit trail (`AuditStore`, built from the config's `audit:` section) is opened
+before anything listens, and a router whose trail cannot be opened does not start.
+Besides every decision (the front door's job) the router records its own life into
+it, in the order things take effect: its start (configuration hash, certificate
+fingerprints), every policy load and reload attempt (via the policy store's
+`on_result` hook, so the record precedes any request the new policy decides), TLS
+files changing on disk, and its stop.
 """
 
 from __future__ import annotations
@@ -21,13 +29,15 @@ from grpc_health.v1._async import HealthServicer
 
 from hybridroute.certs.credentials import server_credentials
 from hybridroute.router.admin import AdminServicer
-from hybridroute.router.audit import AuditSink, LogAuditSink
+from hybridroute.router.audit import AuditNote, AuditSink, AuditUnavailable
+from hybridroute.router.auditnotes import CertWatch, policy_note, start_note, stop_note
+from hybridroute.router.auditstore import AuditStore
 from hybridroute.router.config import RouterConfig
 from hybridroute.router.forward import Forwarder
 from hybridroute.router.frontdoor import FrontDoor
 from hybridroute.router.metrics import RouterMetrics
 from hybridroute.router.policy import Policy
-from hybridroute.router.policystore import PolicyStore
+from hybridroute.router.policystore import PolicyStore, ReloadResult
 from hybridroute.router.pools import Endpoint, Pools, UpstreamTLS
 from hybridroute.router.sessions import SessionPins
 
@@ -51,13 +61,17 @@ class RouterServer:
     ) -> None:
         self.config = config
         self.metrics = RouterMetrics()
-        self.audit: AuditSink = audit or LogAuditSink()
+        self.audit: AuditSink = audit or AuditStore(config.audit, registry=self.metrics.registry)
+        self._audit_open = False
+        self._early_notes: list[AuditNote] = []  # policy results before the trail is open
         up = config.upstream
         self.pools = Pools(
             UpstreamTLS(up.ca, up.cert, up.key, up.cloud_ca, insecure=insecure_upstream),
             on_change=self._endpoint_changed,
         )
-        self.policies = PolicyStore(config.policy, self._apply_policy)
+        self.policies = PolicyStore.for_config(
+            config, self._apply_policy, on_result=self._policy_result
+        )
         self.sessions = SessionPins(
             self.policies.current.sessions.pin_ttl, self.policies.current.sessions.max_sessions
         )
@@ -68,11 +82,23 @@ class RouterServer:
         self._health = HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Future[None]] = set()
         self._serving = False
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, *, wait_checked: float = 10.0) -> None:
+        await self.audit.start()
+        if isinstance(self.audit, AuditStore):
+            self.audit.on_change = self._audit_changed
+        try:
+            await self._start_serving(wait_checked)
+        except BaseException:
+            await self.audit.close()  # seal what was written (a port in use, say)
+            raise
+
+    async def _start_serving(self, wait_checked: float) -> None:
+        certs = CertWatch(self.config)
         await self.policies.start()
         forwarder = Forwarder(self.pools, self.metrics)
         front = FrontDoor(
@@ -94,6 +120,7 @@ class RouterServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         AdminServicer(self).register(server)
         self._bind(server)
+        await self._note_start(certs)
         await server.start()
         self._server = server
         await self._health.set("", NOT_SERVING)
@@ -103,6 +130,7 @@ class RouterServer:
         self._tasks.append(asyncio.create_task(self._track_serving(), name="router-health"))
         if self.config.watch_policy:
             self._tasks.append(asyncio.create_task(self.policies.watch(), name="policy-watch"))
+        self._tasks.append(asyncio.create_task(self._watch_certs(certs), name="cert-watch"))
         if wait_checked:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_checked):
@@ -146,6 +174,7 @@ class RouterServer:
             await self._server.stop(self.config.grace_seconds if grace is None else grace)
             self._server = None
         await self.pools.close()
+        self._note(stop_note(time.time() - self.started_at, "stop"))
         await self.audit.close()
         log.info("router stopped")
 
@@ -181,10 +210,63 @@ class RouterServer:
         if hasattr(self, "sessions"):
             self.sessions.reconfigure(policy.sessions.pin_ttl, policy.sessions.max_sessions)
 
+    # ---------------------------------------------------------------- audit
+
+    async def _note_start(self, certs: CertWatch) -> None:
+        """The start record and the policy loads so far, durable before we listen."""
+        previous = self.audit.last_start if isinstance(self.audit, AuditStore) else None
+        described = self.audit.describe() if isinstance(self.audit, AuditStore) else {}
+        note = start_note(self.config, self.port, certs.current, described, previous)
+        self._audit_open = True
+        waits = [self.audit.note(note)] + [self.audit.note(n) for n in self._early_notes]
+        self._early_notes.clear()
+        try:
+            for wait in waits:
+                await wait
+        except AuditUnavailable as exc:
+            raise OSError(f"the audit trail cannot be written: {exc}") from None
+
+    def _audit_changed(self) -> None:
+        """The trail started or stopped failing: update health now, not at the next poll."""
+        task = asyncio.ensure_future(self._update_serving())
+        self._background.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
+
+    def _note(self, note: AuditNote) -> None:
+        """Record a lifecycle fact now (its place in the chain is taken at once); a
+        failure is logged, and the writer keeps the note in its backlog."""
+        if not self._audit_open:
+            self._early_notes.append(note)
+            return
+        future = asyncio.ensure_future(self.audit.note(note))
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
+        future.add_done_callback(_log_note_failure)
+
+    def _policy_result(self, result: ReloadResult) -> None:
+        self._note(policy_note(result))
+
+    async def _watch_certs(self, certs: CertWatch, interval: float = 2.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for note in await asyncio.to_thread(certs.changes):
+                log.info("audit: %s %s changed", note.kind, note.fields.get("role"))
+                self._note(note)
+
     def _endpoint_changed(self, endpoint: Endpoint, healthy: bool) -> None:
         self.metrics.endpoint_healthy.labels(endpoint.pool, endpoint.zone, endpoint.address).set(
             int(healthy)
         )
+
+
+def _log_note_failure(future: asyncio.Future[None]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if isinstance(exc, AuditUnavailable):
+        log.warning("audit note kept for later, the trail cannot be written: %s", exc)
+    elif exc is not None:
+        log.error("audit note failed: %r", exc)
 
 
 async def run_router(config: RouterConfig) -> int:

@@ -1,0 +1,358 @@
+"""`hybridroute audit ...`: review, verify, prune and export the audit trail.
+
+Every subcommand reads the database named by `--db FILE`, or the one a running stack
+describes (`--stack FILE`: `audit.db` and `audit.verify_key` of `stack.json`; default
+`.hybridroute/stack.json` when it exists). Exit codes, so scripts can gate on them:
+
+- 0: done (for `verify`: everything verified);
+- 1: `verify` found a problem, or `prune` refused because the trail does not verify;
+- 2: usage error: a missing or unreadable file, a bad time, a wrong key.
+
+Only `prune` writes to the database; everything else opens it read-only, so reviewing
+a live router's trail never takes a write lock from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hybridroute.cli import UsageError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from hybridroute.router.auditcodec import KeyedHasher
+    from hybridroute.router.auditquery import Filters
+    from hybridroute.router.auditverify import Report
+
+__all__ = ["register"]
+
+DEFAULT_STACK = Path(".hybridroute/stack.json")
+_FILTERS = ("route", "zone", "caller", "model", "rule", "decision", "status", "request_id")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = sub.add_parser("audit", help="review, verify, prune and export the audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="SUBCOMMAND")
+    audit_sub.required = True
+    verify = _command(audit_sub, "verify", "check the hash chain and signed checkpoints", _verify)
+    verify.add_argument(
+        "--key", type=Path, action="append", help="verification key (repeat after a rotation)"
+    )
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
+    query = _command(audit_sub, "query", "list records, filtered", _query)
+    _time_filters(query)
+    for name in _FILTERS:
+        query.add_argument(f"--{name.replace('_', '-')}", dest=name, metavar="VALUE")
+    query.add_argument("--kind", action="append", help="record kind (request, policy.reload, ...)")
+    query.add_argument("--policy", metavar="HASH", help="decided by this policy (hash prefix)")
+    query.add_argument("--sensitive", choices=["yes", "no"], help="only (non-)sensitive ones")
+    query.add_argument("--session", metavar="VALUE", help="x-session-id value (hashed for you)")
+    query.add_argument("--client-request-id", metavar="VALUE", help="the caller's request id")
+    query.add_argument("--hmac-key", type=Path, help="HMAC key (default: audit-hmac.key by the db)")
+    query.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    query.add_argument("--limit", type=int, help="only the last N (table default: 50; 0: all)")
+    stats = _command(audit_sub, "stats", "counts, sensitive share, denials, latency", _stats)
+    _time_filters(stats)
+    stats.add_argument("--format", choices=["table", "json"], default="table")
+    export = _command(audit_sub, "export", "every record as JSON lines, for a SIEM", _export)
+    _time_filters(export)
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument("--output", type=Path, help="write here instead of stdout")
+    prune = _command(audit_sub, "prune", "remove old records, keep the rest verifiable", _prune)
+    prune.add_argument("--before", required=True, metavar="TIME", help="ISO time or age (90d)")
+    prune.add_argument("--key", type=Path, action="append", help="verification key(s)")
+    hash_ = audit_sub.add_parser(
+        "hash",
+        help="the keyed hash of a value, to search the trail for it",
+        description="Print HMAC-SHA256(VALUE) under the trail's key: what the trail stores "
+        "for a session id or a caller's request id.",
+    )
+    hash_.add_argument("value")
+    hash_.add_argument("--key", type=Path, help="HMAC key file (default: by --db's file)")
+    hash_.add_argument("--db", type=Path, help="the audit database (its key is beside it)")
+    hash_.add_argument("--stack", type=Path, help="stack.json of `hybridroute up`")
+    hash_.set_defaults(handler=_hash)
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, handler: object
+) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+    parser.add_argument("--db", type=Path, metavar="FILE", help="the audit database")
+    parser.add_argument("--stack", type=Path, metavar="FILE", help="stack.json of `hybridroute up`")
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _time_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--since", metavar="TIME", help="ISO 8601 (UTC), unix seconds or 2h/7d")
+    parser.add_argument("--until", metavar="TIME", help="same forms; exclusive")
+
+
+# --- locating files -------------------------------------------------------------------
+
+
+def _stack_audit(args: argparse.Namespace) -> dict[str, str]:
+    path: Path | None = getattr(args, "stack", None)
+    if path is None and getattr(args, "db", None) is None and DEFAULT_STACK.is_file():
+        path = DEFAULT_STACK
+    if path is None:
+        return {}
+    try:
+        section = json.loads(path.read_text()).get("audit") or {}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read stack file {path}: {exc}") from None
+    if not isinstance(section, dict) or "db" not in section:
+        raise UsageError(f"{path} has no audit section (written by an older `hybridroute up`?)")
+    return {str(k): str(v) for k, v in section.items()}
+
+
+def _db(args: argparse.Namespace) -> Path:
+    db: Path | None = args.db or (Path(p) if (p := _stack_audit(args).get("db")) else None)
+    if db is None:
+        raise UsageError("give --db FILE (or --stack FILE of `hybridroute up`)")
+    return db
+
+
+def _verify_keys(args: argparse.Namespace) -> list[Ed25519PublicKey]:
+    from hybridroute.router.auditcodec import load_verify_key
+
+    paths: list[Path] = list(args.key or ())
+    if not paths and (found := _stack_audit(args).get("verify_key")):
+        paths = [Path(found)]
+    if not paths:
+        raise UsageError("give --key FILE: the public key the checkpoints are signed with")
+    try:
+        return [load_verify_key(path) for path in paths]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _open(args: argparse.Namespace, *, write: bool = False) -> sqlite3.Connection:
+    from hybridroute.router.auditdb import connect_readonly
+
+    db = _db(args)
+    try:
+        if not write:
+            return connect_readonly(db)
+        if not db.is_file():
+            raise FileNotFoundError(f"{db}: no such audit database")
+        return sqlite3.connect(db, timeout=10, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _hasher(args: argparse.Namespace, key: Path | None) -> KeyedHasher:
+    from hybridroute.router.auditcodec import KeyedHasher
+
+    if key is None:
+        db = args.db or (Path(p) if (p := _stack_audit(args).get("db")) else None)
+        if db is None:
+            raise UsageError("give --key FILE (the trail's HMAC key) or --db FILE")
+        key = db.parent / "audit-hmac.key"
+    try:
+        return KeyedHasher.from_file(key)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _time(text: str | None, what: str) -> int | None:
+    from hybridroute.router.auditquery import parse_time
+
+    if text is None:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+
+
+# --- subcommands ----------------------------------------------------------------------
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from hybridroute.router.auditverify import verify
+
+    key = _verify_keys(args)
+    conn = _open(args)
+    try:
+        report = verify(conn, key)
+    except sqlite3.Error as exc:
+        raise UsageError(f"{_db(args)}: not a readable audit database ({exc})") from None
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(_report_dict(report), sort_keys=True))
+    else:
+        print("\n".join(_report_lines(report, _db(args))))
+    return 0 if report.ok else 1
+
+
+def _query(args: argparse.Namespace) -> int:
+    from hybridroute.router.auditquery import count, csv_lines, rows, table
+
+    filters = _filters(args)
+    limit = args.limit if args.limit is not None else (50 if args.format == "table" else 0)
+    conn = _open(args)
+    try:
+        matches = rows(conn, filters, last=limit or None)
+        if args.format == "json":
+            for record in matches:
+                print(json.dumps(record, sort_keys=True))
+        elif args.format == "csv":
+            sys.stdout.writelines(csv_lines(matches))
+        else:
+            print(table(matches))
+            total = count(conn, filters)
+            if limit and total > limit:
+                print(f"(the last {limit} of {total} matching records; --limit 0 for all)")
+    finally:
+        conn.close()
+    return 0
+
+
+def _filters(args: argparse.Namespace) -> Filters:
+    from hybridroute.router.auditquery import Filters
+
+    equals = {name: getattr(args, name) for name in _FILTERS if getattr(args, name)}
+    if args.session or args.client_request_id:
+        hasher = _hasher(args, args.hmac_key)
+        if args.session:
+            equals["session"] = hasher.digest(args.session)
+        if args.client_request_id:
+            equals["client_request_id"] = hasher.digest(args.client_request_id)
+    sensitive = None if args.sensitive is None else args.sensitive == "yes"
+    return Filters(
+        since_us=_time(args.since, "--since"),
+        until_us=_time(args.until, "--until"),
+        kinds=tuple(args.kind or ()),
+        sensitive=sensitive,
+        equals=equals,
+        policy=args.policy,
+    )
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from hybridroute.router.auditquery import Filters, stats, stats_table
+
+    filters = Filters(since_us=_time(args.since, "--since"), until_us=_time(args.until, "--until"))
+    conn = _open(args)
+    try:
+        data = stats(conn, filters)
+    finally:
+        conn.close()
+    if args.format == "json":
+        print(json.dumps(data.to_dict(), sort_keys=True))
+    else:
+        print(stats_table(data))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from hybridroute.router.auditquery import Filters, rows
+
+    filters = Filters(since_us=_time(args.since, "--since"), until_us=_time(args.until, "--until"))
+    conn = _open(args)
+    try:
+        lines = (json.dumps(r, sort_keys=True) + "\n" for r in rows(conn, filters))
+        if args.output is None:
+            sys.stdout.writelines(lines)
+        else:
+            with open(args.output, "w") as out:
+                out.writelines(lines)
+    finally:
+        conn.close()
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from hybridroute.router.auditquery import format_time
+    from hybridroute.router.auditverify import prune
+
+    before = _time(args.before, "--before")
+    assert before is not None
+    key = _verify_keys(args)
+    conn = _open(args, write=True)
+    try:
+        result = prune(conn, key, before)
+    except ValueError as exc:
+        print(f"prune refused: {exc}; run `hybridroute audit verify`", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        raise UsageError(f"{_db(args)}: cannot prune ({exc})") from None
+    finally:
+        conn.close()
+    if not result.through_seq:
+        print(f"nothing to prune: no checkpoint sealed before {format_time(before)}")
+    else:
+        print(
+            f"pruned {result.removed} records (through seq {result.through_seq}, the last "
+            f"checkpoint before {format_time(before)}); the trail now starts at seq "
+            f"{result.kept_from} and still verifies from that checkpoint"
+        )
+    return 0
+
+
+def _hash(args: argparse.Namespace) -> int:
+    print(_hasher(args, args.key).digest(args.value))
+    return 0
+
+
+# --- the verify report ----------------------------------------------------------------
+
+
+def _report_dict(report: Report) -> dict[str, object]:
+    return {
+        "ok": report.ok,
+        "chain": report.chain,
+        "records": report.records,
+        "first_seq": report.first_seq,
+        "last_seq": report.last_seq,
+        "checkpoints": report.checkpoints,
+        "sealed_through": report.sealed_seq,
+        "unsealed": report.unsealed,
+        "key_id": report.key_id,
+        "starts_after": report.starts_after or None,
+        "problems": [{"seq": p.seq, "kind": p.kind, "message": p.message} for p in report.problems],
+    }
+
+
+def _report_lines(report: Report, db: Path) -> Iterator[str]:
+    from hybridroute.router.auditquery import format_time
+
+    yield f"audit trail {db} (chain {report.chain or '?'})"
+    span = "no records"
+    if report.records:
+        span = (
+            f"seq {report.first_seq}..{report.last_seq} ({report.records} records), "
+            f"{format_time(report.first_time_us)} .. {format_time(report.last_time_us)}"
+        )
+    yield f"  records      {span}"
+    yield (
+        f"  checkpoints  {report.checkpoints}, sealed through seq {report.sealed_seq}, "
+        f"verified with key {report.key_id}"
+    )
+    if report.starts_after:
+        yield f"  starts after {report.starts_after}"
+    if report.unsealed:
+        yield (
+            f"  unsealed     {report.unsealed} records after the last checkpoint: they link, "
+            "but nothing signed proves the tail complete yet"
+        )
+    if report.ok:
+        yield "OK: every record links and every checkpoint verifies"
+        return
+    first = report.first()
+    assert first is not None
+    yield f"FAILED: {first.kind} at seq {first.seq} ({len(report.problems)} problems)"
+    for problem in report.problems[:50]:
+        yield f"  seq {problem.seq:<8} {problem.kind:<10} {problem.message}"
+    if len(report.problems) > 50:
+        yield f"  ... and {len(report.problems) - 50} more (--json lists all)"

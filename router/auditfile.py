@@ -1,0 +1,366 @@
+"""One audit database file and the chain in it: open, reopen, encode, commit.
+
+`ChainFile` is the half of the audit writer that knows about the file: it keeps the
+chain's head, numbers and hashes records (`auditcodec`), writes them with the
+checkpoint that is due in one transaction, and notices when the file under it was
+removed or replaced (its inode changes; SQLite would happily keep writing to an
+unlinked file). `auditwriter.Writer` adds the queue, failing and recovering.
+
+Recovery has to trust what is on disk, not what it hoped: a reopened file must still
+be this router's chain and end where the router left it, or end with the very batch
+whose COMMIT reported an error (then those requests, refused meanwhile, get a
+`request.withheld` record rather than a second copy). A file removed outright is
+continued in a new file, anchored by a signed checkpoint of the old head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import astuple
+from pathlib import Path
+from random import random
+
+from hybridroute.router import auditdb
+from hybridroute.router.audit import AuditEvent, AuditNote, wants_full_detail
+from hybridroute.router.auditcodec import (
+    FORMAT,
+    KeyedHasher,
+    canonical,
+    chain_hash,
+    checkpoint_message,
+    event_body,
+    key_id,
+    load_signing_key,
+    note_body,
+)
+from hybridroute.router.auditdb import Checkpoint, Head
+from hybridroute.router.auditverify import check_tail
+from hybridroute.router.config import AuditConfig
+
+__all__ = ["PROBE_SECONDS", "ChainFile", "Entry", "FileMoved", "ForeignChain", "describe_error"]
+
+log = logging.getLogger(__name__)
+
+PROBE_SECONDS = 0.25
+_IDENTITY_SECONDS = 0.05
+_ONE_STATEMENT_ROWS = 512  # 2,560 bound values, well inside SQLite's limit of 32,766
+Entry = AuditEvent | AuditNote
+Row = tuple[int, int, str, str, str]  # seq, time_us, kind, body, hash
+
+
+class FileMoved(Exception):
+    """The database file is not the one the writer opened (removed or replaced)."""
+
+
+class ForeignChain(Exception):
+    """The file's chain is not the one this router was writing: an operator must look."""
+
+
+def describe_error(exc: BaseException, path: os.PathLike[str], timeout: float) -> str:
+    """A reason a person can act on, for logs, health and `hybridroute status`."""
+    if isinstance(exc, FileMoved | ForeignChain):
+        return str(exc)
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return f"{path} is locked by another process (waited {timeout:g}s)"
+    if "full" in text:
+        return f"cannot write {path}: disk full ({text})"
+    if "readonly" in text or "read-only" in text:
+        return f"cannot write {path}: read-only ({text})"
+    return f"cannot write {path}: {text or type(exc).__name__}"
+
+
+class ChainFile:
+    """The database file and the chain's state; used by the writer thread only (and
+    by `open`, before that thread starts)."""
+
+    def __init__(self, config: AuditConfig) -> None:
+        assert config.hmac_key is not None and config.signing_key is not None
+        self.config, self.path = config, config.db
+        self.hasher = KeyedHasher.from_file(config.hmac_key, create=True)
+        self.signer = load_signing_key(config.signing_key, create=True)
+        self.signing_key_id = key_id(self.signer.public_key())
+        self.conn: sqlite3.Connection | None = None
+        self.chain = ""
+        self.head = Head(0, "")
+        self.sealed_seq = 0  # the last checkpoint's seq
+        self.seal_due: float | None = None  # monotonic time the next checkpoint is due
+        self.identity: tuple[tuple[int, int], tuple[int, int] | None] | None = None
+        self.identity_checked = 0.0  # monotonic time of the last check
+        self.backlog: deque[Entry] = deque()  # refused records, oldest first
+        # The last failed transaction, by seq: its hash and the entry now in the backlog,
+        # and which of those the file would hold in a different (not withheld) version.
+        self.attempted: dict[int, tuple[str, Entry]] = {}
+        self.amend: set[int] = set()
+        self.pending: list[AuditNote] = []  # written first by the next successful probe
+        self.anchor: Checkpoint | None = None  # a new file's continuation checkpoint
+        self.tail_problem: str | None = None
+        self.last_start: dict[str, object] | None = None
+        self.observe: Callable[[int, float], None] = lambda n, s: None  # metrics
+
+    # ------------------------------------------------------------------ opening
+
+    def open(self) -> None:
+        """First open, at router start: errors propagate (the router does not start)."""
+        conn = auditdb.connect_writer(self.path, self.config.commit_timeout)
+        try:
+            self.chain = auditdb.create_schema(conn)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('created_at_us', ?)",
+                (str(time.time_ns() // 1000),),
+            )
+            self._adopt(conn)
+            self.tail_problem = check_tail(conn, self.signer.public_key(), self.chain)
+            if self.tail_problem:
+                log.error("audit trail %s: %s (verify it)", self.path, self.tail_problem)
+            row = conn.execute(
+                "SELECT body FROM records WHERE kind = 'router.start' ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            self.last_start = None if row is None else _loads(row[0])
+            if self.head.seq == 0:
+                self.write(conn, [self._created()], None)
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+
+    def _adopt(self, conn: sqlite3.Connection) -> None:
+        self.head = auditdb.head(conn)
+        row = conn.execute("SELECT MAX(seq) FROM checkpoints").fetchone()
+        self.sealed_seq = int(row[0] or 0)
+        self.identity = (_stat(self.path), None)
+        if self.head.seq > self.sealed_seq:
+            self.seal_due = time.monotonic()  # unsealed records from an earlier run
+
+    def _created(self) -> AuditNote:
+        return AuditNote(
+            "audit.created",
+            {
+                "chain": self.chain,
+                "format": FORMAT,
+                "hmac_key_id": self.hasher.key_id,
+                "signing_key_id": self.signing_key_id,
+            },
+        )
+
+    def reopen(self) -> None:
+        """Open the file again after a failure, and check it is still our chain."""
+        self.close()
+        if not self.path.exists() and self.head.seq > 0:
+            return self._continue_in_new_file()
+        conn = auditdb.connect_writer(self.path, PROBE_SECONDS)
+        try:
+            chain = auditdb.meta(conn).get("chain")
+            if chain != self.chain:
+                raise ForeignChain(
+                    f"{self.path} now holds another audit chain ({chain or 'none'}); "
+                    "move it away to let the router continue its own"
+                )
+            found = auditdb.head(conn)
+            if self.anchor is not None and found.seq == 0:
+                pass  # our continuation file, its anchor not written yet
+            else:
+                if self.anchor is not None and found.seq >= self.head.seq:
+                    self.anchor = None  # the anchor did land
+                self._reconcile(conn, found)
+        except BaseException:
+            conn.close()
+            raise
+        self.conn, self.identity = conn, (_stat(self.path), None)
+
+    def _reconcile(self, conn: sqlite3.Connection, found: Head) -> None:
+        """The file's head must be ours, or ours plus a batch whose COMMIT reported an
+        error but did reach the disk; then its requests, refused meanwhile, get a
+        `request.withheld` record instead of a second copy."""
+        if found == self.head:
+            return
+        rows = conn.execute(
+            "SELECT seq, hash FROM records WHERE seq > ? ORDER BY seq", (self.head.seq,)
+        ).fetchall()
+        ours = [self.attempted.get(int(seq)) for seq, _ in rows]
+        if (
+            found.seq < self.head.seq
+            or not rows
+            or any(o is None or o[0] != h for o, (_, h) in zip(ours, rows, strict=True))
+        ):
+            raise ForeignChain(
+                f"{self.path} does not end where this router left it (router: seq "
+                f"{self.head.seq}, file: seq {found.seq}); verify it, then restart the router"
+            )
+        for (seq, _), kept in zip(rows, ours, strict=True):
+            assert kept is not None
+            if kept[1] in self.backlog:
+                self.backlog.remove(kept[1])
+            if isinstance(kept[1], AuditEvent) and int(seq) in self.amend:
+                fields = {"request_id": kept[1].request_id, "seq": int(seq), "code": "UNAVAILABLE"}
+                self.pending.append(AuditNote("request.withheld", fields))
+        self.head = found
+
+    def _continue_in_new_file(self) -> None:
+        conn = auditdb.connect_writer(self.path, PROBE_SECONDS)
+        try:
+            auditdb.create_schema(conn, self.chain)
+        except BaseException:
+            conn.close()
+            raise
+        self.conn, self.identity = conn, (_stat(self.path), None)
+        self.anchor = self.checkpoint(self.head, "continuation")
+        self.sealed_seq = self.head.seq
+        fields = {
+            "chain": self.chain,
+            "continues_after": {"seq": self.head.seq, "hash": self.head.hash},
+            "why": "the database file was removed while the router was writing it",
+        }
+        self.pending.insert(0, AuditNote("audit.continued", fields))
+        log.error("audit: %s was removed; continuing the chain in a new file", self.path)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.close()
+            self.conn = None
+
+    # ------------------------------------------------------------------ writing
+
+    def _body(self, entry: Entry) -> dict[str, object]:
+        if isinstance(entry, AuditNote):
+            return note_body(entry)
+        return event_body(entry, self.hasher, wants_full_detail(entry, random()))
+
+    def _encode(self, entries: Sequence[Entry]) -> list[Row]:
+        rows: list[Row] = []
+        seq, prev = self.head.seq, self.head.hash
+        for entry in entries:
+            body = self._body(entry)
+            seq += 1
+            body["seq"] = seq
+            text = canonical(body)
+            prev = chain_hash(prev, text)
+            time_us = body["time_us"]
+            assert isinstance(time_us, int)
+            rows.append((seq, time_us, str(body["kind"]), text, prev))
+        return rows
+
+    def checkpoint(self, at: Head, reason: str, prev_seq: int | None = None) -> Checkpoint:
+        """Sign (chain, seq, hash, now, previous checkpoint, reason)."""
+        now = time.time_ns() // 1000
+        prev = self.sealed_seq if prev_seq is None else prev_seq
+        message = checkpoint_message(self.chain, at.seq, at.hash, now, prev, reason)
+        signature = self.signer.sign(message).hex()
+        return Checkpoint(at.seq, at.hash, now, prev, reason, self.signing_key_id, signature)
+
+    def _seals(self, rows: Sequence[Row], reason: str | None) -> list[Checkpoint]:
+        """A checkpoint at every `checkpoint_every`-th record of `rows`, and one at the end
+        for `reason` (interval, shutdown): a signature is cheap, an exact cadence is not."""
+        seals: list[Checkpoint] = []
+        every, sealed = self.config.checkpoint_every, self.sealed_seq
+        for seq, _, _, _, hash_hex in rows:
+            if seq - sealed >= every:
+                seals.append(self.checkpoint(Head(seq, hash_hex), "count", sealed))
+                sealed = seq
+        end = Head(rows[-1][0], rows[-1][4]) if rows else self.head
+        if reason and end.seq > sealed:
+            seals.append(self.checkpoint(end, reason, sealed))
+        return seals
+
+    def write(self, conn: sqlite3.Connection, entries: Sequence[Entry], reason: str | None) -> None:
+        """One transaction: the anchor (new file), the records, the checkpoints due.
+
+        Usually there is no checkpoint to add, and then the records go in as one
+        multi-row INSERT in autocommit mode: one statement is one transaction, so the
+        thread gives up the GIL once per batch (around the step that commits and
+        fsyncs) instead of once per statement. Under a busy event loop every give-up
+        costs up to a GIL switch interval; that, not the disk, was the commit time.
+        """
+        rows = self._encode(entries)
+        end = Head(rows[-1][0], rows[-1][4]) if rows else self.head
+        seals = self._seals(rows, reason)
+        self._check_identity()
+        started = time.perf_counter()
+        try:
+            if seals or self.anchor is not None or len(rows) > _ONE_STATEMENT_ROWS:
+                self._transaction(conn, rows, seals)
+            else:
+                conn.execute(_insert(len(rows)), [value for row in rows for value in row])
+        except BaseException:
+            self.attempted = {r[0]: (r[4], e) for r, e in zip(rows, entries, strict=True)}
+            self.amend = set()
+            _rollback(conn)
+            raise
+        self.observe(len(rows), time.perf_counter() - started)
+        self.anchor, self.head = None, end
+        if self.identity is not None and self.identity[1] is None:
+            with contextlib.suppress(OSError):
+                self.identity = (self.identity[0], _stat(_wal(self.path)))
+        if seals:
+            self.sealed_seq = seals[-1].seq
+            self.seal_due = None if self.sealed_seq == end.seq else self.seal_due
+        if self.head.seq > self.sealed_seq and self.seal_due is None:
+            self.seal_due = time.monotonic() + self.config.checkpoint_seconds
+
+    def _transaction(
+        self, conn: sqlite3.Connection, rows: list[Row], seals: list[Checkpoint]
+    ) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        anchor = [self.anchor] if self.anchor is not None else []
+        conn.executemany(
+            "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)", map(astuple, anchor + seals)
+        )
+        conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", rows)
+        conn.execute("COMMIT")
+
+    def _check_identity(self) -> None:
+        """Is the file still the one we opened? Checked at most every `_IDENTITY_SECONDS`
+        (each stat is a GIL hand-off; see `write`), so a removal is noticed within that."""
+        now = time.monotonic()
+        if self.identity is None or now < self.identity_checked + _IDENTITY_SECONDS:
+            return
+        self.identity_checked = now
+        main, wal = self.identity
+        for path, expected in ((self.path, main), (_wal(self.path), wal)):
+            if expected is None:
+                continue
+            try:
+                found = _stat(path)
+            except FileNotFoundError:
+                raise FileMoved(f"{path} was removed while the router was writing it") from None
+            if found != expected:
+                raise FileMoved(f"{path} was replaced by another file")
+
+    # ------------------------------------------------------------------ the loop
+
+
+@functools.lru_cache(maxsize=_ONE_STATEMENT_ROWS)
+def _insert(rows: int) -> str:
+    """`INSERT INTO records VALUES (?, ...), (?, ...)` for `rows` rows."""
+    return "INSERT INTO records VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * rows)  # noqa: S608
+
+
+def _wal(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def _stat(path: os.PathLike[str]) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
+
+
+def _loads(text: str) -> dict[str, object] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,424 @@
+"""The audit store on real SQLite files: what a record holds (and never holds), group
+commit, detail levels, and failing closed on real faults, then recovering by itself
+with no record lost: a lock held past the timeout, an immutable WAL (chattr +i), a
+full disk (a small tmpfs), the database file removed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from hybridroute.router.audit import AuditEvent, AuditNote, AuditUnavailable
+from hybridroute.router.auditcodec import KeyedHasher, load_verify_key
+from hybridroute.router.auditdb import connect_readonly
+from hybridroute.router.auditnotes import CertWatch
+from hybridroute.router.auditstore import AuditStore
+from hybridroute.router.auditverify import verify
+from hybridroute.router.config import AuditConfig
+from hybridroute.router.engine import DetectorHit, RuleTrace
+
+SSN, CARD, EMAIL = "321-54-9876", "4111 1111 1111 1111", "jane.doe@example.com"
+
+
+def config(root: Path, **overrides: object) -> AuditConfig:
+    values: dict[str, object] = {"db": root / "audit.db", "commit_timeout": "300ms"}
+    return AuditConfig.model_validate({**values, **overrides}).resolved(root)
+
+
+def event(i: int = 0, **fields: object) -> AuditEvent:
+    values: dict[str, object] = {
+        "request_id": f"req-{i:05d}",
+        "outcome": "routed",
+        "caller": "demo-app",
+        "auth": "cert",
+        "method": "ModelInfer",
+        "model": "ticket-triage",
+        "sensitive": False,
+        "route": "cloud",
+        "zone": "cloud",
+        "latency_ms": 1.25,
+    }
+    return AuditEvent(**{**values, **fields})  # type: ignore[arg-type]
+
+
+def records(db: Path, kind: str = "request") -> list[dict[str, object]]:
+    with contextlib.closing(connect_readonly(db)) as conn:
+        rows = conn.execute("SELECT body FROM records WHERE kind = ? ORDER BY seq", (kind,))
+        return [json.loads(body) for (body,) in rows]
+
+
+def verified(cfg: AuditConfig) -> None:
+    assert cfg.signing_key is not None
+    with contextlib.closing(connect_readonly(cfg.db)) as conn:
+        report = verify(conn, load_verify_key(cfg.signing_key.with_suffix(".pub")))
+    assert report.ok, report.problems
+
+
+async def record_all(store: AuditStore, events: list[AuditEvent]) -> list[str]:
+    """Record concurrently; return 'ok' or 'refused' per event."""
+
+    async def one(e: AuditEvent) -> str:
+        try:
+            await store.record(e)
+        except AuditUnavailable:
+            return "refused"
+        return "ok"
+
+    return list(await asyncio.gather(*(one(e) for e in events)))
+
+
+async def wait_for(predicate: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------------ what is recorded
+
+
+def test_records_hold_facts_and_keyed_hashes_never_values(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    sensitive = event(
+        1,
+        sensitive=True,
+        reasons=("detector:us_ssn", "detector:email"),
+        findings={"us_ssn": 1, "email": 1},
+        route="onprem",
+        zone="onprem",
+        session_id=f"session-of-{EMAIL}",
+        client_request_id=f"order {CARD}",
+        model=f"hr-{SSN}",  # a caller can put anything in a model name
+        hits=(DetectorHit("us_ssn", "input:text[0]", 10, 21),),
+        trace=(RuleTrace("classified-on-prem", True, None),),
+    )
+
+    async def run() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        await store.record(sensitive)
+        await store.close()
+
+    asyncio.run(run())
+    (body,) = records(cfg.db)
+    hasher = KeyedHasher.from_file(cfg.hmac_key)  # type: ignore[arg-type]
+    assert body["session"] == hasher.digest(f"session-of-{EMAIL}")
+    assert body["client_request_id"] == hasher.digest(f"order {CARD}")
+    assert body["model"] == hasher.digest(f"hr-{SSN}")
+    assert body["findings"] == {"us_ssn": 1, "email": 1}
+    assert body["hits"] == [["us_ssn", "input:text[0]", 10, 21]]
+    assert body["latency_us"] == 1250 and isinstance(body["time_us"], int)
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("audit.db"))
+    for value in (SSN, CARD, EMAIL, SSN.replace("-", "")):
+        assert value.encode() not in raw
+    assert oct(cfg.hmac_key.stat().st_mode & 0o777) == "0o600"  # type: ignore[union-attr]
+    verified(cfg)
+
+
+def test_detail_follows_the_route_level_but_sensitive_denied_failed_are_always_full(
+    tmp_path: Path,
+) -> None:
+    cfg = config(tmp_path)
+    trace = (RuleTrace("public-clean-to-cloud", True, None),)
+    quiet = dict(route_detail="decisions", trace=trace)
+    events = [
+        event(0, **quiet),  # clean, OK, decisions level: no trace
+        event(1, route_detail="full", route_sample=0.0, trace=trace),  # sampled out
+        event(2, route_detail="full", route_sample=1.0, trace=trace),
+        event(3, sensitive=True, **quiet),
+        event(4, outcome="denied", **quiet),
+        event(5, code="UNAVAILABLE", **quiet),
+    ]
+
+    async def run() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        assert await record_all(store, events) == ["ok"] * 6
+        await store.close()
+
+    asyncio.run(run())
+    detail = [(r["request_id"], r["detail"], "trace" in r) for r in records(cfg.db)]
+    assert sorted(detail) == [
+        ("req-00000", "decisions", False),
+        ("req-00001", "decisions", False),
+        ("req-00002", "full", True),
+        ("req-00003", "full", True),
+        ("req-00004", "full", True),
+        ("req-00005", "full", True),
+    ]
+
+
+def test_concurrent_records_share_transactions_and_checkpoints_seal_them(tmp_path: Path) -> None:
+    cfg = config(tmp_path, checkpoint_every=100)
+    registry = CollectorRegistry()
+
+    async def run() -> None:
+        store = AuditStore(cfg, registry=registry)
+        await store.start()
+        assert await record_all(store, [event(i) for i in range(500)]) == ["ok"] * 500
+        await store.close()
+
+    asyncio.run(run())
+    commits = registry.get_sample_value("hybridroute_audit_commit_seconds_count")
+    assert registry.get_sample_value("hybridroute_audit_records_total") == 500
+    assert commits is not None and commits < 100  # group commit, not one fsync each
+    with contextlib.closing(connect_readonly(cfg.db)) as conn:
+        seals = conn.execute("SELECT seq, reason FROM checkpoints ORDER BY seq").fetchall()
+        last = conn.execute("SELECT MAX(seq) FROM records").fetchone()[0]
+    assert len(seals) >= 4 and seals[-1][0] == last  # every 100 or so, and at shutdown
+    verified(cfg)
+
+
+def test_a_restart_continues_the_chain_and_a_quiet_store_seals_on_time(tmp_path: Path) -> None:
+    cfg = config(tmp_path, checkpoint_seconds="200ms")
+
+    async def run() -> None:
+        for i in range(2):
+            store = AuditStore(cfg)
+            await store.start()
+            await store.note(AuditNote("router.start", {"run": i}))
+            await store.record(event(i))
+            if i == 1:
+                with contextlib.closing(connect_readonly(cfg.db)) as conn:
+
+                    def sealed(conn: sqlite3.Connection = conn) -> bool:
+                        return conn.execute("SELECT MAX(seq) FROM checkpoints").fetchone()[0] == 5
+
+                    await wait_for(sealed)  # sealed within 200 ms, not at stop
+            await store.close()
+
+    asyncio.run(run())
+    kinds = [r["kind"] for r in records(cfg.db, "router.start")]
+    assert len(kinds) == 2
+    with contextlib.closing(connect_readonly(cfg.db)) as conn:
+        seqs = [s for (s,) in conn.execute("SELECT seq FROM records ORDER BY seq")]
+    assert seqs == [1, 2, 3, 4, 5]  # audit.created once, then both runs
+    verified(cfg)
+
+
+def test_cert_watch_names_the_file_and_both_fingerprints(tmp_path: Path, pki: Path) -> None:
+    from hybridroute.router.config import RouterConfig
+
+    for name in ("router.pem", "router.key", "ca.pem"):
+        shutil.copy(pki / name, tmp_path / name)
+    router_config = RouterConfig(
+        tls={"cert": tmp_path / "router.pem", "key": tmp_path / "router.key"},
+        policy=tmp_path / "policy.yaml",
+        upstream={"ca": tmp_path / "ca.pem", "cert": pki / "router.pem", "key": pki / "router.key"},
+    )
+    watch = CertWatch(router_config)
+    assert watch.changes() == []
+    shutil.copy(pki / "node.pem", tmp_path / "router.pem")
+    (note,) = watch.changes()
+    assert note.kind == "cert.change" and note.fields["role"] == "tls.cert"
+    before, after = note.fields["before"], note.fields["after"]
+    assert before["subject_cn"] == "router" and after["subject_cn"] == "node"  # type: ignore[index]
+    assert before["sha256"] != after["sha256"]  # type: ignore[index]
+
+
+# ------------------------------------------------------------------ failing closed
+
+
+async def _fault_then_recover(
+    cfg: AuditConfig, break_it: object, repair: object, expect: str
+) -> None:
+    """Records before, during and after a fault: the ones during are refused fast, kept,
+    and written on recovery; the failure clears by itself."""
+    store = AuditStore(cfg)
+    await store.start()
+    assert await record_all(store, [event(i) for i in range(5)]) == ["ok"] * 5
+    break_it()  # type: ignore[operator]
+    started = time.monotonic()
+    during = await record_all(store, [event(i) for i in range(5, 10)])
+    assert during == ["refused"] * 5
+    assert store.failure is not None and expect in store.failure, store.failure
+    late = await record_all(store, [event(10)])  # refused at once while failing
+    assert late == ["refused"] and time.monotonic() - started < 3
+    repair()  # type: ignore[operator]
+    await wait_for(lambda: store.failure is None)
+    assert await record_all(store, [event(i) for i in range(11, 13)]) == ["ok"] * 2
+    await store.close()
+    found = {str(r["request_id"]): r for r in records(cfg.db)}
+    assert sorted(found) == [f"req-{i:05d}" for i in range(13)]  # nothing lost
+    for i in range(5, 11):
+        assert found[f"req-{i:05d}"]["code"] == "UNAVAILABLE"
+        assert found[f"req-{i:05d}"]["withheld"] == "OK"  # the answer it would have had
+    (recovered,) = records(cfg.db, "audit.recovered")
+    assert recovered["refused"] == 6 and expect in str(recovered["reason"])
+    verified(cfg)
+
+
+def test_a_lock_held_past_the_timeout_refuses_then_recovers(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    blocker: list[sqlite3.Connection] = []
+
+    def lock() -> None:
+        conn = sqlite3.connect(cfg.db, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        blocker.append(conn)
+
+    asyncio.run(_fault_then_recover(cfg, lock, lambda: blocker[0].close(), "locked"))
+
+
+def test_a_long_outage_backlog_is_written_whole(tmp_path: Path) -> None:
+    """Thousands of refused requests: all written on recovery (more rows than one SQL
+    statement may bind), and those past the backlog bound are counted, not forgotten."""
+    cfg = config(tmp_path, backlog=3000)
+    blocker = sqlite3.connect(cfg.db, isolation_level=None)
+
+    async def run() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        blocker.execute("BEGIN IMMEDIATE")
+        refused = await record_all(store, [event(i) for i in range(3500)])
+        assert set(refused) == {"refused"}
+        blocker.close()
+        await wait_for(lambda: store.failure is None)
+        await store.close()
+
+    asyncio.run(run())
+    assert len(records(cfg.db)) == 3000
+    (recovered,) = records(cfg.db, "audit.recovered")
+    assert (recovered["refused"], recovered["dropped"]) == (3500, 500)
+    verified(cfg)
+
+
+def _chattr(flag: str, path: Path) -> None:
+    subprocess.run(["chattr", flag, str(path)], check=True, capture_output=True)
+
+
+def test_an_unwritable_wal_refuses_then_recovers(tmp_path: Path) -> None:
+    """chattr +i: even root cannot write an immutable file, open or not."""
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    try:
+        _chattr("+i", probe)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("chattr +i is not available here (needs root on ext4/xfs/btrfs)")
+    _chattr("-i", probe)
+    cfg = config(tmp_path)
+    wal = Path(f"{cfg.db}-wal")
+    try:
+        asyncio.run(
+            _fault_then_recover(
+                cfg, lambda: _chattr("+i", wal), lambda: _chattr("-i", wal), "cannot write"
+            )
+        )
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _chattr("-i", wal)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_refuses_then_recovers_when_space_is_freed(small_disk: Path) -> None:
+    cfg = config(small_disk)
+    filler = small_disk / "filler"
+
+    def fill() -> None:
+        with open(filler, "wb") as out, contextlib.suppress(OSError):
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+                os.fsync(out.fileno())
+
+    asyncio.run(_fault_then_recover(cfg, fill, filler.unlink, "disk full"))
+
+
+def test_a_removed_database_is_continued_in_a_new_file_from_a_signed_anchor(
+    tmp_path: Path,
+) -> None:
+    cfg = config(tmp_path)
+
+    async def run() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        await record_all(store, [event(i) for i in range(3)])
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{cfg.db}{suffix}").unlink(missing_ok=True)  # noqa: ASYNC240
+        await asyncio.sleep(0.1)  # the writer looks at the file at most every 50 ms
+        assert await record_all(store, [event(3)]) == ["refused"]
+        assert "removed" in (store.failure or "")
+        await wait_for(lambda: store.failure is None)
+        assert await record_all(store, [event(4)]) == ["ok"]
+        await store.close()
+
+    asyncio.run(run())
+    continued = records(cfg.db, "audit.continued")
+    assert continued and continued[0]["continues_after"]["seq"] == 4  # type: ignore[index]
+    assert [r["request_id"] for r in records(cfg.db)] == ["req-00003", "req-00004"]
+    assert cfg.signing_key is not None
+    with contextlib.closing(connect_readonly(cfg.db)) as conn:
+        report = verify(conn, load_verify_key(cfg.signing_key.with_suffix(".pub")))
+    assert report.ok and report.first_seq == 5 and "elsewhere" in report.starts_after
+
+
+def test_a_store_that_cannot_open_stops_the_router_with_a_reason(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("a file where the folder should be")
+    cfg = config(tmp_path, db=tmp_path / "not-a-dir" / "audit.db")
+
+    async def run() -> None:
+        with pytest.raises(OSError, match="not-a-dir"):
+            await AuditStore(cfg).start()
+
+    asyncio.run(run())
+
+
+def test_a_missing_signing_key_is_not_silently_replaced(tmp_path: Path) -> None:
+    """A new key whose public half differs from the `.pub` auditors hold would make
+    every later checkpoint unverifiable: refuse instead."""
+    cfg = config(tmp_path)
+    assert cfg.signing_key is not None
+
+    async def start_stop() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        await store.close()
+
+    asyncio.run(start_stop())
+    cfg.signing_key.unlink()
+    with pytest.raises(OSError, match="public half"):
+        asyncio.run(start_stop())
+
+
+def test_a_rotated_signing_key_verifies_with_both_keys(tmp_path: Path) -> None:
+    old = config(tmp_path, signing_key=tmp_path / "keys-1" / "audit-signing.key")
+    new = config(tmp_path, signing_key=tmp_path / "keys-2" / "audit-signing.key")
+
+    async def run(cfg: AuditConfig, i: int) -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        await store.record(event(i))
+        await store.close()
+
+    asyncio.run(run(old, 1))
+    asyncio.run(run(new, 2))
+    keys = [load_verify_key(c.signing_key.with_suffix(".pub")) for c in (old, new)]  # type: ignore[union-attr]
+    with contextlib.closing(connect_readonly(new.db)) as conn:
+        assert verify(conn, keys).ok
+        only_new = verify(conn, keys[1])
+    assert {p.kind for p in only_new.problems} == {"checkpoint"}
