@@ -2,7 +2,13 @@
 
 - `hybridroute models sample --out DIR [--force]`: write the two sample models;
 - `hybridroute models package ...`: package an ML engineer's estimator file as a
-  repository version (skops, reviewed trusted types, model.yaml, drift baseline);
+  repository version (skops, reviewed trusted types, model.yaml, drift baseline),
+  in `node/package_cli.py`;
+- `hybridroute models list|load|unload ...`: versions on running nodes, changed
+  while they serve (`node/models_cli.py`);
+- `hybridroute models deploy ...`: copy and load a version on a pool (`node/deploy.py`);
+- `hybridroute drift report ...`: live data against training baselines
+  (`node/drift_cli.py`);
 - `hybridroute node serve ...`: serve a repository over mutual TLS.
 """
 
@@ -14,9 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybridroute.cli import UsageError
+from hybridroute.node.deploy import register_deploy
+from hybridroute.node.drift_cli import register_drift
+from hybridroute.node.models_cli import register_lifecycle_commands
+from hybridroute.node.package_cli import register_package
 
 if TYPE_CHECKING:
-    from hybridroute.node.modelconfig import Batching
+    from hybridroute.node.versions import VersionPolicy
 
 __all__ = ["register"]
 
@@ -25,6 +35,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this area's subcommands to the top-level parser."""
     _register_models(sub)
     _register_node(sub)
+    register_drift(sub)
 
 
 # ------------------------------------------------------------------------ node serve
@@ -37,7 +48,8 @@ def _register_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p = node_sub.add_parser(
         "serve",
         help="serve a model repository over the Open Inference Protocol (mutual TLS)",
-        description="Serve every model version under --models over gRPC. Mutual TLS by "
+        description="Serve the model versions under --models that each model's version "
+        "policy selects (default: the newest two), over gRPC. Mutual TLS by "
         "default: clients must present a certificate signed by --client-ca.",
     )
     p.add_argument("--models", required=True, type=Path, metavar="DIR", help="model repository")
@@ -52,7 +64,28 @@ def _register_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         metavar="ID",
         help="serve only this client identity (certificate CN or DNS SAN); repeatable",
     )
+    p.add_argument(
+        "--admin-client",
+        action="append",
+        default=None,
+        metavar="ID",
+        help="identity that may load/unload versions and read drift reports (not infer); "
+        "repeatable; default: router",
+    )
+    p.add_argument(
+        "--no-admin-clients",
+        action="store_true",
+        help="refuse every admin call (versions change only by restarting the node)",
+    )
+    p.add_argument(
+        "--version-policy",
+        default="latest:2",
+        metavar="POLICY",
+        help="versions to keep loaded when model.yaml declares no version_policy: latest:N, "
+        "specific:V1,V2 or all (default latest:2)",
+    )
     p.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus /metrics")
+    _add_drift_arguments(p)
     p.add_argument(
         "--bearer-token-env",
         metavar="VAR",
@@ -96,6 +129,55 @@ def _register_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.set_defaults(handler=_node_serve)
 
 
+def _add_drift_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--drift-window",
+        type=int,
+        default=1000,
+        metavar="ROWS",
+        help="live input rows kept per model version for drift tests (default 1000; 0: off)",
+    )
+    p.add_argument(
+        "--drift-min-window",
+        type=int,
+        default=100,
+        metavar="ROWS",
+        help="fewer live rows report 'not enough data' instead of a verdict (default 100)",
+    )
+    p.add_argument(
+        "--drift-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how often drift is re-tested for metrics and logs (default 30)",
+    )
+
+
+def _admins(args: argparse.Namespace) -> tuple[str, ...]:
+    from hybridroute.node.access import DEFAULT_ADMINS
+
+    if args.no_admin_clients:
+        if args.admin_client:
+            raise UsageError("--no-admin-clients and --admin-client contradict each other")
+        return ()
+    return tuple(args.admin_client) if args.admin_client else DEFAULT_ADMINS
+
+
+def _serving_policy(args: argparse.Namespace) -> tuple[VersionPolicy, int, int]:
+    """Version policy and drift window sizes, checked."""
+    from hybridroute.node.versions import parse_policy
+
+    try:
+        policy = parse_policy(args.version_policy)
+    except ValueError as exc:
+        raise UsageError(f"--version-policy: {exc}") from None
+    if args.drift_window < 0 or args.drift_min_window < 1:
+        raise UsageError("--drift-window must be >= 0 and --drift-min-window >= 1")
+    if args.drift_window and args.drift_min_window > args.drift_window:
+        raise UsageError("--drift-min-window cannot exceed --drift-window")
+    return policy, args.drift_window, args.drift_min_window
+
+
 def _node_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -124,6 +206,7 @@ def _node_serve(args: argparse.Namespace) -> int:
             f"--models {args.models}: not a directory "
             "(make one with 'hybridroute models sample --out DIR')"
         )
+    policy, window, min_window = _serving_policy(args)
     options = NodeOptions(
         models=args.models,
         listen=args.listen,
@@ -141,6 +224,11 @@ def _node_serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         grace_seconds=args.grace,
         bearer_token=token,
+        admin_clients=_admins(args),
+        version_policy=policy,
+        drift_window=window,
+        drift_min_window=min_window,
+        drift_interval=args.drift_interval,
     )
     try:
         return asyncio.run(run_node(options))
@@ -152,11 +240,15 @@ def _node_serve(args: argparse.Namespace) -> int:
 
 
 def _register_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    models = sub.add_parser("models", help="create and package models for a node's repository")
+    models = sub.add_parser(
+        "models", help="package models, and list, load, unload or deploy them on nodes"
+    )
     models_sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     models_sub.required = True
     _register_sample(models_sub)
-    _register_package(models_sub)
+    register_package(models_sub)
+    register_lifecycle_commands(models_sub)
+    register_deploy(models_sub)
 
 
 def _register_sample(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -184,126 +276,4 @@ def _models_sample(args: argparse.Namespace) -> int:
             f"wrote {model.name} version {model.version} to {model.path} "
             f"(held-out accuracy {model.accuracy:.3f})"
         )
-    return 0
-
-
-def _register_package(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = sub.add_parser(
-        "package",
-        help="package a fitted estimator file as a repository version",
-        description="Convert a fitted scikit-learn estimator to skops and write "
-        "REPO/NAME/VERSION/ with model.yaml (reviewed trusted_types) and a drift baseline.",
-    )
-    add = parser.add_argument
-    add("--estimator", required=True, type=Path, metavar="FILE", help=".skops, .joblib or .pkl")
-    add("--format", choices=["skops", "joblib", "pickle"], help="default: from the file suffix")
-    add(
-        "--allow-unsafe-pickle",
-        action="store_true",
-        help="load a pickle/joblib FILE (runs any code in it: only for files you trust)",
-    )
-    add("--trust", action="append", default=[], metavar="TYPE", help="a type the .skops may load")
-    add("--name", required=True, help="model name (the repository directory)")
-    add("--version", required=True, type=int, help="version number (a positive integer)")
-    add("--out", required=True, type=Path, metavar="REPO", help="repository root")
-    add("--input-name", default="input", help="input tensor name (default: input)")
-    add("--datatype", default="FP64", help="input OIP datatype, e.g. FP64, FP32, INT64, BYTES")
-    add("--features", help="comma-separated column names (default: CSV header or the estimator's)")
-    add(
-        "--sample-data",
-        required=True,
-        type=Path,
-        metavar="FILE",
-        help="training inputs for the drift baseline: .npy, .csv, or .txt (texts, one a line)",
-    )
-    add("--max-batch-size", type=int, help="dynamic batching limit (default: the node's)")
-    add("--max-queue-delay-ms", type=float, help="batching delay (default: the node's)")
-    add("--description", help="one line for model metadata")
-    add("--force", action="store_true", help="replace an existing version")
-    parser.set_defaults(handler=_models_package)
-
-
-_SUFFIX_FORMATS = {".skops": "skops", ".joblib": "joblib", ".pkl": "pickle", ".pickle": "pickle"}
-
-
-def _estimator_format(args: argparse.Namespace) -> str:
-    fmt = args.format or _SUFFIX_FORMATS.get(args.estimator.suffix.lower())
-    if fmt is None:
-        raise UsageError(f"cannot tell the format of {args.estimator.name}: pass --format")
-    if fmt != "skops" and not args.allow_unsafe_pickle:
-        raise UsageError(
-            f"{args.estimator.name} is a {fmt} file: loading it runs any code it contains; "
-            "pass --allow-unsafe-pickle if you trust where it came from"
-        )
-    return str(fmt)
-
-
-def _load_input_estimator(args: argparse.Namespace) -> object:
-    from hybridroute.node.loading import ModelLoadError, load_estimator_file, untrusted_types
-
-    fmt = _estimator_format(args)
-    if fmt == "skops" and args.estimator.is_file():
-        try:
-            refused = [t for t in untrusted_types(args.estimator) if t not in args.trust]
-        except Exception as exc:
-            raise UsageError(f"{args.estimator} is not a readable skops file: {exc}") from None
-        if refused:
-            flags = " ".join(f"--trust {t}" for t in refused)
-            raise UsageError(
-                f"{args.estimator.name} contains types skops does not trust: "
-                f"{', '.join(refused)}; review them, then pass {flags}"
-            )
-    try:
-        return load_estimator_file(
-            args.estimator,
-            format=fmt,
-            trusted_types=args.trust,
-            allow_unsafe_pickle=args.allow_unsafe_pickle,
-            label=str(args.estimator),
-        )
-    except ModelLoadError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _batching(args: argparse.Namespace) -> Batching | None:
-    """Batching settings if any flag sets them; None lets the node's defaults apply."""
-    from hybridroute.node.modelconfig import Batching
-
-    if args.max_batch_size is None and args.max_queue_delay_ms is None:
-        return None
-    settings = {
-        "max_batch_size": args.max_batch_size,
-        "max_queue_delay_ms": args.max_queue_delay_ms,
-    }
-    return Batching.model_validate({k: v for k, v in settings.items() if v is not None})
-
-
-def _models_package(args: argparse.Namespace) -> int:
-    from hybridroute.node.modelconfig import DATATYPES
-    from hybridroute.node.packaging import PackagingError, package_model, read_sample
-
-    datatype = args.datatype.upper()
-    if datatype not in DATATYPES:
-        raise UsageError(f"--datatype {args.datatype}: expected one of {', '.join(DATATYPES)}")
-    estimator = _load_input_estimator(args)
-    try:
-        sample, header = read_sample(args.sample_data, datatype)
-        features = [f.strip() for f in args.features.split(",")] if args.features else header
-        path = package_model(
-            estimator,
-            name=args.name,
-            version=args.version,
-            repo=args.out,
-            input_name=args.input_name,
-            input_datatype=datatype,
-            features=features,
-            baseline_sample=sample,
-            batching=_batching(args),
-            description=args.description,
-            force=args.force,
-        )
-    except (PackagingError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-    print(f"wrote {args.name} version {args.version} to {path}")
-    print(f"review {path / 'model.yaml'} (trusted_types) before deploying it")
     return 0

@@ -55,6 +55,36 @@ class NodeMetrics:
             registry=self.registry,
         )
 
+        self._add_drift()
+
+    def _add_drift(self) -> None:
+        """Drift gauges (node/drift.py): present once a version has a verdict."""
+        self.drift_statistic = Gauge(
+            "hybridroute_node_drift_statistic",
+            "Drift score of a feature: p-value (ks, chisquare, z) or distance "
+            "(wasserstein, jensenshannon)",
+            ["model", "version", "feature", "test"],
+            registry=self.registry,
+        )
+        self.drift_detected = Gauge(
+            "hybridroute_node_drift_detected",
+            "1 when the feature's live window drifted from the training baseline",
+            ["model", "version", "feature", "test"],
+            registry=self.registry,
+        )
+        self.drift_model = Gauge(
+            "hybridroute_node_drift_model_detected",
+            "1 when any feature of the model version drifted (Bonferroni across features)",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.drift_window = Gauge(
+            "hybridroute_node_drift_window_rows",
+            "Live rows in the drift window of a model version",
+            ["model", "version"],
+            registry=self.registry,
+        )
+
     def serve(self, host: str, port: int) -> int:
         """Serve `/metrics` over HTTP in a background thread; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

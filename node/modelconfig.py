@@ -41,6 +41,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from hybridroute.config import Strict
+from hybridroute.node.versions import VersionPolicy
 
 __all__ = [
     "BASELINE_FILE",
@@ -59,6 +60,7 @@ __all__ = [
     "numpy_dtype",
     "read_baseline",
     "text_statistics",
+    "valid_model_name",
     "write_baseline",
 ]
 
@@ -103,6 +105,11 @@ METHODS: tuple[str, ...] = ("predict", "predict_proba", "decision_function", "tr
 _FLOAT_METHODS = {"predict_proba", "decision_function"}
 Names = tuple[str, ...]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def valid_model_name(name: str) -> bool:
+    """Whether `name` is a model name: one safe path component (no '/', no '..')."""
+    return _NAME.fullmatch(name) is not None
 
 
 def numpy_dtype(datatype: str) -> np.dtype[Any]:
@@ -177,6 +184,9 @@ class Batching(Strict):
 class ModelConfig(Strict):
     """`model.yaml`: everything the node needs to load and serve one model version.
 
+    `version_policy` is about the model, not this version: a node follows the one of
+    the newest version on disk (see node/versions.py).
+
     Field order matters: validators of later fields read earlier ones (`info.data`).
     """
 
@@ -194,6 +204,7 @@ class ModelConfig(Strict):
     classes: tuple[str | int, ...] | None = None
     batching: Batching | None = None  # None: the node's defaults apply
     baseline: str | None = None
+    version_policy: VersionPolicy | None = None  # None: the node's --version-policy applies
 
     @field_validator("name")
     @classmethod

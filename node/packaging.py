@@ -49,6 +49,7 @@ __all__ = [
     "infer_outputs",
     "make_baseline",
     "package_model",
+    "publish_version",
     "read_sample",
     "render_config",
 ]
@@ -238,7 +239,7 @@ def package_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=repo / name))
     try:
         _write_version(staging, estimator, config, sample)
-        _publish(staging, final, force=force)
+        publish_version(staging, final, force=force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("packaged %s/%s at %s", name, version, final)
@@ -293,8 +294,10 @@ def render_config(config: ModelConfig) -> str:
     return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
 
 
-def _publish(staging: Path, final: Path, *, force: bool) -> None:
-    """Rename `staging` to `final`; with `force`, move an existing `final` aside first."""
+def publish_version(staging: Path, final: Path, *, force: bool) -> None:
+    """Rename `staging` to `final`; with `force`, move an existing `final` aside first.
+    Both must be in the same directory, so each rename is atomic and a node scanning
+    the repository never sees half a version."""
     if not final.exists():
         staging.rename(final)
         return

@@ -31,6 +31,7 @@ __all__ = [
     "load_entry",
     "scan_model",
     "scan_repository",
+    "version_dirs",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,18 +90,28 @@ def load_entry(name: str, version: int, path: Path) -> VersionEntry:
     return VersionEntry(name, version, path, "UNAVAILABLE", reason=reason)
 
 
-def scan_model(model_dir: Path) -> list[VersionEntry]:
-    """Load every version under `model_dir`, oldest first."""
-    entries = []
+def version_dirs(model_dir: Path, *, warn: bool = True) -> dict[int, Path]:
+    """The version directories under `model_dir` by number (hidden ones are skipped:
+    e.g. a package still being written)."""
+    found: dict[int, Path] = {}
+    if not model_dir.is_dir():
+        return found
     for child in sorted(model_dir.iterdir()):
         if child.name.startswith(".") or not child.is_dir():
-            continue  # hidden: e.g. a package being written
+            continue
         version = _version_number(child)
         if version is None:
-            log.warning("ignoring %s: version directories are positive integers", child)
+            if warn:
+                log.warning("ignoring %s: version directories are positive integers", child)
             continue
-        entries.append(load_entry(model_dir.name, version, child))
-    return sorted(entries, key=lambda e: e.version)
+        found[version] = child
+    return found
+
+
+def scan_model(model_dir: Path) -> list[VersionEntry]:
+    """Load every version under `model_dir`, oldest first."""
+    dirs = version_dirs(model_dir)
+    return [load_entry(model_dir.name, v, dirs[v]) for v in sorted(dirs)]
 
 
 def scan_repository(root: Path) -> list[VersionEntry]:
@@ -138,6 +149,23 @@ class ModelRepository:
     def _put(self, entry: VersionEntry) -> None:
         with self._lock:
             self._models.setdefault(entry.name, {})[entry.version] = entry
+
+    def put(self, entry: VersionEntry) -> VersionEntry | None:
+        """Add or replace one version's entry (a runtime load); returns the entry it
+        replaced. Readers see either the old entry or the new one, never a mix."""
+        with self._lock:
+            old = self._models.get(entry.name, {}).get(entry.version)
+            self._put(entry)
+            return old
+
+    def remove(self, name: str, version: int) -> VersionEntry | None:
+        """Forget one version (a runtime unload); returns its entry, if there was one."""
+        with self._lock:
+            versions = self._models.get(name, {})
+            old = versions.pop(version, None)
+            if not versions:
+                self._models.pop(name, None)
+            return old
 
     def names(self) -> list[str]:
         """Model names, sorted."""
@@ -189,6 +217,11 @@ class ModelRepository:
                 f"model {name!r} has no version {str(version)!r} (available versions: {available})"
             )
         return found
+
+    def entry_or_none(self, name: str, version: int) -> VersionEntry | None:
+        """The entry of exactly `name`/`version`, or None (no lookup errors)."""
+        with self._lock:
+            return self._models.get(name, {}).get(version)
 
     def get(self, name: str, version: str | int | None = None) -> LoadedModel:
         """The loaded model for `name` and `version`; ModelNotFound or ModelNotReady."""

@@ -21,12 +21,18 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from hybridroute.certs.credentials import peer_identities, server_credentials
+from hybridroute.certs.credentials import server_credentials
+from hybridroute.node.access import DEFAULT_ADMINS, AccessControl
+from hybridroute.node.admin_service import NodeAdminServicer
 from hybridroute.node.dataplane import BatchingDefaults, DataPlane
+from hybridroute.node.drift import DriftMonitor
+from hybridroute.node.lifecycle import ModelLifecycle, scan_with_policy
 from hybridroute.node.metrics import NodeMetrics
-from hybridroute.node.repository import ModelRepository, scan_repository
+from hybridroute.node.repository import ModelRepository
 from hybridroute.node.servicer import InferenceServicer
+from hybridroute.node.versions import DEFAULT_POLICY, VersionPolicy
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
+from hybridroute.protos import node_admin_pb2_grpc as admin_grpc
 
 __all__ = ["NodeOptions", "NodeServer", "run_node"]
 
@@ -54,38 +60,11 @@ class NodeOptions:
     grace_seconds: float = 10.0
     name: str = "hybridroute-node"
     bearer_token: str | None = None  # when set, every call must carry it (cloud stand-in)
-
-
-class _AllowList(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Serve only callers whose certificate identity (CN or DNS SAN) is on the list."""
-
-    def __init__(self, allowed: Sequence[str]) -> None:
-        self._allowed = frozenset(allowed)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner, allowed = handler.unary_unary, self._allowed
-
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            who = peer_identities(context)
-            if not who & allowed:
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"client identity {sorted(who) or ['<none>']} is not allowed on this node",
-                )
-            return await inner(request, context)  # type: ignore[arg-type]  # aio handler
-
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    admin_clients: Sequence[str] = DEFAULT_ADMINS  # may load/unload, read drift (access.py)
+    version_policy: VersionPolicy = DEFAULT_POLICY  # when model.yaml declares none
+    drift_window: int = 1000  # live rows kept per version; 0 turns drift monitoring off
+    drift_min_window: int = 100  # fewer live rows: "not enough data", no verdict
+    drift_interval: float = 30.0  # seconds between evaluations (reports are on demand too)
 
 
 class _BearerToken(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -122,25 +101,71 @@ class NodeServer:
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
         self.repository: ModelRepository | None = None
+        self.lifecycle: ModelLifecycle | None = None
+        self.drift: DriftMonitor | None = None
         self._servicer: InferenceServicer | None = None
         self._dataplane: DataPlane | None = None
+        self._published: set[tuple[str, int]] = set()
+        self._health_names: set[str] = set()
 
     async def start(self) -> None:
         opts = self.options
-        self.repository = ModelRepository(scan_repository(opts.models))
+        entries, notes = scan_with_policy(opts.models, opts.version_policy)
+        self.repository = ModelRepository(entries, root=opts.models)
+        if opts.drift_window > 0:
+            self.drift = DriftMonitor(
+                self.metrics,
+                window=opts.drift_window,
+                min_window=min(opts.drift_min_window, opts.drift_window),
+                interval=opts.drift_interval,
+            )
+            for entry in entries:
+                if entry.model is not None:
+                    self.drift.track(entry.model)
         self._dataplane = DataPlane(
             self.repository,
             executor=self._executor,
             metrics=self.metrics,
             batching=opts.batching,
+            observer=self.drift,
         )
-        self._servicer = InferenceServicer(self._dataplane, self.metrics, name=opts.name)
-        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
-        if opts.allow_clients:
-            interceptors.append(_AllowList(opts.allow_clients))
+        self.lifecycle = ModelLifecycle(
+            self.repository,
+            opts.models,
+            self._dataplane,
+            default_policy=opts.version_policy,
+            tracker=self.drift,
+            on_change=self._publish_health,
+            notes=notes,
+        )
+        self._servicer = InferenceServicer(
+            self._dataplane, self.metrics, name=opts.name, lifecycle=self.lifecycle
+        )
+        server = self._make_server()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
+        admin = NodeAdminServicer(self.lifecycle, self.drift, name=opts.name)
+        admin_grpc.add_NodeAdminServicer_to_server(admin, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.port = self._bind(server)
+        await server.start()
+        self._server = server
+        await self._publish_health()
+        if self.drift is not None:
+            self.drift.start()
+        if opts.metrics_listen:
+            host, _, port = opts.metrics_listen.rpartition(":")
+            self.metrics_port = self.metrics.serve(host or "127.0.0.1", int(port))
+        log.info("node serving %s on port %s", opts.models, self.port)
+
+    def _make_server(self) -> grpc.aio.Server:
+        opts = self.options
+        # Always installed: admin calls need an admin identity even without an allow list.
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = [
+            AccessControl(opts.allow_clients, opts.admin_clients)
+        ]
         if opts.bearer_token:
             interceptors.append(_BearerToken(opts.bearer_token))
-        server = grpc.aio.server(
+        return grpc.aio.server(
             interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", opts.max_message_bytes),
@@ -148,16 +173,6 @@ class NodeServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.port = self._bind(server)
-        await server.start()
-        self._server = server
-        await self._publish_health()
-        if opts.metrics_listen:
-            host, _, port = opts.metrics_listen.rpartition(":")
-            self.metrics_port = self.metrics.serve(host or "127.0.0.1", int(port))
-        log.info("node serving %s on port %s", opts.models, self.port)
 
     def _bind(self, server: grpc.aio.Server) -> int:
         opts = self.options
@@ -178,11 +193,18 @@ class NodeServer:
         return port
 
     async def _publish_health(self) -> None:
+        """Ready gauges and per-model health from the repository as it is now (called at
+        start and after every load or unload)."""
         assert self.repository is not None
+        present: set[tuple[str, int]] = set()
         for entry in self.repository.index():
-            ready = entry.state == "READY"
-            self.metrics.models_ready.labels(entry.name, str(entry.version)).set(int(ready))
-        for name in self.repository.names():
+            present.add((entry.name, entry.version))
+            self.metrics.models_ready.labels(entry.name, str(entry.version)).set(int(entry.ready))
+        for name, version in self._published - present:
+            self.metrics.models_ready.labels(name, str(version)).set(0)
+        self._published |= present
+        self._health_names |= set(self.repository.names())
+        for name in sorted(self._health_names):
             status = SERVING if self.repository.has_ready(name) else NOT_SERVING
             await self._health.set(name, status)
         await self._health.set("", SERVING)
@@ -199,6 +221,10 @@ class NodeServer:
         await self._server.stop(grace)
         if self._dataplane is not None:
             await self._dataplane.close()
+        if self.drift is not None:
+            self.drift.stop()
+        if self.lifecycle is not None:
+            self.lifecycle.close()
         self._server = None
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("node stopped")

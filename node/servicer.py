@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -18,6 +18,13 @@ import grpc
 from hybridroute import __version__
 from hybridroute.node.batching import BatchError
 from hybridroute.node.dataplane import DataPlane, InvalidRequest
+from hybridroute.node.lifecycle import (
+    IndexRow,
+    InvalidModelName,
+    LoadFailed,
+    ModelLifecycle,
+    Refused,
+)
 from hybridroute.node.loading import InvalidRequestError, ModelRuntimeError
 from hybridroute.node.metrics import NodeMetrics
 from hybridroute.node.repository import ModelNotFound, ModelNotReady
@@ -36,7 +43,15 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Res
 _UNKNOWN_MODEL = "_unknown"  # metrics label for names that match no model (bounded cardinality)
 
 
+class BadParameter(ValueError):
+    """A repository call's parameter has the wrong type or value."""
+
+
 def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, InvalidModelName | BadParameter):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, LoadFailed | Refused):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, ModelNotReady):
@@ -64,10 +79,18 @@ def _maps_errors(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, metrics: NodeMetrics, *, name: str) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        metrics: NodeMetrics,
+        *,
+        name: str,
+        lifecycle: ModelLifecycle | None = None,
+    ) -> None:
         self._dp = dataplane
         self._metrics = metrics
         self._name = name
+        self._lifecycle = lifecycle
         self.ready = True  # False while shutting down
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> Any:
@@ -146,14 +169,82 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_maps_errors
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> Any:
+        """Loaded and failed versions, and versions on disk that are not loaded (why)."""
         response = pb.RepositoryIndexResponse()
-        for entry in self._dp.repository.index():
-            if request.ready and entry.state != "READY":
+        rows = (
+            self._lifecycle.index()
+            if self._lifecycle is not None
+            else [
+                IndexRow(e.name, e.version, e.state, e.reason) for e in self._dp.repository.index()
+            ]
+        )
+        for row in rows:
+            if request.ready and row.state != "READY":
                 continue
             response.models.add(
-                name=entry.name,
-                version=str(entry.version),
-                state=entry.state,
-                reason=entry.reason or "",
+                name=row.name, version=str(row.version), state=row.state, reason=row.reason
             )
         return response
+
+    @_maps_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> Any:
+        """Load a version (parameter `version`), or what the model's version policy selects."""
+        lifecycle = self._require_lifecycle()
+        version = _version_parameter(request.parameters)
+        await lifecycle.load(request.model_name, version, by=_caller(context))
+        return pb.RepositoryModelLoadResponse()
+
+    @_maps_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> Any:
+        """Unload a version (parameter `version`) or every version; `force` allows taking
+        away the last READY one."""
+        lifecycle = self._require_lifecycle()
+        version = _version_parameter(request.parameters)
+        force = _bool_parameter(request.parameters, "force")
+        await lifecycle.unload(request.model_name, version, force=force, by=_caller(context))
+        return pb.RepositoryModelUnloadResponse()
+
+    def _require_lifecycle(self) -> ModelLifecycle:
+        if self._lifecycle is None:
+            raise BadParameter("this node does not load or unload models at runtime")
+        return self._lifecycle
+
+
+Parameters = Mapping[str, pb.ModelRepositoryParameter]
+
+
+def _version_parameter(parameters: Parameters) -> int | None:
+    if "version" not in parameters:
+        return None
+    param = parameters["version"]
+    kind = param.WhichOneof("parameter_choice")
+    value: object = getattr(param, kind) if kind else None
+    text = str(value).strip() if kind in {"string_param", "int64_param"} else ""
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise BadParameter("parameter 'version' must be a positive integer (int64 or string)")
+    return int(text)
+
+
+def _bool_parameter(parameters: Parameters, key: str) -> bool:
+    if key not in parameters:
+        return False
+    param = parameters[key]
+    kind = param.WhichOneof("parameter_choice")
+    if kind == "bool_param":
+        return bool(param.bool_param)
+    if kind == "string_param" and param.string_param.lower() in {"true", "false"}:
+        return param.string_param.lower() == "true"
+    raise BadParameter(f"parameter {key!r} must be a bool")
+
+
+def _caller(context: Any) -> str:
+    """The caller's certificate common name, for the log line saying who did what."""
+    try:
+        names = context.auth_context().get("x509_common_name") or []
+    except Exception:
+        return ""
+    return ", ".join(n.decode("utf-8", "replace") for n in names)

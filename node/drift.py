@@ -1,0 +1,371 @@
+"""Data drift monitoring: live inputs of each loaded version against its training baseline.
+
+Cost on the request path is one non-blocking queue put per answered request: the
+event loop hands over a reference to the validated input rows (`observe`) and moves
+on. A single `drift` thread does the rest: it turns texts into text statistics,
+appends rows to each version's ring buffer (the newest `window` rows), and every
+`interval` seconds re-tests the versions that received rows (`drift_stats.compare`),
+updates the gauges and logs when a version starts or stops drifting. When the thread
+falls behind, rows are dropped and counted rather than queued without bound: drift
+is a statistical verdict, and a sample of the traffic serves it as well.
+
+Below `min_window` live rows a version reports "not enough data" and no verdict:
+small windows give nonsense verdicts (references.md). Logs and metrics carry feature
+names and test statistics, never values (invariant 4); text models are watched
+through text statistics (length, word count, character class shares), and their
+baselines hold no training texts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from hybridroute.node.drift_stats import ALPHA, FeatureResult, compare, untested
+from hybridroute.node.loading import LoadedModel
+from hybridroute.node.metrics import NodeMetrics
+from hybridroute.node.modelconfig import Baseline, read_baseline, text_statistics
+
+__all__ = ["DriftMonitor", "DriftStatus", "ModelDriftReport", "RingBuffer"]
+
+log = logging.getLogger(__name__)
+
+Floats = npt.NDArray[np.float64]
+DriftStatus = str  # "ok" | "drift" | "not enough data" | "no baseline"
+_QUEUE_ROWS = 256  # requests the recorder may lag behind before rows are dropped
+
+
+class RingBuffer:
+    """The newest `capacity` rows of a fixed width; appends are O(rows)."""
+
+    def __init__(self, capacity: int, width: int) -> None:
+        self._data = np.zeros((max(1, capacity), width), dtype=np.float64)
+        self._next = 0
+        self.count = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self._data)
+
+    @property
+    def width(self) -> int:
+        return int(self._data.shape[1])
+
+    def append(self, rows: Floats) -> None:
+        rows = rows[-self.capacity :]
+        n = len(rows)
+        end = self._next + n
+        if end <= self.capacity:
+            self._data[self._next : end] = rows
+        else:
+            split = self.capacity - self._next
+            self._data[self._next :] = rows[:split]
+            self._data[: n - split] = rows[split:]
+        self._next = end % self.capacity
+        self.count = min(self.capacity, self.count + n)
+
+    def rows(self) -> Floats:
+        """A copy of the held rows (order does not matter to the tests)."""
+        return self._data[: self.count].copy()
+
+
+@dataclass(frozen=True)
+class ModelDriftReport:
+    """A version's drift verdict at `evaluated_at` (see DriftResponse in node_admin.proto)."""
+
+    model: str
+    version: int
+    status: DriftStatus
+    drift: bool
+    window: int
+    window_size: int
+    min_window: int
+    reference_rows: int
+    baseline_kind: str
+    evaluated_at: float
+    features: tuple[FeatureResult, ...] = ()
+    dropped: int = 0
+
+
+@dataclass
+class _Tracked:
+    """A monitored version: its reference rows, live window and last verdict."""
+
+    name: str
+    version: int
+    text: bool
+    baseline: Baseline | None
+    window: RingBuffer
+    fresh: bool = False  # rows arrived since the last evaluation
+    drifting: bool = False
+    dropped: int = 0
+    labels: set[tuple[str, str]] = field(default_factory=set)  # (feature, test) in gauges
+
+
+class DriftMonitor:
+    """Keeps live windows per model version and tests them (see the module docstring)."""
+
+    def __init__(
+        self,
+        metrics: NodeMetrics | None = None,
+        *,
+        window: int = 1000,
+        min_window: int = 100,
+        interval: float = 30.0,
+        alpha: float = ALPHA,
+    ) -> None:
+        if min_window < 1 or window < min_window:
+            raise ValueError(f"need 1 <= min_window <= window, got {min_window} and {window}")
+        self.window_size = window
+        self.min_window = min_window
+        self.interval = interval
+        self.alpha = alpha
+        self._metrics = metrics
+        self._tracked: dict[tuple[str, int], _Tracked] = {}
+        self._lock = threading.RLock()
+        self._queue: queue.Queue[tuple[str, int, Any]] = queue.Queue(maxsize=_QUEUE_ROWS)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ registration
+
+    def track(self, model: LoadedModel) -> None:
+        """Start (or restart, on a reload) a version's window against its baseline."""
+        config = model.config
+        baseline = None
+        if config.baseline is not None:
+            try:
+                baseline = read_baseline(model.path / config.baseline)
+            except Exception as exc:  # loading checked it; a vanished file must not crash us
+                log.warning(
+                    "model %s: drift baseline unreadable (%s)", model.label, type(exc).__name__
+                )
+        width = len(baseline.columns) if baseline is not None else 1
+        tracked = _Tracked(
+            config.name,
+            config.version,
+            text=config.input.datatype == "BYTES",
+            baseline=baseline,
+            window=RingBuffer(self.window_size, width),
+        )
+        with self._lock:
+            old = self._tracked.pop((config.name, config.version), None)
+            if old is not None:
+                self._clear_metrics(old)
+            self._tracked[(config.name, config.version)] = tracked
+        self._publish_window(tracked)
+
+    def forget(self, name: str, version: int) -> None:
+        """Stop watching a version (unloaded) and drop its gauges."""
+        with self._lock:
+            tracked = self._tracked.pop((name, version), None)
+            if tracked is not None:
+                self._clear_metrics(tracked)
+
+    # --------------------------------------------------------------- recording
+
+    def observe(self, name: str, version: int, rows: Any) -> None:
+        """Hand over one request's validated input rows; never blocks, never computes."""
+        try:
+            self._queue.put_nowait((name, version, rows))
+        except queue.Full:
+            with self._lock:
+                tracked = self._tracked.get((name, version))
+                if tracked is not None:
+                    tracked.dropped += len(rows)
+
+    def flush(self) -> None:
+        """Record everything queued so far (the thread does this continuously)."""
+        while True:
+            try:
+                name, version, rows = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._record(name, version, rows)
+
+    def _record(self, name: str, version: int, rows: Any) -> None:
+        with self._lock:
+            tracked = self._tracked.get((name, version))
+        if tracked is None or tracked.baseline is None:
+            return
+        if tracked.text:
+            texts = [_text(item) for item in np.asarray(rows, dtype=object).ravel()]
+            values = text_statistics(texts)
+        else:
+            values = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+        if values.shape[1] != tracked.window.width:
+            return  # the baseline does not describe this input; nothing to compare
+        with self._lock:
+            tracked.window.append(values)
+            tracked.fresh = True
+
+    # --------------------------------------------------------------- verdicts
+
+    def report(self, model: str = "", version: int | None = None) -> list[ModelDriftReport]:
+        """Test the matching versions now (after recording what is queued)."""
+        self.flush()
+        with self._lock:
+            chosen = [
+                t
+                for key, t in sorted(self._tracked.items())
+                if (not model or key[0] == model) and (version is None or key[1] == version)
+            ]
+        return [self._evaluate(t) for t in chosen]
+
+    def _evaluate(self, tracked: _Tracked) -> ModelDriftReport:
+        with self._lock:
+            current = tracked.window.rows()
+            tracked.fresh = False
+        report = self._verdict(tracked, current)
+        with self._lock:
+            if self._tracked.get((tracked.name, tracked.version)) is tracked:
+                self._publish(tracked, report)
+                self._log_transition(tracked, report)
+        return report
+
+    def _verdict(self, tracked: _Tracked, current: Floats) -> ModelDriftReport:
+        baseline = tracked.baseline
+        common: dict[str, Any] = {
+            "model": tracked.name,
+            "version": tracked.version,
+            "window": len(current),
+            "window_size": self.window_size,
+            "min_window": self.min_window,
+            "evaluated_at": time.time(),
+            "dropped": tracked.dropped,
+        }
+        if baseline is None:
+            return ModelDriftReport(
+                status="no baseline", drift=False, reference_rows=0, baseline_kind="", **common
+            )
+        reference = np.asarray(baseline.values, dtype=np.float64)
+        common |= {"reference_rows": len(reference), "baseline_kind": baseline.kind}
+        if len(current) < self.min_window:
+            features = untested(baseline.columns, reference, current, alpha=self.alpha)
+            return ModelDriftReport(
+                status="not enough data", drift=False, features=tuple(features), **common
+            )
+        features = compare(baseline.columns, reference, current, alpha=self.alpha)
+        drift = any(f.drift for f in features)
+        return ModelDriftReport(
+            status="drift" if drift else "ok", drift=drift, features=tuple(features), **common
+        )
+
+    def _log_transition(self, tracked: _Tracked, report: ModelDriftReport) -> None:
+        if report.drift and not tracked.drifting:
+            shifted = ", ".join(_describe(f) for f in report.features if f.drift)
+            log.warning(
+                "drift detected in %s/%s over %d live rows: %s",
+                tracked.name,
+                tracked.version,
+                report.window,
+                shifted,
+            )
+        elif tracked.drifting and not report.drift and report.status == "ok":
+            log.info(
+                "drift cleared in %s/%s over %d live rows",
+                tracked.name,
+                tracked.version,
+                report.window,
+            )
+        if report.status in {"ok", "drift"}:
+            tracked.drifting = report.drift
+
+    # ---------------------------------------------------------------- metrics
+
+    def _publish_window(self, tracked: _Tracked) -> None:
+        if self._metrics is not None:
+            labels = (tracked.name, str(tracked.version))
+            self._metrics.drift_window.labels(*labels).set(tracked.window.count)
+            self._metrics.drift_model.labels(*labels).set(0)
+
+    def _publish(self, tracked: _Tracked, report: ModelDriftReport) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        name, version = tracked.name, str(tracked.version)
+        metrics.drift_window.labels(name, version).set(report.window)
+        metrics.drift_model.labels(name, version).set(int(report.drift))
+        scored = {(f.feature, f.test): f for f in report.features if not math.isnan(f.statistic)}
+        for feature, test in tracked.labels - set(scored):
+            _remove(metrics, name, version, feature, test)
+        for (feature, test), result in scored.items():
+            metrics.drift_statistic.labels(name, version, feature, test).set(result.statistic)
+            metrics.drift_detected.labels(name, version, feature, test).set(int(result.drift))
+        tracked.labels = set(scored)
+
+    def _clear_metrics(self, tracked: _Tracked) -> None:
+        metrics = self._metrics
+        if metrics is None:
+            return
+        name, version = tracked.name, str(tracked.version)
+        for feature, test in tracked.labels:
+            _remove(metrics, name, version, feature, test)
+        for gauge in (metrics.drift_window, metrics.drift_model):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name, version)
+
+    # ----------------------------------------------------------------- thread
+
+    def start(self) -> None:
+        """Record and evaluate in a background thread until `stop`."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="drift", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def _run(self) -> None:
+        due = time.monotonic() + self.interval
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get(timeout=max(0.01, min(0.5, due - time.monotonic())))
+            except queue.Empty:
+                pass
+            else:
+                self._record(*item)
+            if time.monotonic() >= due:
+                self._evaluate_fresh()
+                due = time.monotonic() + self.interval
+
+    def _evaluate_fresh(self) -> None:
+        with self._lock:
+            fresh = [t for t in self._tracked.values() if t.fresh]
+        for tracked in fresh:
+            try:
+                self._evaluate(tracked)
+            except Exception:  # one odd window must not stop monitoring of the others
+                log.exception("drift evaluation of %s/%s failed", tracked.name, tracked.version)
+
+
+def _remove(metrics: NodeMetrics, name: str, version: str, feature: str, test: str) -> None:
+    for gauge in (metrics.drift_statistic, metrics.drift_detected):
+        with contextlib.suppress(KeyError):
+            gauge.remove(name, version, feature, test)
+
+
+def _describe(result: FeatureResult) -> str:
+    sign = "<" if result.score_kind == "p_value" else ">="
+    what = "p" if result.score_kind == "p_value" else "distance"
+    score, threshold = f"{result.statistic:.3g}", f"{result.threshold:.3g}"
+    return f"{result.feature} ({result.test} {what}={score} {sign} {threshold})"
+
+
+def _text(item: Any) -> str:
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item).decode("utf-8", errors="replace")
+    return str(item)

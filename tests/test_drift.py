@@ -1,0 +1,258 @@
+"""Data drift: the statistics on seeded data, the monitor, and a real node end to end.
+
+The model is synthetic so the training distribution is known exactly: live data can
+be drawn from it (no drift should be reported) or from a shifted copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from support import LoopThread
+
+from hybridroute.certs.credentials import channel_credentials
+from hybridroute.cli import main
+from hybridroute.node.drift import DriftMonitor, RingBuffer
+from hybridroute.node.drift_stats import compare
+from hybridroute.node.loading import LoadedModel
+from hybridroute.node.packaging import package_model
+from hybridroute.node.repository import ModelRepository
+from hybridroute.node.samples import generate_tickets
+from hybridroute.node.server import NodeOptions, NodeServer
+from hybridroute.protos import inference_pb2 as pb
+from hybridroute.protos import inference_pb2_grpc as pb_grpc
+
+FEATURES = ("age", "income", "wait", "score", "plan", "flag")
+TRIALS = 50
+
+
+def draw(rng: np.random.Generator, n: int, *, shifted: bool = False) -> np.ndarray:
+    """Rows of the training distribution; `shifted` moves income by half its standard
+    deviation and changes the plan mix; nothing else."""
+    plan_mix = (0.3, 0.3, 0.4) if shifted else (0.5, 0.3, 0.2)
+    return np.column_stack(
+        [
+            rng.normal(40, 10, n),
+            rng.normal(50 + (10 if shifted else 0), 20, n),
+            rng.exponential(1.0, n),
+            rng.uniform(0, 1, n),
+            rng.choice(3, n, p=plan_mix).astype(float),
+            (rng.uniform(size=n) < 0.3).astype(float),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("drift-repo")
+    x = draw(np.random.default_rng(0), 1000)
+    y = (x[:, 1] + 10 * x[:, 4] > 60).astype(int)
+    estimator = LogisticRegression(max_iter=1000).fit(x, y)
+    package_model(estimator, name="loans", version=1, repo=root, input_name="input",
+                  input_datatype="FP64", features=FEATURES, baseline_sample=x)  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def loans(repo: Path) -> LoadedModel:
+    return ModelRepository.load(repo).get("loans")
+
+
+def verdicts(model: LoadedModel, live: np.ndarray, **options: int) -> dict[str, bool]:
+    monitor = DriftMonitor(window=options.get("window", 500), min_window=100)
+    monitor.track(model)
+    for chunk in np.array_split(live, 20):
+        monitor.observe("loans", 1, chunk)
+    (report,) = monitor.report()
+    assert report.status in {"ok", "drift"}
+    return {f.feature: f.drift for f in report.features}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_no_drift_on_the_training_distribution_false_alarm_rate(loans: LoadedModel) -> None:
+    """The model-level flag (any feature, Bonferroni) over seeded trials of 500 live rows."""
+    alarms = 0
+    for seed in range(1, TRIALS + 1):
+        found = verdicts(loans, draw(np.random.default_rng(seed), 500))
+        alarms += any(found.values())
+    rate = alarms / TRIALS
+    print(f"false-alarm rate: {alarms}/{TRIALS} = {rate:.0%} (alpha 5%, Bonferroni over 6)")
+    assert rate <= 0.10
+
+
+def test_shifted_features_are_detected_and_only_those(loans: LoadedModel) -> None:
+    for seed in range(100, 105):
+        found = verdicts(loans, draw(np.random.default_rng(seed), 500, shifted=True))
+        assert {name for name, drift in found.items() if drift} == {"income", "plan"}, seed
+
+
+def test_tests_follow_evidently_defaults() -> None:
+    rng = np.random.default_rng(7)
+    small, large = draw(rng, 800), draw(rng, 3000)
+    tests = {r.feature: r.test for r in compare(FEATURES, small, draw(rng, 300))}
+    assert tests == {"age": "ks", "income": "ks", "wait": "ks", "score": "ks",
+                     "plan": "chisquare", "flag": "z"}  # fmt: skip
+    results = {r.feature: r for r in compare(FEATURES, large, draw(rng, 2000, shifted=True))}
+    assert results["income"].test == "wasserstein" and results["plan"].test == "jensenshannon"
+    assert results["income"].drift and results["income"].threshold == 0.1
+    assert not results["age"].drift  # an effect size, not a p-value: no alarm on noise
+    assert results["age"].threshold == 0.1 and results["flag"].test == "jensenshannon"
+    ks = compare(FEATURES, small, draw(rng, 300))[0]
+    assert ks.threshold == pytest.approx(0.05 / 6)  # Bonferroni
+
+
+def test_not_enough_data_below_the_minimum_window(loans: LoadedModel) -> None:
+    monitor = DriftMonitor(window=500, min_window=100)
+    monitor.track(loans)
+    monitor.observe("loans", 1, draw(np.random.default_rng(3), 99, shifted=True))
+    (report,) = monitor.report()
+    assert report.status == "not enough data" and report.window == 99 and not report.drift
+    assert all(math.isnan(f.statistic) and not f.drift for f in report.features)
+    monitor.observe("loans", 1, draw(np.random.default_rng(4), 1, shifted=True))
+    assert monitor.report()[0].status in {"ok", "drift"}
+
+
+def test_the_window_slides(loans: LoadedModel) -> None:
+    buffer = RingBuffer(5, 1)
+    for start in (0, 3, 6):
+        buffer.append(np.arange(start, start + 3, dtype=float).reshape(-1, 1))
+    assert sorted(buffer.rows().ravel().tolist()) == [4, 5, 6, 7, 8]
+    buffer.append(np.arange(100, 120, dtype=float).reshape(-1, 1))
+    assert sorted(buffer.rows().ravel().tolist()) == [115, 116, 117, 118, 119]
+    # Drift comes and goes with the window: shifted rows age out.
+    monitor = DriftMonitor(window=300, min_window=100)
+    monitor.track(loans)
+    monitor.observe("loans", 1, draw(np.random.default_rng(5), 300, shifted=True))
+    assert monitor.report()[0].drift
+    monitor.observe("loans", 1, draw(np.random.default_rng(6), 300))
+    assert not monitor.report()[0].drift
+
+
+def test_text_models_drift_on_text_statistics(model_repo: Path) -> None:
+    model = ModelRepository.load(model_repo).get("ticket-triage")
+    monitor = DriftMonitor(window=300, min_window=100)
+    monitor.track(model)
+    texts, _ = generate_tickets(300, seed=11)
+    monitor.observe("ticket-triage", 1, np.array([t.encode() for t in texts], dtype=object))
+    (report,) = monitor.report()
+    assert report.baseline_kind == "text-stats" and report.status == "ok"
+    shouted = [t.upper() + " !!!" for t in texts]
+    monitor.observe("ticket-triage", 1, np.array([t.encode() for t in shouted], dtype=object))
+    drifted = {f.feature for f in monitor.report()[0].features if f.drift}
+    assert "upper_fraction" in drifted and "n_words" not in drifted
+
+
+# ----------------------------------------------------------- node end to end
+
+
+@pytest.fixture(scope="module")
+def node(repo: Path, pki: Path) -> Iterator[NodeServer]:
+    loop = LoopThread()
+    server = NodeServer(
+        NodeOptions(
+            models=repo,
+            listen="127.0.0.1:0",
+            cert=pki / "node.pem",
+            key=pki / "node.key",
+            client_ca=pki / "ca.pem",
+            allow_clients=("router",),
+            metrics_listen="127.0.0.1:0",
+            drift_window=400,
+            drift_min_window=100,
+            drift_interval=0.1,
+        )
+    )
+    loop.run(server.start())
+    yield server
+    loop.run(server.stop(grace=1))
+    loop.close()
+
+
+def send(node: NodeServer, pki: Path, rows: np.ndarray) -> None:
+    creds = channel_credentials(pki / "ca.pem", pki / "router.pem", pki / "router.key")
+    with grpc.secure_channel(f"localhost:{node.port}", creds) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for chunk in np.array_split(rows, len(rows) // 10):
+            request = pb.ModelInferRequest(model_name="loans")
+            tensor = request.inputs.add(name="input", datatype="FP64", shape=list(chunk.shape))
+            tensor.contents.fp64_contents.extend(chunk.ravel().tolist())
+            stub.ModelInfer(request, timeout=10)
+
+
+def cli_args(node: NodeServer, pki: Path) -> list[str]:
+    return ["--node", f"localhost:{node.port}", "--ca", str(pki / "ca.pem"),
+            "--cert", str(pki / "router.pem"), "--key", str(pki / "router.key")]  # fmt: skip
+
+
+def test_node_reports_drift_in_metrics_logs_cli_and_html(
+    node: NodeServer,
+    pki: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert main(["drift", "report", *cli_args(node, pki), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {ln["status"] for ln in lines} == {"not enough data"}
+    assert all(ln["statistic"] is None and ln["drift"] is False for ln in lines)
+    live = draw(np.random.default_rng(42), 400, shifted=True)
+    with caplog.at_level(logging.INFO, logger="hybridroute.node.drift"):
+        send(node, pki, live)
+        time.sleep(0.5)  # several periodic evaluations
+        assert main(["drift", "report", *cli_args(node, pki), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    keys = {"node", "model", "version", "feature", "test", "statistic", "threshold", "window",
+            "drift"}  # fmt: skip
+    assert all(keys <= set(ln) for ln in lines) and len(lines) == len(FEATURES)
+    assert [ln["feature"] for ln in lines] == list(FEATURES)
+    assert {ln["feature"] for ln in lines if ln["drift"]} == {"income", "plan"}
+    assert all(ln["window"] == 400 and isinstance(ln["drift"], bool) for ln in lines)
+    warnings = [r.getMessage() for r in caplog.records if "drift detected" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # logged once, not at every evaluation
+    assert "income (ks p=" in warnings[0] and "plan (chisquare p=" in warnings[0]
+    assert f"{live[0, 1]:.3g}" not in warnings[0]  # statistics only, no input values
+
+    url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert (
+        'hybridroute_node_drift_detected{feature="income",model="loans",test="ks",version="1"} 1.0'
+        in text
+    )
+    assert (
+        'hybridroute_node_drift_detected{feature="age",model="loans",test="ks",version="1"} 0.0'
+        in text
+    )
+    assert (
+        'hybridroute_node_drift_statistic{feature="flag",model="loans",test="z",version="1"}'
+        in text
+    )
+    assert 'hybridroute_node_drift_model_detected{model="loans",version="1"} 1.0' in text
+    assert 'hybridroute_node_drift_window_rows{model="loans",version="1"} 400.0' in text
+
+    page = tmp_path / "drift.html"
+    assert main(["drift", "report", *cli_args(node, pki), "--html", str(page)]) == 0
+    table = capsys.readouterr().out
+    assert "loans/1: drift in income, plan (400 live rows vs 1000 reference rows)" in table
+    html = page.read_text()
+    assert html.count("<svg") == len(FEATURES) == html.count("<figcaption>")
+    assert "<script" not in html and "href=" not in html and "src=" not in html
+
+
+def test_drift_report_is_for_admins_only(node: NodeServer, pki: Path, capsys) -> None:
+    args = ["drift", "report", "--node", f"localhost:{node.port}", "--ca", str(pki / "ca.pem"),
+            "--cert", str(pki / "app-demo-app.pem"), "--key", str(pki / "app-demo-app.key"),
+            "--json"]  # fmt: skip
+    assert main(args) == 1
+    assert json.loads(capsys.readouterr().out)["error"] == "PERMISSION_DENIED"
