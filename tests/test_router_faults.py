@@ -6,14 +6,16 @@ The tests in this module run in order against one stack of their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Process, Stack, free_port
+from support import Process, Stack
 from test_router_e2e import CLEAN, iris_row, node_requests, send, ticket
 
 
@@ -96,86 +98,47 @@ def test_with_every_on_prem_node_down_sensitive_requests_fail_fast_never_cloud(
     assert (code, reply["x-hybridroute-zone"]) == ("OK", "cloud")
 
 
-def test_a_restarted_node_serves_again_without_restarting_the_router(
-    faulty: Stack, tmp_path: Path
-) -> None:
-    info = faulty.info
-    pki, node = Path(info["pki"]), faulty.node("node-1")
+@contextlib.contextmanager
+def _revived(stack: Stack, name: str, log: Path) -> Iterator[Process]:
+    """Start the killed on-prem node `name` again, on its old address; stop it after."""
+    pki, node = Path(stack.info["pki"]), stack.node(name)
     revived = Process(
-        [
-            "node",
-            "serve",
-            "--models",
-            str(faulty.state_dir / "models"),
-            "--listen",
-            node["address"],
-            "--cert",
-            str(pki / "node.pem"),
-            "--key",
-            str(pki / "node.key"),
-            "--client-ca",
-            str(pki / "ca.pem"),
-            "--allow-client",
-            "router",
-            "--metrics-listen",
-            f"127.0.0.1:{free_port()}",
-        ],
+        ["node", "serve", "--models", str(stack.state_dir / "models"),
+         "--listen", node["address"], "--cert", str(pki / "node.pem"),
+         "--key", str(pki / "node.key"), "--client-ca", str(pki / "ca.pem"),
+         "--allow-client", "router"],
         ready="node ready on",
-        log=tmp_path / "node-1-again.log",
-    )
+        log=log,
+    )  # fmt: skip
     try:
         _wait_for(
-            lambda: send(faulty, iris_row(), label="confidential")[0] == "OK",
+            lambda: send(stack, iris_row(), label="confidential")[0] == "OK",
             10,
             "the router to readmit the node",
         )
-        code, reply = send(faulty, ticket("card 4111 1111 1111 1111"), label="public")
-        assert (code, reply["x-hybridroute-zone"]) == ("OK", "onprem")
-        assert faulty.process.proc.poll() is None  # same `up`, same router
+        yield revived
     finally:
         revived.signal(signal.SIGTERM)
         revived.wait(30)
         revived.stop()
+
+
+def test_a_restarted_node_serves_again_without_restarting_the_router(
+    faulty: Stack, tmp_path: Path
+) -> None:
+    with _revived(faulty, "node-1", tmp_path / "node-1-again.log"):
+        code, reply = send(faulty, ticket("card 4111 1111 1111 1111"), label="public")
+        assert (code, reply["x-hybridroute-zone"]) == ("OK", "onprem")
+        assert faulty.process.proc.poll() is None  # same `up`, same router
 
 
 def test_clean_requests_fall_back_on_prem_when_the_cloud_is_down(
     faulty: Stack, tmp_path: Path
 ) -> None:
     # node-1 from the previous test is gone again; bring it back for this test.
-    info = faulty.info
-    pki, node = Path(info["pki"]), faulty.node("node-1")
-    revived = Process(
-        [
-            "node",
-            "serve",
-            "--models",
-            str(faulty.state_dir / "models"),
-            "--listen",
-            node["address"],
-            "--cert",
-            str(pki / "node.pem"),
-            "--key",
-            str(pki / "node.key"),
-            "--client-ca",
-            str(pki / "ca.pem"),
-            "--allow-client",
-            "router",
-        ],
-        ready="node ready on",
-        log=tmp_path / "node-1-back.log",
-    )
-    try:
-        _wait_for(
-            lambda: send(faulty, iris_row(), label="confidential")[0] == "OK",
-            10,
-            "the router to readmit the node",
-        )
+    with _revived(faulty, "node-1", tmp_path / "node-1-back.log"):
         _kill(faulty, "cloud-1")
         time.sleep(2.5)
         code, reply = send(faulty, ticket(CLEAN), label="public")
         assert code == "OK"
         assert reply["x-hybridroute-zone"] == "onprem"  # route cloud, fallback onprem
-    finally:
-        revived.signal(signal.SIGTERM)
-        revived.wait(30)
-        revived.stop()
