@@ -5,12 +5,12 @@
 What runs (each its own process; the load generator is this process):
 
 - one on-prem node (`hybridroute node serve`, mutual TLS, default batching);
-- two routers on the same config and policy, started by this module's `--serve` mode
-  (a `RouterServer`, as `router serve` runs it): *audit on* writes its trail as
-  `router serve` does (SQLite WAL, synchronous=FULL, a record committed before every
-  reply, group commit, signed checkpoints); *audit off* gets a sink that records
-  nothing. The router itself has no switch to turn auditing off, on purpose: this
-  bench builds the "off" router in code.
+- two routers on the same config (the one `hybridroute up` writes, each in its own
+  directory) and policy, started by this module's `--serve` mode (a `RouterServer`, as
+  `router serve` runs it): *audit on* writes its trail as `router serve` does (SQLite
+  WAL, synchronous=FULL, a record committed before every reply, group commit, signed
+  checkpoints); *audit off* gets a sink that records nothing. The router itself has no
+  switch to turn auditing off, on purpose: this bench builds the "off" router in code.
 
 Load (`bench.loadgen`, closed loop): iris, one row of 4 x FP64, as `demo-app` with
 `x-data-classification: confidential`, so every request is sensitive and its record
@@ -33,28 +33,30 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
-import numpy as np
-import yaml
 
+from bench.harness import (
+    APP,
+    METHOD,
+    TOKEN_ENV,
+    Child,
+    cpu_seconds,
+    iris_payloads,
+    node_args,
+    prepare,
+    render_policy,
+)
 from bench.loadgen import Result, free_port, median_result, run_load, table
 from hybridroute.certs.credentials import channel_credentials
-from hybridroute.certs.pki import init_pki
-from hybridroute.node.samples import write_samples
-from hybridroute.protos import inference_pb2 as pb
 from hybridroute.router.audit import AuditEvent, AuditNote
-from hybridroute.stack import default_policy_path
+from hybridroute.stack import write_router_config
 
-METHOD = "/inference.GRPCInferenceService/ModelInfer"
-APP = "demo-app"
 CONCURRENCIES = (16, 1)
 TARGET_COST = 0.15
 MODES = ("off", "on")
@@ -101,77 +103,7 @@ def _serve(config_path: Path, audit: str) -> None:
     asyncio.run(run())
 
 
-# --- setting up -----------------------------------------------------------------------
-
-
-def _spawn(args: list[str], log: Path, marker: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 90
-    while marker not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{args[2:5]} did not start:\n{log.read_text()[-2000:]}")
-        time.sleep(0.05)
-    return proc
-
-
-def _policy(root: Path, onprem: str) -> Path:
-    """The default policy, its on-prem pool being the bench's node. Its cloud pool points
-    at a port nobody listens on: this workload never goes there."""
-    policy = yaml.safe_load(default_policy_path().read_text())
-    zones = {"onprem": onprem, "cloud": f"127.0.0.1:{free_port()}"}
-    for pool in policy["pools"].values():
-        pool["endpoints"] = [zones[pool["zone"]]]
-    target = root / "policy.yaml"
-    target.write_text(yaml.safe_dump(policy, sort_keys=False))
-    return target
-
-
-def _config(root: Path, pki: Path, policy: Path, mode: str) -> tuple[Path, str]:
-    listen, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    config = {
-        "listen": listen,
-        "tls": {
-            "cert": str(pki / "router.pem"),
-            "key": str(pki / "router.key"),
-            "client_ca": str(pki / "ca.pem"),
-        },
-        "policy": str(policy),
-        "upstream": {
-            "ca": str(pki / "ca.pem"),
-            "cert": str(pki / "router.pem"),
-            "key": str(pki / "router.key"),
-        },
-        "metrics_listen": metrics,
-        "audit": {
-            "db": str(root / f"audit-{mode}.db"),
-            "signing_key": str(pki / "audit-signing.key"),
-        },
-    }
-    path = root / f"router-{mode}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path, listen
-
-
-def _payloads() -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(256):
-        request = pb.ModelInferRequest(model_name="iris")
-        request.inputs.add(name="input", datatype="FP64", shape=[1, 4])
-        request.raw_input_contents.append(rng.uniform(0.1, 7.0, size=(1, 4)).tobytes())
-        out.append(request.SerializeToString())
-    return out
-
-
 # --- measuring ------------------------------------------------------------------------
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _measure(
@@ -183,13 +115,13 @@ async def _measure(
     metadata = (("x-data-classification", "confidential"),)
     channels = {mode: grpc.aio.secure_channel(a, creds) for mode, (a, _) in routers.items()}
     cpu: dict[tuple[str, int], list[float]] = {}
-    payloads = _payloads()
+    payloads = iris_payloads()
     results: dict[tuple[str, int], list[Result]] = {}
     try:
         for run in range(runs):
             for concurrency in CONCURRENCIES:
                 for mode in MODES:
-                    before = _cpu_seconds(routers[mode][1])
+                    before = cpu_seconds(routers[mode][1])
                     r = await run_load(
                         channels[mode],
                         METHOD,
@@ -200,7 +132,7 @@ async def _measure(
                     )
                     results.setdefault((mode, concurrency), []).append(r)
                     served = r.rps * (seconds + 0.5)  # loadgen warms up for 0.5 s first
-                    used = _cpu_seconds(routers[mode][1]) - before
+                    used = cpu_seconds(routers[mode][1]) - before
                     cpu.setdefault((mode, concurrency), []).append(used / served * 1e6)
                     print(
                         f"  run {run + 1}/{runs} audit {mode:<3} c={concurrency:<2}: "
@@ -293,61 +225,35 @@ def _report(
 
 
 def _run(root: Path, seconds: float, runs: int) -> None:
-    pki, models, logs = root / "pki", root / "models", root / "logs"
-    logs.mkdir(exist_ok=True)
-    init_pki(pki, apps=(APP,), force=True)
-    write_samples(models, force=True)
-    env = {**os.environ, "HYBRIDROUTE_CLOUD_TOKEN": "unused", "PYTHONUNBUFFERED": "1"}
+    pki, models, logs = prepare(root)
+    env = {**os.environ, TOKEN_ENV: "unused", "PYTHONUNBUFFERED": "1"}
     onprem = f"127.0.0.1:{free_port()}"
-    node_args = [
-        "node",
-        "serve",
-        "--models",
-        str(models),
-        "--listen",
-        onprem,
-        "--cert",
-        str(pki / "node.pem"),
-        "--key",
-        str(pki / "node.key"),
-        "--client-ca",
-        str(pki / "ca.pem"),
-        "--allow-client",
-        "router",
-    ]
-    procs = [
-        _spawn(
-            [sys.executable, "-m", "hybridroute", "--log-level", "WARNING", *node_args],
-            logs / "node.log",
-            "node ready on",
-            env,
-        )
-    ]
+    node = Child("node", ["--log-level", "WARNING", *node_args(models, pki, onprem)], logs, env)
+    children = [node]
     try:
-        policy = _policy(root, onprem)
+        node.wait_ready("node ready on")
+        # The cloud pool points at a port nobody listens on: this workload never goes there.
+        policy = render_policy(root, onprem, f"127.0.0.1:{free_port()}")
         routers: dict[str, tuple[str, int]] = {}
-        metrics = ""
+        trail_metrics = ""
         for mode in MODES:
-            config, listen = _config(root, pki, policy, mode)
-            args = [
-                sys.executable,
-                "-m",
-                "bench.bench_audit",
-                "--serve",
-                str(config),
-                "--audit",
-                mode,
-            ]
-            procs.append(_spawn(args, logs / f"router-{mode}.log", "router ready on", env))
-            routers[mode] = (listen, procs[-1].pid)
+            # The config `hybridroute up` writes, in a directory per router: its trail
+            # (audit.db) there, sealed with the PKI's audit signing key.
+            state, listen = root / f"router-{mode}", f"127.0.0.1:{free_port()}"
+            state.mkdir(exist_ok=True)
+            metrics = f"127.0.0.1:{free_port()}"
+            config = write_router_config(state, pki, policy, listen, metrics)
+            args = ["--serve", str(config), "--audit", mode]
+            children.append(Child(f"router-{mode}", args, logs, env, module="bench.bench_audit"))
+            children[-1].wait_ready("router ready on")
+            routers[mode] = (listen, children[-1].proc.pid)
             if mode == "on":
-                metrics = f"http://{yaml.safe_load(config.read_text())['metrics_listen']}/metrics"
+                trail_metrics = f"http://{metrics}/metrics"
         results, cpu = asyncio.run(_measure(routers, pki, seconds, runs))
-        trail = _trail_metrics(metrics)
+        trail = _trail_metrics(trail_metrics)
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
+        for child in reversed(children):
+            child.stop()
     _report(results, cpu, trail, seconds, runs)
 
 

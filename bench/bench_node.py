@@ -12,68 +12,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 
-from bench.loadgen import free_port, median_result, run_load, table
+from bench.harness import METHOD, Child, iris_payloads, node_args, prepare
+from bench.loadgen import Result, free_port, median_result, run_load, table
 from hybridroute.certs.credentials import channel_credentials
-from hybridroute.certs.pki import init_pki
-from hybridroute.node.samples import write_samples
-from hybridroute.protos import inference_pb2 as pb
-
-METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def _payloads() -> list[bytes]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(256):
-        request = pb.ModelInferRequest(model_name="iris")
-        request.inputs.add(name="input", datatype="FP64", shape=[1, 4])
-        request.raw_input_contents.append(rng.uniform(0.1, 7.0, size=(1, 4)).tobytes())
-        out.append(request.SerializeToString())
-    return out
-
-
-def _start_node(repo: Path, pki: Path, port: int, batching: bool) -> subprocess.Popen[bytes]:
-    args = [
-        sys.executable,
-        "-m",
-        "hybridroute",
-        "--log-level",
-        "WARNING",
-        "node",
-        "serve",
-        "--models",
-        str(repo),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--cert",
-        str(pki / "node.pem"),
-        "--key",
-        str(pki / "node.key"),
-        "--client-ca",
-        str(pki / "ca.pem"),
-    ]
+def _start_node(models: Path, pki: Path, logs: Path, port: int, batching: bool) -> Child:
+    """`node serve` with mutual TLS, any client the dev CA signed (no --allow-client)."""
+    args = ["--log-level", "WARNING", *node_args(models, pki, f"127.0.0.1:{port}", allow=())]
     if not batching:
         args.append("--no-batching")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
-    if "node ready" not in line:
-        raise RuntimeError(f"node did not start: {line}")
-    return proc
+    node = Child("node", args, logs)
+    node.wait_ready("node ready")
+    return node
 
 
-async def _measure(address: str, pki: Path, concurrency: int, seconds: float, runs: int):
+async def _measure(address: str, pki: Path, concurrency: int, seconds: float, runs: int) -> Result:
     creds = channel_credentials(pki / "ca.pem", pki / "router.pem", pki / "router.key")
-    payloads = _payloads()
+    payloads = iris_payloads()
     results = []
     async with grpc.aio.secure_channel(address, creds) as channel:
         for _ in range(runs):
@@ -99,23 +62,19 @@ def main() -> None:
     parser.add_argument("--delays", default="0,2", help="max_queue_delay_ms values to compare")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        init_pki(root / "pki")
-        write_samples(root / "models")
+        pki, models, logs = prepare(Path(tmp))
         configs: list[tuple[str, bool, float]] = [("off", False, 0.0)]
         configs += [(f"on, delay {d} ms", True, float(d)) for d in args.delays.split(",")]
         rows = []
         baseline: dict[int, float] = {}
         for label, batching, delay in configs:
-            _set_batching(root / "models", delay)
+            _set_batching(models, delay)
             port = free_port()
-            node = _start_node(root / "models", root / "pki", port, batching)
+            node = _start_node(models, pki, logs, port, batching)
             try:
                 for concurrency in (1, 16):
                     r = asyncio.run(
-                        _measure(
-                            f"localhost:{port}", root / "pki", concurrency, args.seconds, args.runs
-                        )
+                        _measure(f"localhost:{port}", pki, concurrency, args.seconds, args.runs)
                     )
                     if not batching:
                         baseline[concurrency] = r.rps
@@ -136,8 +95,7 @@ def main() -> None:
                         flush=True,
                     )
             finally:
-                node.terminate()
-                node.wait(30)
+                node.stop()
                 time.sleep(0.2)
     print()
     print(

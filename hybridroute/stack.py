@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["STACK_APPS", "StackOptions", "run_stack"]
+__all__ = ["STACK_APPS", "StackOptions", "run_stack", "write_router_config"]
 
 STACK_APPS = ("demo-app", "analytics", "batch-jobs", "admin")
 TOKEN_ENV = "HYBRIDROUTE_CLOUD_TOKEN"  # noqa: S105 - the variable name, not a token
@@ -199,7 +199,11 @@ def _start_nodes(
     return children
 
 
-def _write_router_config(state: Path, pki: Path, policy: Path, listen: str, metrics: str) -> Path:
+def write_router_config(state: Path, pki: Path, policy: Path, listen: str, metrics: str) -> Path:
+    """Write `state/router.yaml`, the router config `hybridroute up` runs: front door on
+    `listen` with client certificates, mutual TLS to nodes as `router`, `policy`, metrics
+    on `metrics`, `admin` as the admin identity, and the audit trail in `state` sealed
+    with the PKI's audit signing key. Returns its path. (The benchmarks use it too.)"""
     config = {
         "listen": listen,
         "tls": {
@@ -314,7 +318,7 @@ def run_stack(opts: StackOptions) -> int:
         port = opts.base_port if opts.base_port is not None else 8100
         listen = f"{opts.host}:{port}"
         metrics = f"{opts.host}:{_free_port(opts.host)}"
-        config = _write_router_config(state, pki, policy, listen, metrics)
+        config = write_router_config(state, pki, policy, listen, metrics)
         proc, log = _spawn("router", ["router", "serve", "--config", str(config)], logs, env)
         router = _Child("router", "", listen, proc, log, f"http://{metrics}/metrics")
         children.append(router)

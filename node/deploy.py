@@ -39,7 +39,7 @@ from hybridroute.node.admin_client import (
     print_table,
     resolve_targets,
 )
-from hybridroute.node.models_cli import load_on, read_index
+from hybridroute.node.models_cli import load_on, versions_now
 from hybridroute.node.package_cli import add_package_arguments
 
 __all__ = ["DeployError", "DeployResult", "place_version", "register_deploy"]
@@ -223,14 +223,7 @@ def _deploy_one(
             return result(repo, "failed", "NOT_COPIED", str(exc), "?")
         placed[key] = target.name
     _, code, message = call(lambda: load_on(target, creds, name, number, args.timeout))
-    return result(repo, copy, code, message, _versions(target, creds, name, args.timeout))
-
-
-def _versions(target: NodeTarget, creds: Credentials, model: str, timeout: float) -> str:
-    found, _, _ = call(lambda: read_index(target, creds, timeout))
-    if found is None:
-        return "?"
-    return ", ".join(f"{ln.version} {ln.state}" for ln in reversed(found) if ln.model == model)
+    return result(repo, copy, code, message, versions_now(target, creds, name, args.timeout))
 
 
 def _models_deploy(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -23,7 +23,7 @@ from hybridroute.node.admin_client import (
     resolve_targets,
 )
 
-__all__ = ["IndexLine", "load_on", "read_index", "register_lifecycle_commands"]
+__all__ = ["IndexLine", "load_on", "read_index", "register_lifecycle_commands", "versions_now"]
 
 
 @dataclass(frozen=True)
@@ -153,13 +153,13 @@ def _print_index(lines: Sequence[IndexLine], *, as_json: bool) -> None:
     print_table(("NODE", "MODEL", "VERSION", "STATE", "REASON"), rows)
 
 
-def _versions_of(target: NodeTarget, creds: Credentials, model: str, timeout: float) -> str:
-    """`2 READY, 1 READY` for the output line after a change (best effort)."""
+def versions_now(target: NodeTarget, creds: Credentials, model: str, timeout: float) -> str:
+    """`2 READY, 1 READY`: the versions of `model` on one node, for the output line after
+    a change (best effort: "?" when the node does not answer, "" when it has none)."""
     found, _, _ = call(lambda: read_index(target, creds, timeout))
     if found is None:
         return "?"
-    states = [f"{ln.version} {ln.state}" for ln in reversed(found) if ln.model == model]
-    return ", ".join(states) or "none"
+    return ", ".join(f"{ln.version} {ln.state}" for ln in reversed(found) if ln.model == model)
 
 
 def _report(
@@ -172,7 +172,7 @@ def _report(
     failed = 0
     rows = []
     for target, (code, message) in zip(targets, outcomes, strict=True):
-        versions = _versions_of(target, creds, args.model, args.timeout)
+        versions = versions_now(target, creds, args.model, args.timeout) or "none"
         failed += code != "OK"
         record = {
             "node": target.name,
@@ -197,23 +197,27 @@ def _report(
     return 1 if failed else 0
 
 
-def _models_load(args: argparse.Namespace) -> int:
+def _on_each_node(
+    args: argparse.Namespace, action: str, change: Callable[[NodeTarget, Credentials], None]
+) -> int:
+    """`change` on every target node in turn, then the report of what each did."""
     targets, creds = resolve_targets(args)
     outcomes = []
     for target in targets:
-        _, code, message = call(
-            partial(load_on, target, creds, args.model, args.version, args.timeout)
-        )
+        _, code, message = call(partial(change, target, creds))
         outcomes.append((code, message))
-    return _report(args, targets, creds, "load", outcomes)
+    return _report(args, targets, creds, action, outcomes)
+
+
+def _models_load(args: argparse.Namespace) -> int:
+    return _on_each_node(
+        args, "load", lambda t, c: load_on(t, c, args.model, args.version, args.timeout)
+    )
 
 
 def _models_unload(args: argparse.Namespace) -> int:
-    targets, creds = resolve_targets(args)
-    outcomes = []
-    for target in targets:
-        _, code, message = call(
-            partial(_unload_on, target, creds, args.model, args.version, args.force, args.timeout)
-        )
-        outcomes.append((code, message))
-    return _report(args, targets, creds, "unload", outcomes)
+    return _on_each_node(
+        args,
+        "unload",
+        lambda t, c: _unload_on(t, c, args.model, args.version, args.force, args.timeout),
+    )

@@ -1,4 +1,5 @@
-"""Helpers for tests that run real servers: free ports, background event loops, processes."""
+"""Helpers for tests that run real servers: free ports, background event loops, nodes
+in-process, processes."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+
+if TYPE_CHECKING:
+    from hybridroute.node.server import NodeServer
 
 T = TypeVar("T")
 
@@ -41,6 +46,40 @@ class LoopThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+
+
+@contextmanager
+def running_node(models: Path, pki: Path | None, **options: object) -> Iterator[NodeServer]:
+    """A `NodeServer` serving `models` on a free port from a background loop, stopped on
+    exit. With `pki`: mutual TLS as the session PKI's `node`, serving `router` and
+    `demo-app`; `options` are further `NodeOptions` fields and override these."""
+    from hybridroute.node.server import NodeOptions, NodeServer
+
+    settings: dict[str, object] = {"models": models, "listen": "127.0.0.1:0"}
+    if pki is not None:
+        settings |= {
+            "cert": pki / "node.pem",
+            "key": pki / "node.key",
+            "client_ca": pki / "ca.pem",
+            "allow_clients": ("router", "demo-app"),
+            "grace_seconds": 1.0,
+        }
+    loop = LoopThread()
+    node = NodeServer(NodeOptions(**{**settings, **options}))  # type: ignore[arg-type]
+    loop.run(node.start())
+    try:
+        yield node
+    finally:
+        loop.run(node.stop(grace=1))
+        loop.close()
+
+
+def router_channel(node: NodeServer, pki: Path, identity: str = "router") -> grpc.Channel:
+    """A mutual-TLS channel to an in-process node as `identity` (default: the router)."""
+    from hybridroute.certs.credentials import channel_credentials
+
+    creds = channel_credentials(pki / "ca.pem", pki / f"{identity}.pem", pki / f"{identity}.key")
+    return grpc.secure_channel(f"localhost:{node.port}", creds)
 
 
 class Process:

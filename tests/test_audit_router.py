@@ -21,8 +21,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import LoopThread, free_port, mtls_channel
+from support import mtls_channel
 from test_router import TOKEN, Harness
 from test_router_e2e import CLEAN, iris_row, ticket
 
@@ -32,8 +33,6 @@ from hybridroute.cli import main
 from hybridroute.protos import admin_pb2, admin_pb2_grpc
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.router.auditdb import connect_readonly
-from hybridroute.router.config import hash_token, load_config
-from hybridroute.router.server import RouterServer
 
 SSN, CARD, EMAIL = "321-54-9876", "4111 1111 1111 1111", "jane.doe@example.com"
 METHOD = "/inference.GRPCInferenceService/"
@@ -44,34 +43,22 @@ class Audited(Harness):
     (so a test may rotate them), a short commit timeout, metrics on."""
 
     def __init__(self, root: Path, pki: Path, models: Path) -> None:
-        import os
-
-        os.environ["HYBRIDROUTE_CLOUD_TOKEN"] = "cloud-secret-token"
-        self.loop, self.pki, self.root = LoopThread(), pki, root
-        self.nodes = [self._node(models, pki, "node", client_ca=True) for _ in range(2)]
-        self.cloud = self._node(models, pki, "cloud", client_ca=False)
-        self.policy = root / "policy.yaml"
-        self.policy.write_text(self.policy_text())
         for name in ("router.pem", "router.key"):
             shutil.copy(pki / name, root / name)
-        self.token_port = free_port()
         self.db = root / "trail" / "audit.db"
-        config = root / "router.yaml"
-        config.write_text(f"""
-listen: 127.0.0.1:0
-token_listen: 127.0.0.1:{self.token_port}
-tls: {{cert: router.pem, key: router.key, client_ca: {pki}/ca.pem}}
-tokens: [{{caller: analytics, sha256: {hash_token(TOKEN)}}}]
-policy: {self.policy}
-upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key,
-           cloud_ca: {pki}/ca.pem}}
-metrics_listen: 127.0.0.1:0
-admins: [admin]
-audit: {{db: trail/audit.db, signing_key: {pki}/audit-signing.key, commit_timeout: 300ms}}
-""")
-        self.router = RouterServer(load_config(config))
-        self.loop.run(self.router.start())
-        self.address = f"localhost:{self.router.port}"
+        super().__init__(root, pki, models)
+
+    def router_config(self) -> str:
+        """The harness's, but the TLS files beside it, metrics on and the trail in `db`."""
+        config = yaml.safe_load(super().router_config())
+        config["tls"] |= {"cert": "router.pem", "key": "router.key"}
+        config["metrics_listen"] = "127.0.0.1:0"
+        config["audit"] = {
+            "db": "trail/audit.db",
+            "signing_key": f"{self.pki}/audit-signing.key",
+            "commit_timeout": "300ms",
+        }
+        return yaml.safe_dump(config, sort_keys=False)
 
     def call(
         self,
@@ -112,13 +99,6 @@ audit: {{db: trail/audit.db, signing_key: {pki}/audit-signing.key, commit_timeou
             return admin_pb2_grpc.RouterAdminStub(channel).Status(
                 admin_pb2.StatusRequest(), timeout=5
             )
-
-    def close(self) -> None:
-        if self.router._server is not None:
-            self.loop.run(self.router.stop(grace=1))
-        for node in [*self.nodes, self.cloud]:
-            self.loop.run(node.stop(grace=1))
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
-from support import LoopThread
+from support import router_channel, running_node
 
-from hybridroute.certs.credentials import channel_credentials
 from hybridroute.cli import main
 from hybridroute.node.drift import DriftMonitor, RingBuffer
 from hybridroute.node.drift_stats import compare
@@ -28,7 +26,7 @@ from hybridroute.node.loading import LoadedModel
 from hybridroute.node.packaging import package_model
 from hybridroute.node.repository import ModelRepository
 from hybridroute.node.samples import generate_tickets
-from hybridroute.node.server import NodeOptions, NodeServer
+from hybridroute.node.server import NodeServer
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
 
@@ -159,30 +157,20 @@ def test_text_models_drift_on_text_statistics(model_repo: Path) -> None:
 
 @pytest.fixture(scope="module")
 def node(repo: Path, pki: Path) -> Iterator[NodeServer]:
-    loop = LoopThread()
-    server = NodeServer(
-        NodeOptions(
-            models=repo,
-            listen="127.0.0.1:0",
-            cert=pki / "node.pem",
-            key=pki / "node.key",
-            client_ca=pki / "ca.pem",
-            allow_clients=("router",),
-            metrics_listen="127.0.0.1:0",
-            drift_window=400,
-            drift_min_window=100,
-            drift_interval=0.1,
-        )
-    )
-    loop.run(server.start())
-    yield server
-    loop.run(server.stop(grace=1))
-    loop.close()
+    with running_node(
+        repo,
+        pki,
+        allow_clients=("router",),
+        metrics_listen="127.0.0.1:0",
+        drift_window=400,
+        drift_min_window=100,
+        drift_interval=0.1,
+    ) as server:
+        yield server
 
 
 def send(node: NodeServer, pki: Path, rows: np.ndarray) -> None:
-    creds = channel_credentials(pki / "ca.pem", pki / "router.pem", pki / "router.key")
-    with grpc.secure_channel(f"localhost:{node.port}", creds) as channel:
+    with router_channel(node, pki) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         for chunk in np.array_split(rows, len(rows) // 10):
             request = pb.ModelInferRequest(model_name="loans")

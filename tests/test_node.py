@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import LoopThread, mtls_channel
+from support import mtls_channel, running_node
 
 from hybridroute.certs.credentials import channel_credentials
 from hybridroute.certs.pki import init_pki
 from hybridroute.node.dataplane import BatchingDefaults
 from hybridroute.node.repository import ModelRepository
-from hybridroute.node.server import NodeOptions, NodeServer
+from hybridroute.node.server import NodeServer
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
 from hybridroute.protos.tensors import encode_bytes_elements
@@ -45,23 +45,10 @@ def repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def node(repo: Path, pki: Path) -> Iterator[NodeServer]:
-    loop = LoopThread()
-    server = NodeServer(
-        NodeOptions(
-            models=repo,
-            listen="127.0.0.1:0",
-            cert=pki / "node.pem",
-            key=pki / "node.key",
-            client_ca=pki / "ca.pem",
-            allow_clients=("router", "demo-app"),
-            metrics_listen="127.0.0.1:0",
-            max_message_bytes=1024 * 1024,
-        )
-    )
-    loop.run(server.start())
-    yield server
-    loop.run(server.stop(grace=1))
-    loop.close()
+    with running_node(
+        repo, pki, metrics_listen="127.0.0.1:0", max_message_bytes=1024 * 1024
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -380,17 +367,8 @@ def test_metrics_count_requests_by_model_version_and_code(node: NodeServer, stub
 
 
 def test_batching_can_be_switched_off(repo: Path, pki: Path, iris) -> None:
-    loop = LoopThread()
-    server = NodeServer(
-        NodeOptions(
-            models=repo,
-            listen="127.0.0.1:0",
-            insecure=True,
-            batching=BatchingDefaults(enabled=False),
-        )
-    )
-    loop.run(server.start())
-    try:
+    unbatched = BatchingDefaults(enabled=False)
+    with running_node(repo, None, insecure=True, batching=unbatched) as server:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             with ThreadPoolExecutor(16) as pool:
@@ -402,6 +380,3 @@ def test_batching_can_be_switched_off(repo: Path, pki: Path, iris) -> None:
             "hybridroute_node_batch_size_count", {"model": "iris", "version": "1"}
         )
         assert sizes == count == 32
-    finally:
-        loop.run(server.stop(grace=1))
-        loop.close()

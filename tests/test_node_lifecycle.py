@@ -11,8 +11,6 @@ import shutil
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -21,12 +19,11 @@ import pytest
 import skops.io as sio
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
-from support import LoopThread, mtls_channel
+from support import mtls_channel, router_channel, running_node
 
-from hybridroute.certs.credentials import channel_credentials
 from hybridroute.cli import main
 from hybridroute.node.lifecycle import scan_with_policy
-from hybridroute.node.server import NodeOptions, NodeServer
+from hybridroute.node.server import NodeServer
 from hybridroute.node.versions import VersionPolicy, parse_policy, to_keep
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
@@ -58,33 +55,6 @@ def repo(model_repo: Path, tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     shutil.copytree(model_repo / "iris", root / "iris")
     return root
-
-
-@contextmanager
-def running_node(repo: Path, pki: Path, **options: object) -> Iterator[NodeServer]:
-    settings: dict[str, object] = {
-        "models": repo,
-        "listen": "127.0.0.1:0",
-        "cert": pki / "node.pem",
-        "key": pki / "node.key",
-        "client_ca": pki / "ca.pem",
-        "allow_clients": ("router", "demo-app"),
-        "grace_seconds": 1.0,
-        **options,
-    }
-    loop = LoopThread()
-    node = NodeServer(NodeOptions(**settings))  # type: ignore[arg-type]
-    loop.run(node.start())
-    try:
-        yield node
-    finally:
-        loop.run(node.stop(grace=1))
-        loop.close()
-
-
-def router_channel(node: NodeServer, pki: Path, identity: str = "router") -> grpc.Channel:
-    creds = channel_credentials(pki / "ca.pem", pki / f"{identity}.pem", pki / f"{identity}.key")
-    return grpc.secure_channel(f"localhost:{node.port}", creds)
 
 
 def infer(stub: pb_grpc.GRPCInferenceServiceStub, version: str = "") -> pb.ModelInferResponse:

@@ -38,17 +38,28 @@ def _policy_text(onprem: list[int], cloud: int) -> str:
 
 
 class Harness:
+    """Two on-prem nodes and a cloud stand-in in-process, and a router in front of them
+    on `router_config()` (`test_audit_router.Audited` gives it another)."""
+
     def __init__(self, root: Path, pki: Path, models: Path) -> None:
         os.environ["HYBRIDROUTE_CLOUD_TOKEN"] = "cloud-secret-token"
         self.loop = LoopThread()
-        self.pki = pki
+        self.pki, self.root = pki, root
         self.nodes = [self._node(models, pki, "node", client_ca=True) for _ in range(2)]
         self.cloud = self._node(models, pki, "cloud", client_ca=False)
         self.policy = root / "policy.yaml"
         self.policy.write_text(self.policy_text())
         self.token_port = free_port()
         config = root / "router.yaml"
-        config.write_text(f"""
+        config.write_text(self.router_config())
+        self.router = RouterServer(load_config(config))
+        self.loop.run(self.router.start())
+        self.address = f"localhost:{self.router.port}"
+
+    def router_config(self) -> str:
+        """router.yaml: bearer tokens on `token_port`, `admin` as the admin identity."""
+        pki = self.pki
+        return f"""
 listen: 127.0.0.1:0
 token_listen: 127.0.0.1:{self.token_port}
 tls: {{cert: {pki}/router.pem, key: {pki}/router.key, client_ca: {pki}/ca.pem}}
@@ -58,10 +69,7 @@ policy: {self.policy}
 upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key,
            cloud_ca: {pki}/ca.pem}}
 admins: [admin]
-""")
-        self.router = RouterServer(load_config(config))
-        self.loop.run(self.router.start())
-        self.address = f"localhost:{self.router.port}"
+"""
 
     def policy_text(self) -> str:
         return _policy_text([n.port for n in self.nodes], self.cloud.port)
@@ -85,7 +93,8 @@ admins: [admin]
         return pb_grpc.GRPCInferenceServiceStub(mtls_channel(self.address, self.pki, app))
 
     def close(self) -> None:
-        self.loop.run(self.router.stop(grace=1))
+        if self.router._server is not None:  # not stopped by a test already
+            self.loop.run(self.router.stop(grace=1))
         for node in [*self.nodes, self.cloud]:
             self.loop.run(node.stop(grace=1))
         self.loop.close()
