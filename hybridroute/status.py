@@ -26,6 +26,13 @@ durations seconds; `null` when not applicable):
   not signed), `last_refused` (null, or {`error`, `at`, `seconds_ago`});
 - `endpoints`: list of {`pool`, `zone`, `address`, `node` (stack name|null), `healthy`,
   `outstanding`, `seconds_since_check` (null: never checked), `last_error` (str|null)};
+- `rollouts`: list of {`route`, `model`, `split` (list of {`version`, `weight`,
+  `requests`}: the policy's weights and the requests sent to each version since the
+  router started), `shadow` (null, or {`version`, `percent`, `pool`, `agreed`,
+  `disagreed`, `failed`, `dropped`, `refused`, `no_endpoint`, `agreement_rate`
+  (0..1, null before any copy was compared), `latency_difference_ms` (mean candidate
+  minus mean serving upstream time, null likewise)})}, one per rollout of the live
+  policy;
 - `processes`: null without `--stack`; else a list of {`name`, `zone`, `address`, `pid`,
   `alive`, `metrics`} for the router and every node in stack.json.
 
@@ -47,6 +54,8 @@ import grpc
 
 from hybridroute.cli import UsageError
 from hybridroute.protos import admin_pb2, admin_pb2_grpc
+from hybridroute.status_rollouts import HEADERS as ROLLOUT_HEADERS
+from hybridroute.status_rollouts import rollout_dict, rollout_rows
 
 __all__ = [
     "DEFAULT_STACK",
@@ -229,6 +238,7 @@ def status_to_dict(
         },
         "policy": _policy_dict(response.policy, now),
         "endpoints": [_endpoint_dict(ep, names) for ep in response.endpoints],
+        "rollouts": [rollout_dict(r) for r in response.rollouts],
         "processes": _processes(stack) if stack is not None else None,
     }
 
@@ -321,6 +331,12 @@ def _endpoint_lines(endpoints: list[dict[str, Any]]) -> list[str]:
     return ["endpoints", *format_table(headers, rows)]
 
 
+def _rollout_lines(rollouts: list[dict[str, Any]]) -> list[str]:
+    if not rollouts:
+        return ["rollouts", "  (none in the live policy)"]
+    return ["rollouts", *format_table(ROLLOUT_HEADERS, rollout_rows(rollouts))]
+
+
 def _process_lines(processes: list[dict[str, Any]]) -> list[str]:
     rows = [
         [
@@ -343,6 +359,7 @@ def render_status(data: dict[str, Any]) -> str:
         _header_lines(data["router"]),
         _policy_lines(data["policy"]),
         _endpoint_lines(data["endpoints"]),
+        _rollout_lines(data["rollouts"]),
     ]
     if data["processes"] is not None:
         sections.append(_process_lines(data["processes"]))

@@ -24,7 +24,7 @@ _POOL = _descriptor_pool.DescriptorPool()  # private: see protos/generate.py
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x14hybridroute.admin.v1\"\x0f\n\rStatusRequest\"\x94\x01\n\x0e\x45ndpointStatus\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x13\n\x0boutstanding\x18\x05 \x01(\x03\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x1b\n\x13seconds_since_check\x18\x07 \x01(\x01\"\xb2\x01\n\x0cPolicyStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x14\n\x0cversion_hash\x18\x02 \x01(\t\x12\x11\n\tloaded_at\x18\x03 \x01(\x01\x12\x1a\n\x12last_refused_error\x18\x04 \x01(\t\x12\x17\n\x0flast_refused_at\x18\x05 \x01(\x01\x12\x10\n\x08warnings\x18\x06 \x01(\x03\x12\x11\n\tsigned_by\x18\x07 \x01(\t\x12\x11\n\tsigned_at\x18\x08 \x01(\x01\"\xf9\x01\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\x1a\n\x12not_serving_reason\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\x01\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12\x32\n\x06policy\x18\x06 \x01(\x0b\x32\".hybridroute.admin.v1.PolicyStatus\x12\x37\n\tendpoints\x18\x07 \x03(\x0b\x32$.hybridroute.admin.v1.EndpointStatus\x12\x15\n\raudit_failure\x18\x08 \x01(\t\"\x15\n\x13ReloadPolicyRequest\"M\n\x14ReloadPolicyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x14\n\x0cversion_hash\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\xcd\x01\n\x0bRouterAdmin\x12U\n\x06Status\x12#.hybridroute.admin.v1.StatusRequest\x1a$.hybridroute.admin.v1.StatusResponse\"\x00\x12g\n\x0cReloadPolicy\x12).hybridroute.admin.v1.ReloadPolicyRequest\x1a*.hybridroute.admin.v1.ReloadPolicyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x0b\x61\x64min.proto\x12\x14hybridroute.admin.v1\"\x0f\n\rStatusRequest\"\x94\x01\n\x0e\x45ndpointStatus\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x13\n\x0boutstanding\x18\x05 \x01(\x03\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x1b\n\x13seconds_since_check\x18\x07 \x01(\x01\"\xb2\x01\n\x0cPolicyStatus\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x14\n\x0cversion_hash\x18\x02 \x01(\t\x12\x11\n\tloaded_at\x18\x03 \x01(\x01\x12\x1a\n\x12last_refused_error\x18\x04 \x01(\t\x12\x17\n\x0flast_refused_at\x18\x05 \x01(\x01\x12\x10\n\x08warnings\x18\x06 \x01(\x03\x12\x11\n\tsigned_by\x18\x07 \x01(\t\x12\x11\n\tsigned_at\x18\x08 \x01(\x01\"\xb0\x02\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\x1a\n\x12not_serving_reason\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\x01\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12\x32\n\x06policy\x18\x06 \x01(\x0b\x32\".hybridroute.admin.v1.PolicyStatus\x12\x37\n\tendpoints\x18\x07 \x03(\x0b\x32$.hybridroute.admin.v1.EndpointStatus\x12\x15\n\raudit_failure\x18\x08 \x01(\t\x12\x35\n\x08rollouts\x18\t \x03(\x0b\x32#.hybridroute.admin.v1.RolloutStatus\"A\n\x0cVersionShare\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x03\x12\x10\n\x08requests\x18\x03 \x01(\x03\"\xdf\x01\n\x0cShadowStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07percent\x18\x02 \x01(\x01\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x0e\n\x06\x61greed\x18\x04 \x01(\x03\x12\x11\n\tdisagreed\x18\x05 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\x07 \x01(\x03\x12\x0f\n\x07refused\x18\x08 \x01(\x03\x12\x13\n\x0bno_endpoint\x18\t \x01(\x03\x12\x16\n\x0e\x61greement_rate\x18\n \x01(\x01\x12\x1d\n\x15latency_difference_ms\x18\x0b \x01(\x01\"\x94\x01\n\rRolloutStatus\x12\r\n\x05route\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x31\n\x05split\x18\x03 \x03(\x0b\x32\".hybridroute.admin.v1.VersionShare\x12\x32\n\x06shadow\x18\x04 \x01(\x0b\x32\".hybridroute.admin.v1.ShadowStatus\"\x15\n\x13ReloadPolicyRequest\"M\n\x14ReloadPolicyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x14\n\x0cversion_hash\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\xcd\x01\n\x0bRouterAdmin\x12U\n\x06Status\x12#.hybridroute.admin.v1.StatusRequest\x1a$.hybridroute.admin.v1.StatusResponse\"\x00\x12g\n\x0cReloadPolicy\x12).hybridroute.admin.v1.ReloadPolicyRequest\x1a*.hybridroute.admin.v1.ReloadPolicyResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLICYSTATUS']._serialized_start=206
   _globals['_POLICYSTATUS']._serialized_end=384
   _globals['_STATUSRESPONSE']._serialized_start=387
-  _globals['_STATUSRESPONSE']._serialized_end=636
-  _globals['_RELOADPOLICYREQUEST']._serialized_start=638
-  _globals['_RELOADPOLICYREQUEST']._serialized_end=659
-  _globals['_RELOADPOLICYRESPONSE']._serialized_start=661
-  _globals['_RELOADPOLICYRESPONSE']._serialized_end=738
-  _globals['_ROUTERADMIN']._serialized_start=741
-  _globals['_ROUTERADMIN']._serialized_end=946
+  _globals['_STATUSRESPONSE']._serialized_end=691
+  _globals['_VERSIONSHARE']._serialized_start=693
+  _globals['_VERSIONSHARE']._serialized_end=758
+  _globals['_SHADOWSTATUS']._serialized_start=761
+  _globals['_SHADOWSTATUS']._serialized_end=984
+  _globals['_ROLLOUTSTATUS']._serialized_start=987
+  _globals['_ROLLOUTSTATUS']._serialized_end=1135
+  _globals['_RELOADPOLICYREQUEST']._serialized_start=1137
+  _globals['_RELOADPOLICYREQUEST']._serialized_end=1158
+  _globals['_RELOADPOLICYRESPONSE']._serialized_start=1160
+  _globals['_RELOADPOLICYRESPONSE']._serialized_end=1237
+  _globals['_ROUTERADMIN']._serialized_start=1240
+  _globals['_ROUTERADMIN']._serialized_end=1445
 # @@protoc_insertion_point(module_scope)

@@ -49,7 +49,7 @@ class PolicyStatus(_message.Message):
     def __init__(self, path: _Optional[str] = ..., version_hash: _Optional[str] = ..., loaded_at: _Optional[float] = ..., last_refused_error: _Optional[str] = ..., last_refused_at: _Optional[float] = ..., warnings: _Optional[int] = ..., signed_by: _Optional[str] = ..., signed_at: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "serving", "not_serving_reason", "started_at", "in_flight", "policy", "endpoints", "audit_failure")
+    __slots__ = ("version", "serving", "not_serving_reason", "started_at", "in_flight", "policy", "endpoints", "audit_failure", "rollouts")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     NOT_SERVING_REASON_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class StatusResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
     version: str
     serving: bool
     not_serving_reason: str
@@ -66,7 +67,56 @@ class StatusResponse(_message.Message):
     policy: PolicyStatus
     endpoints: _containers.RepeatedCompositeFieldContainer[EndpointStatus]
     audit_failure: str
-    def __init__(self, version: _Optional[str] = ..., serving: bool = ..., not_serving_reason: _Optional[str] = ..., started_at: _Optional[float] = ..., in_flight: _Optional[int] = ..., policy: _Optional[_Union[PolicyStatus, _Mapping]] = ..., endpoints: _Optional[_Iterable[_Union[EndpointStatus, _Mapping]]] = ..., audit_failure: _Optional[str] = ...) -> None: ...
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutStatus]
+    def __init__(self, version: _Optional[str] = ..., serving: bool = ..., not_serving_reason: _Optional[str] = ..., started_at: _Optional[float] = ..., in_flight: _Optional[int] = ..., policy: _Optional[_Union[PolicyStatus, _Mapping]] = ..., endpoints: _Optional[_Iterable[_Union[EndpointStatus, _Mapping]]] = ..., audit_failure: _Optional[str] = ..., rollouts: _Optional[_Iterable[_Union[RolloutStatus, _Mapping]]] = ...) -> None: ...
+
+class VersionShare(_message.Message):
+    __slots__ = ("version", "weight", "requests")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    weight: int
+    requests: int
+    def __init__(self, version: _Optional[str] = ..., weight: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
+
+class ShadowStatus(_message.Message):
+    __slots__ = ("version", "percent", "pool", "agreed", "disagreed", "failed", "dropped", "refused", "no_endpoint", "agreement_rate", "latency_difference_ms")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    AGREED_FIELD_NUMBER: _ClassVar[int]
+    DISAGREED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    NO_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_RATE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_DIFFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    percent: float
+    pool: str
+    agreed: int
+    disagreed: int
+    failed: int
+    dropped: int
+    refused: int
+    no_endpoint: int
+    agreement_rate: float
+    latency_difference_ms: float
+    def __init__(self, version: _Optional[str] = ..., percent: _Optional[float] = ..., pool: _Optional[str] = ..., agreed: _Optional[int] = ..., disagreed: _Optional[int] = ..., failed: _Optional[int] = ..., dropped: _Optional[int] = ..., refused: _Optional[int] = ..., no_endpoint: _Optional[int] = ..., agreement_rate: _Optional[float] = ..., latency_difference_ms: _Optional[float] = ...) -> None: ...
+
+class RolloutStatus(_message.Message):
+    __slots__ = ("route", "model", "split", "shadow")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    model: str
+    split: _containers.RepeatedCompositeFieldContainer[VersionShare]
+    shadow: ShadowStatus
+    def __init__(self, route: _Optional[str] = ..., model: _Optional[str] = ..., split: _Optional[_Iterable[_Union[VersionShare, _Mapping]]] = ..., shadow: _Optional[_Union[ShadowStatus, _Mapping]] = ...) -> None: ...
 
 class ReloadPolicyRequest(_message.Message):
     __slots__ = ()

@@ -1,5 +1,8 @@
 """The router's admin API (protos/admin.proto): status and policy reload.
 
+Status includes each rollout of the live policy (canary split, shadow) with what the
+router counted for it (`shadow.rollout_stats`, read from its metrics).
+
 Only identities listed under `admins` in the router config may call it; the same
 mutual TLS as the front door authenticates them.
 """
@@ -14,6 +17,7 @@ from hybridroute import __version__
 from hybridroute.certs.credentials import peer_identities
 from hybridroute.protos import admin_pb2 as pb
 from hybridroute.protos import admin_pb2_grpc as pb_grpc
+from hybridroute.router.shadow import RolloutStats, rollout_stats
 
 if TYPE_CHECKING:
     from hybridroute.router.policystore import ReloadResult
@@ -28,6 +32,25 @@ def _signer(active: ReloadResult) -> str:
     if active.signed_by is None:
         return ""
     return f"{active.signed_by} (key {(active.signing_key or '')[:16]})"
+
+
+def _rollout(stats: RolloutStats) -> pb.RolloutStatus:
+    out = pb.RolloutStatus(route=stats.route, model=stats.model)
+    for version, weight, requests in stats.split:
+        out.split.add(version=version, weight=weight, requests=requests)
+    shadow = stats.shadow
+    if shadow is not None:
+        out.shadow.CopyFrom(
+            pb.ShadowStatus(
+                version=shadow.version,
+                percent=shadow.percent,
+                pool=shadow.pool,
+                **shadow.counts,
+                agreement_rate=-1.0 if shadow.agreement_rate is None else shadow.agreement_rate,
+                latency_difference_ms=shadow.latency_difference_ms or 0.0,
+            )
+        )
+    return out
 
 
 class AdminServicer(pb_grpc.RouterAdminServicer):
@@ -87,6 +110,7 @@ class AdminServicer(pb_grpc.RouterAdminServicer):
                 last_error=row.get("last_error") or "",
                 seconds_since_check=-1.0 if age is None else float(age),
             )
+        response.rollouts.extend(_rollout(r) for r in rollout_stats(store.current, router.metrics))
         return response
 
     async def ReloadPolicy(

@@ -17,7 +17,12 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class AuditMetrics:
-    def __init__(self, registry: CollectorRegistry, failing: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        failing: Callable[[], object],
+        queue_depth: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.records = Counter(
             "hybridroute_audit_records",
             "Audit records committed",
@@ -41,6 +46,12 @@ class AuditMetrics:
             registry=registry,
         )
         failing_gauge.set_function(lambda: 1.0 if failing() else 0.0)
+        depth_gauge = Gauge(
+            "hybridroute_audit_queue_depth",
+            "Entries waiting for the writer thread (a growing queue: commits fall behind)",
+            registry=registry,
+        )
+        depth_gauge.set_function(lambda: float(queue_depth()))
 
     def observe(self, records: int, seconds: float) -> None:
         """Called by the writer thread after each commit."""

@@ -70,7 +70,8 @@ class AuditStore:
         loop = asyncio.get_running_loop()
         writer.on_change = lambda: _call_soon(loop, self.on_change)
         if self._registry is not None:
-            writer.observe = AuditMetrics(self._registry, lambda: self.failure).observe
+            metrics = AuditMetrics(self._registry, lambda: self.failure, self._queue.qsize)
+            writer.observe = metrics.observe
         # The writer needs the GIL briefly after each commit; under a busy event loop it
         # waits up to one switch interval for it (5 ms by default: that wait, not the
         # fsync, dominated the commit time). 0.5 ms keeps commits prompt.

@@ -8,6 +8,12 @@ limited to zones the request may use), within the caller's deadline.
 
 The last line of defence for invariant 1 is here too: an endpoint outside the
 on-prem zone is never called for a sensitive request, whatever the decision says.
+Shadow copies (`mirror`) pass the same check, so a policy object that slipped past
+the load-time checks still cannot mirror a sensitive request out of the on-prem zone.
+
+A canary split hands `forward` the request with its version set (`versioned`); only
+endpoints of the decided route get it, since a fallback route's pool need not have
+that version: a fallback gets the request as the caller sent it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from hybridroute.router.metrics import RouterMetrics
 from hybridroute.router.policy import Policy
 from hybridroute.router.pools import Endpoint, Pools
 
-__all__ = ["Forwarded", "Forwarder", "RouterError"]
+__all__ = ["Forwarded", "Forwarder", "RouterError", "ZoneGuardRefusal", "zone_guard"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +44,26 @@ class RouterError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class ZoneGuardRefusal(RouterError):
+    """A sensitive request was about to leave the on-prem zone; nothing was sent."""
+
+    def __init__(self) -> None:
+        super().__init__(grpc.StatusCode.INTERNAL, "routing refused by the zone guard")
+
+
+def zone_guard(sensitive: bool, endpoint: Endpoint, route: str, what: str = "request") -> None:
+    """Raise ZoneGuardRefusal unless `endpoint` may receive this request (invariant 1)."""
+    if sensitive and endpoint.zone != "onprem":
+        log.error(
+            "refusing to send a sensitive %s to %s endpoint %s (route %s)",
+            what,
+            endpoint.zone,
+            endpoint.address,
+            route,
+        )
+        raise ZoneGuardRefusal()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +97,10 @@ class Forwarder:
         *,
         deadline: float | None,
         metadata: Sequence[tuple[str, str]],
+        versioned: bytes | None = None,
     ) -> Forwarded:
-        """`deadline` is on `time.monotonic()`'s clock (None: the caller set none)."""
+        """`deadline` is on `time.monotonic()`'s clock (None: the caller set none);
+        `versioned`: `raw` with a canary version set, for the decided route only."""
         assert decision.route is not None
         routes = (decision.route, *decision.fallbacks)
         tried: list[Endpoint] = []
@@ -85,20 +113,14 @@ class Forwarder:
                     f"no healthy endpoint for route '{decision.route}' (pools {pools})",
                 )
             route, endpoint = picked
-            if decision.sensitive and endpoint.zone != "onprem":
-                log.error(
-                    "refusing to send a sensitive request to %s endpoint %s (route %s)",
-                    endpoint.zone,
-                    endpoint.address,
-                    route,
-                )
-                raise RouterError(grpc.StatusCode.INTERNAL, "routing refused by the zone guard")
+            zone_guard(decision.sensitive, endpoint, route)
             tried.append(endpoint)
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             try:
-                reply = await self._call(endpoint, method, raw, timeout, metadata)
+                body = versioned if versioned is not None and route == decision.route else raw
+                reply = await self._call(endpoint, method, body, timeout, metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -108,6 +130,29 @@ class Forwarder:
                 self._metrics.upstream_retries.labels(endpoint.pool).inc()
                 continue
             return Forwarded(reply, endpoint, route, len(tried))
+
+    async def mirror(
+        self,
+        method: str,
+        raw: bytes,
+        *,
+        pool: str,
+        route: str,
+        sensitive: bool,
+        timeout: float,  # noqa: ASYNC109 - passed on to the upstream call
+        metadata: Sequence[tuple[str, str]],
+    ) -> bytes:
+        """Send a shadow copy to one healthy endpoint of `pool`: no retry, and the zone
+        guard first. Raises RouterError (ZoneGuardRefusal, no endpoint) or the call's
+        grpc.aio.AioRpcError."""
+        try:
+            endpoint = self._pools.get(pool).pick()
+        except KeyError:
+            endpoint = None
+        if endpoint is None:
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no healthy endpoint in pool '{pool}'")
+        zone_guard(sensitive, endpoint, route, "shadow copy")
+        return await self._call(endpoint, method, raw, timeout, metadata)
 
     @staticmethod
     async def _call(

@@ -5,14 +5,22 @@ deserialising it into the servicer's types: requests stay bytes, so they can be
 forwarded unchanged, and only what the policy needs is parsed (`router/facts.py`).
 
 For each call: authenticate, decide (the live policy), audit, forward, reply. Every
-reply carries `x-hybridroute-request-id`, `-route` and `-zone`, errors included. The
+reply carries `x-hybridroute-request-id`, `-route` and `-zone`, errors included, and
+a ModelInfer reply `x-hybridroute-model-version`: the version that served it, read
+from the reply's field 2 without parsing its outputs (also in the audit record). The
 audit record is committed before the reply is released; when the audit sink cannot
 record, requests are refused with UNAVAILABLE (invariant 5).
+
+A route with a rollout for the request's model (`policy.rollouts`, see `rollout`)
+may set the version of a request that names none (canary split) and mirror it to a
+candidate version after the reply is in hand (`shadow`). A policy without rollouts
+costs one check of an empty mapping per request.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -28,11 +36,13 @@ from hybridroute.router.auth import Unauthenticated, authenticate
 from hybridroute.router.config import RouterConfig
 from hybridroute.router.engine import Decision, decide, label_key
 from hybridroute.router.facts import Caller, request_facts
-from hybridroute.router.forward import Forwarder, RouterError
+from hybridroute.router.forward import Forwarded, Forwarder, RouterError
 from hybridroute.router.metrics import RouterMetrics
 from hybridroute.router.policy import Policy
 from hybridroute.router.policystore import PolicyStore
+from hybridroute.router.rollout import Rollout
 from hybridroute.router.sessions import SessionPins
+from hybridroute.router.shadow import Shadows
 
 __all__ = ["SERVICE", "FrontDoor"]
 
@@ -60,6 +70,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         audit: AuditSink,
         metrics: RouterMetrics,
         *,
+        shadows: Shadows,
         is_serving: Callable[[], bool],
     ) -> None:
         self._config = config
@@ -68,6 +79,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self._sessions = sessions
         self._audit = audit
         self._metrics = metrics
+        self._shadows = shadows
         self._is_serving = is_serving
         routed: Behaviour = self._routed
         self._handlers: dict[str, Behaviour] = {
@@ -236,15 +248,25 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         ]
         forwarded_md.append(("x-hybridroute-request-id", event.request_id))
         deadline = _deadline(context)
+        rollout = (
+            policy.rollouts.get((decision.route or "", model))
+            if policy.rollouts and request is not None
+            else None
+        )
         try:
-            result = await self._forwarder.forward(
-                f"{_PREFIX}{method}",
-                raw,
-                policy,
-                decision,
-                deadline=deadline,
-                metadata=forwarded_md,
-            )
+            if rollout is None:
+                result = await self._forwarder.forward(
+                    f"{_PREFIX}{method}",
+                    raw,
+                    policy,
+                    decision,
+                    deadline=deadline,
+                    metadata=forwarded_md,
+                )
+            else:
+                result = await self._roll_out(
+                    rollout, raw, version, policy, decision, deadline, forwarded_md
+                )
         except grpc.aio.AioRpcError as exc:
             event.outcome = "routed"
             # The node's own message may quote the request: it goes back to the caller,
@@ -257,9 +279,48 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         event.attempts = result.attempts
         return result.reply
 
+    async def _roll_out(
+        self,
+        rollout: Rollout,
+        raw: bytes,
+        version: str,
+        policy: Policy,
+        decision: Decision,
+        deadline: float | None,
+        metadata: list[tuple[str, str]],
+    ) -> Forwarded:
+        """Forward a ModelInfer under a rollout: a request that names no version gets
+        the split's draw; then, for the shadow's share, a copy to the candidate."""
+        versioned = None
+        if rollout.versions and not version:
+            i = rollout.pick(random.random())
+            versioned = raw + rollout.fields[i]
+            labels = (rollout.route, rollout.model, rollout.versions[i])
+            self._metrics.rollout_requests.labels(*labels).inc()
+        shadow = rollout.shadow is not None and random.random() < rollout.shadow.share
+        started = time.perf_counter()
+        result = await self._forwarder.forward(
+            f"{_PREFIX}ModelInfer",
+            raw,
+            policy,
+            decision,
+            deadline=deadline,
+            metadata=metadata,
+            versioned=versioned,
+        )
+        if shadow:
+            self._shadows.mirror(
+                rollout,
+                raw,
+                serving=result.reply,
+                serving_seconds=time.perf_counter() - started,
+                sensitive=decision.sensitive,
+                metadata=metadata,
+            )
+        return result
+
     def _count(self, event: AuditEvent) -> None:
-        self._metrics.requests.labels(event.route, event.zone, event.outcome, event.code).inc()
-        self._metrics.latency.labels(event.route).observe(event.latency_ms / 1000)
+        self._metrics.observe(event)
 
 
 def _parse(method: str, raw: bytes) -> tuple[pb.ModelInferRequest | None, str, str]:
@@ -327,8 +388,12 @@ def _deadline(context: Context) -> float | None:
 
 
 def _reply_metadata(event: AuditEvent) -> tuple[tuple[str, str], ...]:
-    return (
+    metadata = (
         ("x-hybridroute-request-id", event.request_id),
         ("x-hybridroute-route", event.route),
         ("x-hybridroute-zone", event.zone),
     )
+    served = event.served_version
+    if served and served.isascii() and served.isprintable():  # as header values must be
+        return (*metadata, ("x-hybridroute-model-version", served))
+    return metadata

@@ -8,6 +8,11 @@ route may fall back to a cloud one. The engine checks the zone of every decision
 at run time (defence in depth), so a policy object that bypassed this module still
 cannot leak; this module lets a security team find out *before* rollout.
 
+A route may also roll out new model versions (`rollouts:`, per model: a weighted
+`split` between versions, a `shadow` copy to a candidate). Its schema is here
+(`RolloutSpec`, `Shadow`), the compiled form and the per-request part in `rollout`,
+and the guard extends to it: an on-prem route's shadow copies stay on-prem.
+
 Rules are compiled once into the engine's condition objects (`conditions`; globs become
 one regex each), so `engine.decide` parses nothing per request. This module holds the
 schema models, `compile_policy` and `Policy`; the semantic checks it runs before
@@ -20,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Literal
@@ -33,6 +38,7 @@ from hybridroute.router.conditions import Condition, compile_match
 from hybridroute.router.detectors import BUILTIN, Scanner, regex_detector
 from hybridroute.router.engine import AuthKind, LabelKey
 from hybridroute.router.policy_checks import Problem, find_problems, find_warnings
+from hybridroute.router.rollout import Rollout, compile_rollouts
 
 __all__ = [
     "Audit",
@@ -42,10 +48,12 @@ __all__ = [
     "PolicySpec",
     "PolicyWarning",
     "Pool",
+    "RolloutSpec",
     "Route",
     "Rule",
     "RuleSpec",
     "Sessions",
+    "Shadow",
     "compile_policy",
 ]
 
@@ -102,6 +110,11 @@ def _version_strings(value: object) -> object:
     )
 
 
+def _version_name(value: object) -> object:
+    """YAML reads `2` as a number; a model version is a name (`2`, `2024-06`)."""
+    return _name(str(value) if isinstance(value, int) and not isinstance(value, bool) else value)
+
+
 def _audit_shorthand(value: object) -> object:
     return {"level": value} if isinstance(value, str) else value
 
@@ -113,6 +126,7 @@ Globs = Annotated[tuple[str, ...], BeforeValidator(_listed), Field(min_length=1)
 DetectorNames = Annotated[tuple[str, ...], BeforeValidator(_listed), Field(min_length=1)]
 AuthKinds = Annotated[tuple[AuthKind, ...], BeforeValidator(_listed), Field(min_length=1)]
 Labels = Annotated[tuple[LabelKey, ...], BeforeValidator(_listed), Field(min_length=1)]
+VersionName = Annotated[str, BeforeValidator(_version_name)]
 Versions = Annotated[tuple[str, ...], BeforeValidator(_version_strings), Field(min_length=1)]
 HeaderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
 ParamValues = Annotated[
@@ -167,12 +181,56 @@ class Audit(Strict):
     sample: float = Field(default=1.0, ge=0.0, le=1.0)
 
 
+class Shadow(Strict):
+    """Mirror `percent` of a model's requests on a route to a candidate `version`.
+
+    The copy goes to `pool` (default: the route's pool) after the caller's reply is
+    on its way; its reply is compared with the serving one (`compare`: the outputs
+    that must be equal; default all) and then discarded, so the candidate is judged
+    on live traffic without answering anyone. A copy has its own `timeout`, at most
+    `max_in_flight` copies run at once, and more are dropped (and counted) rather
+    than queued: a slow candidate never slows the serving path. A shadow of an
+    on-prem route must stay on-prem (checked at load and again per copy).
+    """
+
+    version: VersionName
+    percent: float = Field(gt=0, le=100)
+    pool: Name | None = None
+    timeout: Duration = 1.0
+    compare: Annotated[tuple[str, ...], BeforeValidator(_listed), Field(min_length=1)] | None = None
+    max_in_flight: int = Field(default=8, ge=1, le=1024)
+
+
+class RolloutSpec(Strict):
+    """How a route serves one model while a new version rolls out (canary, shadow).
+
+    `split` maps versions to integer weights, e.g. `{1: 90, 2: 10}`: requests that name
+    no version are sent to a version drawn by weight (a caller that names a version
+    gets it). A weight of 0 drains a version without deleting the line.
+    """
+
+    split: dict[VersionName, Annotated[int, Field(ge=0)]] | None = None
+    shadow: Shadow | None = None
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> RolloutSpec:
+        if self.split is None and self.shadow is None:
+            raise PydanticCustomError("rollout", "a rollout needs 'split', 'shadow' or both")
+        if self.split is not None and sum(self.split.values()) <= 0:
+            raise PydanticCustomError(
+                "split", "a split needs at least one version with a positive weight"
+            )
+        return self
+
+
 class Route(Strict):
-    """A named destination: a pool, an optional fallback route and the audit level."""
+    """A named destination: a pool, an optional fallback route, the audit level, and
+    per-model rollouts (`rollouts: {MODEL: {split: ..., shadow: ...}}`)."""
 
     pool: Name
     fallback: Name | None = None
     audit: Annotated[Audit, BeforeValidator(_audit_shorthand)] = Audit()
+    rollouts: dict[Name, RolloutSpec] = Field(default_factory=dict)
 
 
 class CustomDetector(Strict):
@@ -314,6 +372,11 @@ class Policy:
     sessions: Sessions
     scanner: Scanner
     warnings: tuple[PolicyWarning, ...] = ()
+    # (route, model) -> its canary split and shadow; empty for most policies, and the
+    # front door does nothing more when it is
+    rollouts: Mapping[tuple[str, str], Rollout] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     def zone_of(self, route: str) -> str | None:
         """The zone a route sends to, or None for an unknown route or pool."""
@@ -368,6 +431,7 @@ def compile_policy(path: str | Path) -> Policy:
         max_text_bytes=spec.detectors.max_text_bytes,
         sessions=spec.sessions,
         scanner=scanner,
+        rollouts=compile_rollouts(spec.routes, spec.pools),
     )
     warnings = find_warnings(spec, located, policy)
     return _replace_warnings(policy, located, warnings)

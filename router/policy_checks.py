@@ -4,8 +4,10 @@
 endpoints straddle zones, unknown pools, routes and detectors, fallback cycles, unsafe
 custom patterns, duplicate rule ids, and the guard's findings. The guard: a rule whose
 route (or any route on its fallback chain) is in a cloud pool must match only
-`sensitive: false` requests and must not mark them sensitive itself, and no on-prem
-route may fall back to a cloud one.
+`sensitive: false` requests and must not mark them sensitive itself, no on-prem
+route may fall back to a cloud one, and no on-prem route may mirror (shadow) a
+model's requests to a cloud pool. (Canary versions are served by the route's own
+pool, so they cannot leave its zone.)
 
 `find_warnings` lists what is odd but safe: unused pools and routes, audit settings
 that do nothing, no callers, and rules that can never match or are shadowed by earlier
@@ -35,7 +37,14 @@ from hybridroute.router.engine import AUTH_KINDS, LABEL_KEYS, SENSITIVE_LABELS, 
 from hybridroute.router.patterns import check_pattern
 
 if TYPE_CHECKING:
-    from hybridroute.router.policy import Policy, PolicySpec, Route, Rule, RuleSpec
+    from hybridroute.router.policy import (
+        Policy,
+        PolicySpec,
+        RolloutSpec,
+        Route,
+        Rule,
+        RuleSpec,
+    )
 
 __all__ = ["Problem", "find_problems", "find_warnings"]
 
@@ -95,6 +104,8 @@ def _route_problems(spec: PolicySpec, located: Located) -> Iterator[Problem]:
                 located, f"{message} (pools: {', '.join(spec.pools)})", "routes", name, "pool"
             )
         yield from _fallback_problems(spec, located, name, route)
+        for model, rollout in route.rollouts.items():
+            yield from _rollout_problems(spec, located, name, route, model, rollout)
     for key in ("default_route", "sensitive_route"):
         name = getattr(spec, key)
         if name not in spec.routes:
@@ -121,6 +132,27 @@ def _fallback_problems(
         message = f"on-prem route '{name}' falls back to cloud route '{fallback}': sensitive "
         message += "requests ride on-prem routes, so their fallbacks must stay on-prem"
         yield _problem(located, message, *path)
+
+
+def _rollout_problems(
+    spec: PolicySpec, located: Located, name: str, route: Route, model: str, rollout: RolloutSpec
+) -> Iterator[Problem]:
+    """THE GUARD for shadow copies: on-prem routes carry the sensitive requests, so what
+    they mirror must stay on-prem too. (Model names are plain names, no patterns: the
+    schema's `Name` refuses wildcards.)"""
+    path = ("routes", name, "rollouts", model)
+    shadow = rollout.shadow
+    if shadow is None or shadow.pool is None:
+        return
+    pool = spec.pools.get(shadow.pool)
+    if pool is None:
+        message = f"shadow names unknown pool '{shadow.pool}' (pools: {', '.join(spec.pools)})"
+        yield _problem(located, message, *path, "shadow", "pool")
+    elif pool.zone == "cloud" and spec.zone_of(name) != "cloud":
+        message = f"route '{name}' mirrors model '{model}' to cloud pool '{shadow.pool}': "
+        message += "sensitive requests ride on-prem routes, so their shadow copies must "
+        message += "stay on-prem"
+        yield _problem(located, message, *path, "shadow", "pool")
 
 
 def _detector_problems(spec: PolicySpec, located: Located) -> Iterator[Problem]:

@@ -35,11 +35,12 @@ from hybridroute.router.auditstore import AuditStore
 from hybridroute.router.config import RouterConfig
 from hybridroute.router.forward import Forwarder
 from hybridroute.router.frontdoor import FrontDoor
-from hybridroute.router.metrics import RouterMetrics
+from hybridroute.router.metrics import RouterMetrics, policy_models
 from hybridroute.router.policy import Policy
 from hybridroute.router.policystore import PolicyStore, ReloadResult
 from hybridroute.router.pools import Endpoint, Pools, UpstreamTLS
 from hybridroute.router.sessions import SessionPins
+from hybridroute.router.shadow import Shadows
 
 __all__ = ["RouterServer", "run_router"]
 
@@ -84,6 +85,7 @@ class RouterServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Future[None]] = set()
         self._serving = False
+        self.shadows: Shadows | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -101,6 +103,7 @@ class RouterServer:
         certs = CertWatch(self.config)
         await self.policies.start()
         forwarder = Forwarder(self.pools, self.metrics)
+        self.shadows = Shadows(forwarder, self.metrics)
         front = FrontDoor(
             self.config,
             self.policies,
@@ -108,6 +111,7 @@ class RouterServer:
             self.sessions,
             self.audit,
             self.metrics,
+            shadows=self.shadows,
             is_serving=lambda: self._serving,
         )
         server = grpc.aio.server(
@@ -173,6 +177,8 @@ class RouterServer:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(self.config.grace_seconds if grace is None else grace)
             self._server = None
+        if self.shadows is not None:
+            await self.shadows.close()  # copies are never worth waiting for
         await self.pools.close()
         self._note(stop_note(time.time() - self.started_at, "stop"))
         await self.audit.close()
@@ -207,6 +213,7 @@ class RouterServer:
 
     async def _apply_policy(self, policy: Policy) -> None:
         await self.pools.apply(policy)
+        self.metrics.models.set_policy(policy_models(policy))
         if hasattr(self, "sessions"):
             self.sessions.reconfigure(policy.sessions.pin_ttl, policy.sessions.max_sessions)
 
@@ -244,6 +251,7 @@ class RouterServer:
         future.add_done_callback(_log_note_failure)
 
     def _policy_result(self, result: ReloadResult) -> None:
+        self.metrics.policy_reloads.labels("accepted" if result.accepted else "refused").inc()
         self._note(policy_note(result))
 
     async def _watch_certs(self, certs: CertWatch, interval: float = 2.0) -> None:

@@ -194,7 +194,8 @@ def test_router_metrics_count_requests_by_route_zone_and_code(stack: Stack) -> N
     send(stack, ticket(CLEAN), label="public")
     text = urllib.request.urlopen(stack.info["router"]["metrics"], timeout=5).read().decode()
     assert (
-        'hybridroute_router_requests_total{code="OK",decision="routed",route="cloud",zone="cloud"}'
+        'hybridroute_router_requests_total{code="OK",decision="routed",model="ticket-triage",'
+        'pool="cloud",route="cloud",zone="cloud"}'
     ) in text
     assert "hybridroute_router_request_duration_seconds_bucket" in text
     assert "hybridroute_router_endpoint_healthy{endpoint=" in text

@@ -74,7 +74,8 @@ def test_status_json_has_the_documented_keys(stack, capsys) -> None:
     code, out, _ = _run(capsys, "status", "--stack", _stack_file(stack), "--json")
     assert code == 0
     data = json.loads(out)
-    assert set(data) == {"router", "policy", "endpoints", "processes"}
+    assert set(data) == {"router", "policy", "endpoints", "rollouts", "processes"}
+    assert data["rollouts"] == []  # the default policy rolls nothing out
     assert set(data["router"]) == {
         "address", "version", "serving", "not_serving_reason", "started_at",
         "uptime_seconds", "in_flight", "audit",

@@ -1,0 +1,415 @@
+"""Canary and shadow rollouts: the wire trick, the schema and its guard, and a real
+router in front of real nodes serving iris v1 and v2 (`test_router.Harness`).
+
+The node side (loading both versions: the default version policy is latest:2) is
+tested in test_node_lifecycle.py; here the router splits, mirrors, compares, counts,
+and never mirrors a sensitive request out of the on-prem zone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from types import MappingProxyType
+
+import grpc
+import numpy as np
+import pytest
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from support import mtls_channel
+from test_router import Harness
+
+from hybridroute.cli import main
+from hybridroute.config import ConfigError
+from hybridroute.node.modelconfig import Batching
+from hybridroute.node.packaging import package_model
+from hybridroute.protos import admin_pb2, admin_pb2_grpc
+from hybridroute.protos import inference_pb2 as pb
+from hybridroute.protos.tensors import encode_output
+from hybridroute.router.auditdb import connect_readonly
+from hybridroute.router.policy import compile_policy
+from hybridroute.router.rollout import (
+    Rollout,
+    ShadowPlan,
+    outputs_agree,
+    version_field,
+    with_version,
+)
+from hybridroute.stack import default_policy_path
+
+IRIS_X, IRIS_Y = load_iris(return_X_y=True)
+FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+ROLLOUT = """\
+  onprem:
+    pool: onprem
+    audit: full
+    rollouts:
+      iris:
+        split: {1: 80, 2: 20}
+        shadow: {version: 2, percent: 100, compare: [label], timeout: 2s, max_in_flight: 64}
+"""
+
+
+# ------------------------------------------------------------------ the wire trick
+
+
+def _request(version: str = "") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="iris", model_version=version, id="req-7")
+    request.inputs.add(name="input", datatype="FP64", shape=[1, 4])
+    request.raw_input_contents.append(np.array([[5.1, 3.5, 1.4, 0.2]]).tobytes())
+    request.parameters["note"].string_param = "kept"
+    return request
+
+
+@pytest.mark.parametrize("sent", ["", "1", "a-much-longer-version-name" * 6])
+def test_an_appended_model_version_is_the_one_the_parser_keeps(sent: str) -> None:
+    original = _request(sent)
+    for version in ("2", "v" * 200):  # 200: a two-byte length varint
+        parsed = pb.ModelInferRequest.FromString(
+            with_version(original.SerializeToString(), version)
+        )
+        assert parsed.model_version == version
+        expected = pb.ModelInferRequest()
+        expected.CopyFrom(original)
+        expected.model_version = version
+        assert parsed == expected  # nothing else changed
+    assert version_field("2") == b"\x12\x012"
+
+
+def _reply(labels: list[int], proba: list[float] | None = None, raw: bool = True) -> bytes:
+    response = pb.ModelInferResponse(model_name="iris", model_version="1")
+    encode_output(response, "label", "INT64", np.array(labels), raw=raw)
+    if proba is not None:
+        encode_output(response, "probabilities", "FP64", np.array(proba), raw=raw)
+    return response.SerializeToString()
+
+
+def test_outputs_agree_on_equal_values_within_float_tolerance_only() -> None:
+    one = _reply([0, 2], [0.9, 0.1])
+    assert outputs_agree(one, _reply([0, 2], [0.9 * (1 + 1e-9), 0.1]), None)
+    assert outputs_agree(_reply([0, 2], raw=False), _reply([0, 2], raw=False), None)
+    assert not outputs_agree(one, _reply([0, 1], [0.9, 0.1]), None)
+    assert not outputs_agree(one, _reply([0, 2], [0.8, 0.2]), None)
+    assert outputs_agree(one, _reply([0, 2], [0.8, 0.2]), frozenset({"label"}))
+    assert not outputs_agree(one, _reply([0, 2]), frozenset({"probabilities"}))  # missing
+    assert not outputs_agree(one, _reply([0, 2, 2], [0.9, 0.1]), None)  # shape
+    assert not outputs_agree(one, b"\xff\xff not protobuf", None)
+
+
+def test_a_split_draws_versions_by_weight() -> None:
+    rollout = Rollout("r", "m", ("1", "2", "3"), (80, 0, 20), (80, 80, 100), (), None)
+    assert [rollout.pick(d) for d in (0.0, 0.5, 0.7999, 0.8, 0.99)] == [0, 0, 0, 2, 2]
+
+
+# ------------------------------------------------------------------ schema and guard
+
+
+def _policy(tmp_path: Path, routes: str) -> Path:
+    text = default_policy_path().read_text()
+    old = "  onprem: {pool: onprem, audit: full}\n"
+    assert old in text
+    path = tmp_path / "policy.yaml"
+    path.write_text(text.replace(old, routes))
+    return path
+
+
+def test_the_documented_rollout_schema_compiles(tmp_path: Path) -> None:
+    policy = compile_policy(_policy(tmp_path, ROLLOUT))
+    rollout = policy.rollouts[("onprem", "iris")]
+    assert (rollout.versions, rollout.weights) == (("1", "2"), (80, 20))
+    assert rollout.shadow is not None
+    assert (rollout.shadow.version, rollout.shadow.share, rollout.shadow.pool) == (
+        "2",
+        1.0,
+        "onprem",
+    )
+    assert rollout.shadow.compare == frozenset({"label"})
+    assert not policy.warnings
+    assert not compile_policy(default_policy_path()).rollouts  # the default rolls out nothing
+
+
+@pytest.mark.parametrize(
+    ("rollouts", "where", "message"),
+    [
+        (
+            "iris: {shadow: {version: 2, percent: 5, pool: cloud}}",
+            "routes.onprem.rollouts.iris.shadow.pool",
+            "route 'onprem' mirrors model 'iris' to cloud pool 'cloud': sensitive requests",
+        ),
+        (
+            "iris: {shadow: {version: 2, percent: 5, pool: gpu}}",
+            "routes.onprem.rollouts.iris.shadow.pool",
+            "shadow names unknown pool 'gpu'",
+        ),
+        ("iris: {split: {1: 0, 2: 0}}", "routes.onprem.rollouts.iris", "positive weight"),
+        ("iris: {}", "routes.onprem.rollouts.iris", "'split', 'shadow' or both"),
+        ("iris: {shadow: {version: 2, percent: 120}}", "percent", "less than or equal to 100"),
+        ("'ir*': {split: {1: 1}}", "routes.onprem.rollouts['ir*']", "a name is 1-64 letters"),
+    ],
+)
+def test_a_bad_rollout_is_refused_with_its_line(
+    tmp_path: Path, rollouts: str, where: str, message: str
+) -> None:
+    path = _policy(tmp_path, f"  onprem:\n    pool: onprem\n    rollouts:\n      {rollouts}\n")
+    with pytest.raises(ConfigError) as info:
+        compile_policy(path)
+    text = str(info.value)
+    assert message in text
+    line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if "rollouts:" in t)
+    assert f"{path}:{line + 1}: " in text and where in text, text
+
+
+def test_a_cloud_route_may_shadow_to_the_cloud(tmp_path: Path) -> None:
+    path = _policy(tmp_path, "  onprem: {pool: onprem, audit: full}\n")
+    text = path.read_text().replace(
+        "  cloud: {pool: cloud, fallback: onprem, audit: decisions}\n",
+        "  cloud:\n    pool: cloud\n    fallback: onprem\n"
+        "    rollouts: {ticket-triage: {shadow: {version: 2, percent: 10}}}\n",
+    )
+    path.write_text(text)
+    assert compile_policy(path).rollouts[("cloud", "ticket-triage")].shadow is not None
+
+
+# ------------------------------------------------------------------ a real router
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> Path:
+    """The sample repository's iris v1 and a v2 packaged beside it (another estimator,
+    so the two versions disagree now and then, as real versions do)."""
+    root = tmp_path_factory.mktemp("iris-two-versions")
+    shutil.copytree(model_repo / "iris", root / "iris")
+    package_model(
+        LogisticRegression(max_iter=200).fit(IRIS_X[::3], IRIS_Y[::3]),
+        name="iris",
+        version=2,
+        repo=root,
+        input_name="input",
+        input_datatype="FP64",
+        features=FEATURES,
+        baseline_sample=IRIS_X,
+        batching=Batching(max_batch_size=32),
+    )
+    return root
+
+
+class RolloutHarness(Harness):
+    """`Harness` with an 80/20 split of iris on the on-prem route and every iris
+    request there mirrored to v2."""
+
+    def __init__(self, root: Path, pki: Path, models: Path) -> None:
+        self.trail = root / "audit.db"  # the router config has no audit section
+        super().__init__(root, pki, models)
+
+    def policy_text(self) -> str:
+        text = super().policy_text()
+        old = "  onprem: {pool: onprem, audit: full}\n"
+        assert old in text
+        return text.replace(old, ROLLOUT)
+
+    def infer(self, row: int, label: str | None = None) -> tuple[pb.ModelInferResponse, dict]:
+        request = pb.ModelInferRequest(model_name="iris")
+        request.inputs.add(name="input", datatype="FP64", shape=[1, 4])
+        request.raw_input_contents.append(IRIS_X[row : row + 1].tobytes())
+        metadata = [("x-data-classification", label)] if label else []
+        with mtls_channel(self.address, self.pki) as channel:
+            call = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                pb.ModelInferRequest.SerializeToString,
+                pb.ModelInferResponse.FromString,
+            )
+            reply, info = call.with_call(request, metadata=metadata, timeout=10)
+        return reply, dict(info.trailing_metadata())
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.router.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def shadows_idle(self, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while self.sample("hybridroute_router_shadow_in_flight") > 0:
+            assert time.monotonic() < deadline, "shadow copies still in flight"
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def rollout(
+    tmp_path_factory: pytest.TempPathFactory, pki: Path, two_versions: Path
+) -> Iterator[RolloutHarness]:
+    h = RolloutHarness(tmp_path_factory.mktemp("rollout"), pki, two_versions)
+    yield h
+    h.close()
+
+
+def _node_requests(node: object) -> float:
+    registry = node.metrics.registry  # type: ignore[attr-defined]
+    return sum(
+        s.value
+        for family in registry.collect()
+        if family.name == "hybridroute_node_requests"
+        for s in family.samples
+        if s.name.endswith("_total")
+    )
+
+
+N = 300
+
+
+def test_a_canary_split_sends_its_share_and_says_which_version_served(
+    rollout: RolloutHarness,
+) -> None:
+    served: dict[str, str] = {}
+    for i in range(N):
+        reply, metadata = rollout.infer(i % len(IRIS_X))
+        assert metadata["x-hybridroute-zone"] == "onprem"
+        assert metadata["x-hybridroute-model-version"] == reply.model_version
+        served[metadata["x-hybridroute-request-id"]] = reply.model_version
+    counts = Counter(served.values())
+    assert set(counts) == {"1", "2"}
+    sigma = math.sqrt(N * 0.2 * 0.8)  # binomial: a false alarm at 4.5 sigma is ~1e-5
+    assert abs(counts["2"] - N * 0.2) < 4.5 * sigma, counts
+    for version in ("1", "2"):
+        sent = rollout.sample(
+            "hybridroute_router_rollout_requests_total",
+            route="onprem",
+            model="iris",
+            version=version,
+        )
+        assert sent >= counts[version]  # the module's later tests send more
+    # -- the audit trail names the version that served each request
+    with contextlib.closing(connect_readonly(rollout.trail)) as conn:
+        bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM records")]
+    trail = {b["request_id"]: b.get("served_version") for b in bodies if b["kind"] == "request"}
+    assert all(trail[rid] == version for rid, version in served.items())
+
+
+def test_shadow_copies_are_compared_and_counted(rollout: RolloutHarness) -> None:
+    rollout.shadows_idle()  # the copies of the previous test's requests
+    before = {
+        r: rollout.sample(
+            "hybridroute_router_shadow_requests_total",
+            route="onprem",
+            model="iris",
+            version="2",
+            result=r,
+        )
+        for r in ("agreed", "disagreed", "failed", "dropped")
+    }
+    for i in range(60):
+        rollout.infer((i * 7) % len(IRIS_X))
+    rollout.shadows_idle()
+    after = {
+        r: rollout.sample(
+            "hybridroute_router_shadow_requests_total",
+            route="onprem",
+            model="iris",
+            version="2",
+            result=r,
+        )
+        for r in before
+    }
+    assert sum(after.values()) - sum(before.values()) == 60  # percent: 100
+    assert after["failed"] == after["dropped"] == 0
+    assert after["agreed"] > 0
+    for role in ("candidate", "serving"):
+        count = rollout.sample(
+            "hybridroute_router_shadow_upstream_seconds_count",
+            route="onprem",
+            model="iris",
+            version="2",
+            role=role,
+        )
+        assert count == after["agreed"] + after["disagreed"]
+
+
+def test_status_shows_the_rollout(
+    rollout: RolloutHarness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rollout.shadows_idle()
+    admin = admin_pb2_grpc.RouterAdminStub(mtls_channel(rollout.address, rollout.pki, "admin"))
+    status = admin.Status(admin_pb2.StatusRequest(), timeout=5)
+    (entry,) = status.rollouts
+    assert (entry.route, entry.model) == ("onprem", "iris")
+    assert [(v.version, v.weight) for v in entry.split] == [("1", 80), ("2", 20)]
+    assert sum(v.requests for v in entry.split) >= N
+    assert entry.shadow.version == "2" and entry.shadow.pool == "onprem"
+    assert 0 < entry.shadow.agreement_rate <= 1
+    pki = rollout.pki
+    credentials = ["--ca", f"{pki}/ca.pem", "--cert", f"{pki}/app-admin.pem"]
+    credentials += ["--key", f"{pki}/app-admin.key"]
+    assert main(["status", "--router", rollout.address, *credentials]) == 0
+    table = capsys.readouterr().out
+    assert "rollouts" in table and "v2 100% -> onprem" in table
+    assert main(["status", "--router", rollout.address, *credentials, "--json"]) == 0
+    (data,) = json.loads(capsys.readouterr().out)["rollouts"]
+    assert data["shadow"]["agreement_rate"] == pytest.approx(entry.shadow.agreement_rate)
+    assert data["split"][0] == {"version": "1", "weight": 80, "requests": entry.split[0].requests}
+
+
+def test_a_sensitive_request_is_never_mirrored_out_of_the_on_prem_zone(
+    rollout: RolloutHarness,
+) -> None:
+    """A policy that slipped past the load check (built here by hand) mirrors the
+    on-prem route to the cloud pool: every copy of a sensitive request is refused by
+    the forwarder, the caller's reply is unaffected, and the cloud node sees nothing."""
+    store = rollout.router.policies
+    good = store.current
+    leak = ShadowPlan("1", 1.0, "cloud", "cloud", 1.0, None, 8, version_field("1"))
+    bad = dataclasses.replace(
+        good,
+        rollouts=MappingProxyType(
+            {("onprem", "iris"): Rollout("onprem", "iris", (), (), (), (), leak)}
+        ),
+    )
+    labels = {"route": "onprem", "model": "iris", "version": "1", "result": "refused"}
+    refused = rollout.sample("hybridroute_router_shadow_requests_total", **labels)
+    cloud_before = _node_requests(rollout.cloud)
+    store.current = bad
+    try:
+        for i in range(20):
+            reply, metadata = rollout.infer(i, label="confidential")
+            assert metadata["x-hybridroute-zone"] == "onprem" and reply.outputs
+        rollout.shadows_idle()
+    finally:
+        store.current = good
+    assert rollout.sample("hybridroute_router_shadow_requests_total", **labels) == refused + 20
+    assert _node_requests(rollout.cloud) == cloud_before
+
+
+def test_router_metrics_carry_the_right_labels(rollout: RolloutHarness) -> None:
+    rollout.infer(0, label="confidential")
+    unknown = pb.ModelInferRequest(model_name="no-such-model-4711")
+    # an unknown model: counted as _other
+    with pytest.raises(grpc.RpcError), mtls_channel(rollout.address, rollout.pki) as channel:
+        channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(
+            unknown.SerializeToString(), timeout=5
+        )
+    with mtls_channel(rollout.address, rollout.pki) as channel:  # OK, ready=false
+        ready = pb.ModelReadyRequest(name="jane.doe@example.com")
+        channel.unary_unary("/inference.GRPCInferenceService/ModelReady")(
+            ready.SerializeToString(), timeout=5
+        )
+    sample = rollout.sample
+    routed = dict(route="onprem", zone="onprem", pool="onprem", model="iris", decision="routed")
+    assert sample("hybridroute_router_requests_total", **routed, code="OK") >= N
+    other = {**routed, "model": "_other", "code": "NOT_FOUND"}
+    assert sample("hybridroute_router_requests_total", **other) >= 1
+    assert sample("hybridroute_router_requests_total", **{**other, "code": "OK"}) >= 1  # ready
+    assert sample("hybridroute_router_request_duration_seconds_count", route="onprem") >= N
+    assert sample("hybridroute_router_sensitive_requests_total", route="onprem") >= 20
+    assert sample("hybridroute_router_policy_reloads_total", result="accepted") >= 1
+    for node in rollout.nodes:
+        endpoint = dict(pool="onprem", zone="onprem", endpoint=f"127.0.0.1:{node.port}")
+        assert sample("hybridroute_router_endpoint_healthy", **endpoint) == 1
+    assert sample("hybridroute_audit_commit_seconds_count") > 0
+    registry = rollout.router.metrics.registry
+    assert registry.get_sample_value("hybridroute_audit_queue_depth") is not None
+    names = {s.labels.get("model") for family in registry.collect() for s in family.samples}
+    assert not {"no-such-model-4711", "jane.doe@example.com"} & names  # invariant 4
