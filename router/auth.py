@@ -21,15 +21,28 @@ __all__ = ["Unauthenticated", "authenticate"]
 _AUTH_CN = "x509_common_name"
 
 
+class _Fixed:
+    """An auth context already read, in the shape `peer_identities` takes."""
+
+    __slots__ = ("_auth",)
+
+    def __init__(self, auth: Mapping[str, Any]) -> None:
+        self._auth = auth
+
+    def auth_context(self) -> Mapping[str, Any]:
+        return self._auth
+
+
 class Unauthenticated(Exception):
     """No valid credentials; the message says what was missing, never the token."""
 
 
 def _certificate_identity(context: Any) -> str | None:
-    names = peer_identities(context)
+    auth = context.auth_context()  # built anew on every call: read it once
+    names = peer_identities(_Fixed(auth))
     if not names:
         return None
-    cn = context.auth_context().get(_AUTH_CN, [])
+    cn = auth.get(_AUTH_CN, [])
     for raw in cn:
         value = str(raw.decode("utf-8", "replace"))
         if value in names:

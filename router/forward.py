@@ -162,7 +162,9 @@ class Forwarder:
         timeout: float | None,  # noqa: ASYNC109 - passed on to the upstream call
         metadata: Sequence[tuple[str, str]],
     ) -> bytes:
-        call = endpoint.channel.unary_unary(method, None, None)  # bytes in, bytes out
+        call = endpoint.calls.get(method)
+        if call is None:  # one multicallable per endpoint and method, bytes in, bytes out
+            call = endpoint.calls[method] = endpoint.channel.unary_unary(method, None, None)
         with endpoint.track():
             reply: bytes = await call(
                 raw, timeout=timeout, metadata=(*metadata, *endpoint.call_metadata)

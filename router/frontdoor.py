@@ -20,9 +20,9 @@ costs one check of an empty mapping per request.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -90,12 +90,18 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             "ModelMetadata": routed,
             "ModelReady": routed,
         }
+        self._method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         method: str = details.method
         if not method.startswith(_PREFIX):
             return None
-        rpc = method[len(_PREFIX) :]
+        handler = self._method_handlers.get(method)
+        if handler is None:  # built once per method, not per call
+            handler = self._method_handlers[method] = self._handler_for(method[len(_PREFIX) :])
+        return handler
+
+    def _handler_for(self, rpc: str) -> grpc.RpcMethodHandler[Any, Any]:
         behaviour = self._handlers.get(rpc, self._not_routed)
 
         async def handle(raw: bytes, context: Context) -> bytes:
@@ -126,7 +132,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         """Audit a refusal of a call that is not routed, then answer it (or UNAVAILABLE
         when even that record cannot be written)."""
         event = AuditEvent(
-            request_id=uuid.uuid4().hex,
+            request_id=os.urandom(16).hex(),
             outcome="rejected",
             caller=caller.identity if caller else None,
             auth=caller.auth if caller else "none",
@@ -168,7 +174,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     async def _routed(self, raw: bytes, context: Context, method: str) -> bytes:
         started = time.perf_counter()
         event = AuditEvent(
-            request_id=uuid.uuid4().hex,
+            request_id=os.urandom(16).hex(),
             outcome="rejected",
             caller=None,
             auth="none",

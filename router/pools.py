@@ -100,6 +100,8 @@ class Endpoint:
         self.call_metadata = metadata
         self.outstanding = 0
         self.health = HealthState()
+        # Multicallables by method, built on first use (the forwarder's cache).
+        self.calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[Any, Any]] = {}
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else "unhealthy"
