@@ -12,8 +12,10 @@ is a statistical verdict, and a sample of the traffic serves it as well.
 Below `min_window` live rows a version reports "not enough data" and no verdict:
 small windows give nonsense verdicts (references.md). Logs and metrics carry feature
 names and test statistics, never values (invariant 4); text models are watched
-through text statistics (length, word count, character class shares), and their
-baselines hold no training texts.
+through text statistics (length, word count, character class shares and, when the
+estimator has a fitted vocabulary and the baseline the column, the share of terms
+outside it, measured with the model's own vocabulary in this thread), and their
+baselines hold no training texts nor any token list.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ import numpy.typing as npt
 from hybridroute.node.drift_stats import ALPHA, FeatureResult, compare, untested
 from hybridroute.node.loading import LoadedModel
 from hybridroute.node.metrics import NodeMetrics
-from hybridroute.node.modelconfig import Baseline, read_baseline, text_statistics
+from hybridroute.node.modelconfig import (
+    OOV_STATISTIC,
+    Baseline,
+    Vocabulary,
+    read_baseline,
+    text_statistics,
+    text_vocabulary,
+)
 
 __all__ = ["DriftMonitor", "DriftStatus", "ModelDriftReport", "RingBuffer"]
 
@@ -105,6 +114,7 @@ class _Tracked:
     text: bool
     baseline: Baseline | None
     window: RingBuffer
+    vocabulary: Vocabulary | None = None  # for the OOV column, when the baseline has it
     fresh: bool = False  # rows arrived since the last evaluation
     drifting: bool = False
     dropped: int = 0
@@ -150,12 +160,17 @@ class DriftMonitor:
                     "model %s: drift baseline unreadable (%s)", model.label, type(exc).__name__
                 )
         width = len(baseline.columns) if baseline is not None else 1
+        text = config.input.datatype == "BYTES"
+        vocabulary = None
+        if text and baseline is not None and OOV_STATISTIC in baseline.columns:
+            vocabulary = text_vocabulary(model.estimator)
         tracked = _Tracked(
             config.name,
             config.version,
-            text=config.input.datatype == "BYTES",
+            text=text,
             baseline=baseline,
             window=RingBuffer(self.window_size, width),
+            vocabulary=vocabulary,
         )
         with self._lock:
             old = self._tracked.pop((config.name, config.version), None)
@@ -199,7 +214,7 @@ class DriftMonitor:
             return
         if tracked.text:
             texts = [_text(item) for item in np.asarray(rows, dtype=object).ravel()]
-            values = text_statistics(texts)
+            values = text_statistics(texts, tracked.vocabulary)
         else:
             values = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
         if values.shape[1] != tracked.window.width:

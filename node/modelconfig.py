@@ -15,7 +15,8 @@ that the error points at the offending key and its line rather than at the file.
 Baseline format (`numpy.savez_compressed`, loadable with `allow_pickle=False`):
 
 - `kind`: 0-d string, `"tabular"` or `"text-stats"`;
-- `columns`: 1-d string array, feature names (tabular) or `TEXT_STATISTICS` names;
+- `columns`: 1-d string array, feature names (tabular) or `TEXT_STATISTICS` names,
+  followed by `OOV_STATISTIC` when the estimator has a fitted vocabulary;
 - `values`: 2-d array `[n, len(columns)]`, the training rows (tabular, in the input's
   dtype) or per-text statistics (float64) for BYTES inputs;
 - `predictions`: 1-d array, the default output of the estimator on those rows (strings
@@ -24,13 +25,15 @@ Baseline format (`numpy.savez_compressed`, loadable with `allow_pickle=False`):
 Text models store statistics instead of the raw training texts: training texts often
 hold personal data (names, emails, phone numbers) and must not be copied into every
 deployed artifact. Drift on texts is measured on these statistics and on predictions.
+The out-of-vocabulary share needs no stored vocabulary either: it is measured against
+the estimator's own fitted vocabulary (`text_vocabulary`), which ships with the model.
 """
 
 from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +51,7 @@ __all__ = [
     "CONFIG_FILE",
     "DATATYPES",
     "METHODS",
+    "OOV_STATISTIC",
     "TEXT_STATISTICS",
     "Baseline",
     "Batching",
@@ -57,9 +61,13 @@ __all__ = [
     "Method",
     "ModelConfig",
     "OutputSpec",
+    "Vocabulary",
     "numpy_dtype",
+    "oov_fractions",
     "read_baseline",
     "text_statistics",
+    "text_vectorizer",
+    "text_vocabulary",
     "valid_model_name",
     "write_baseline",
 ]
@@ -310,9 +318,58 @@ TEXT_STATISTICS: tuple[str, ...] = (
 )
 
 
-def text_statistics(texts: Sequence[str]) -> npt.NDArray[np.float64]:
-    """Per-text statistics `[n, len(TEXT_STATISTICS)]`: what a text baseline stores, and
-    what drift monitoring computes on live texts to compare with it."""
+OOV_STATISTIC = "oov_fraction"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A fitted text vectorizer's terms and the analyzer that turns a text into terms."""
+
+    analyze: Callable[[str], Sequence[str]]
+    terms: Container[str]
+
+    @classmethod
+    def of(cls, vectorizer: Any) -> Vocabulary:
+        return cls(analyze=vectorizer.build_analyzer(), terms=vectorizer.vocabulary_)
+
+
+def text_vectorizer(estimator: Any) -> Any | None:
+    """The fitted vectorizer with a vocabulary that raw texts meet first: the estimator
+    itself (`CountVectorizer`, `TfidfVectorizer`) or a Pipeline's first step, searched
+    recursively; None when there is none (e.g. `HashingVectorizer`, a custom step)."""
+    while True:
+        terms = getattr(estimator, "vocabulary_", None)
+        if isinstance(terms, dict) and callable(getattr(estimator, "build_analyzer", None)):
+            return estimator
+        steps = getattr(estimator, "steps", None)
+        if not isinstance(steps, list) or not steps:
+            return None
+        estimator = steps[0][1]
+
+
+def text_vocabulary(estimator: Any) -> Vocabulary | None:
+    """The fitted vocabulary of `estimator` (see `text_vectorizer`), or None."""
+    vectorizer = text_vectorizer(estimator)
+    return None if vectorizer is None else Vocabulary.of(vectorizer)
+
+
+def oov_fractions(texts: Sequence[str], vocabulary: Vocabulary) -> npt.NDArray[np.float64]:
+    """Per text, the share of its terms (the vectorizer's own analysis: tokens or
+    n-grams) outside `vocabulary`; 0 for a text without terms."""
+    shares = []
+    for text in texts:
+        terms = vocabulary.analyze(text)
+        unseen = sum(term not in vocabulary.terms for term in terms)
+        shares.append(unseen / len(terms) if terms else 0.0)
+    return np.asarray(shares, dtype=np.float64)
+
+
+def text_statistics(
+    texts: Sequence[str], vocabulary: Vocabulary | None = None
+) -> npt.NDArray[np.float64]:
+    """Per-text statistics `[n, len(TEXT_STATISTICS)]`, plus an `OOV_STATISTIC` column
+    when a vocabulary is given: what a text baseline stores, and what drift monitoring
+    computes on live texts to compare with it."""
     rows = []
     for text in texts:
         n = len(text)
@@ -323,7 +380,10 @@ def text_statistics(texts: Sequence[str]) -> npt.NDArray[np.float64]:
             sum(ord(c) > 127 for c in text),
         )
         rows.append((float(n), float(len(text.split())), *(k / n if n else 0.0 for k in counts)))
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), len(TEXT_STATISTICS))
+    values = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(TEXT_STATISTICS))
+    if vocabulary is None:
+        return values
+    return np.column_stack([values, oov_fractions(texts, vocabulary)])
 
 
 @dataclass(frozen=True)

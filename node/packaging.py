@@ -24,20 +24,24 @@ import numpy.typing as npt
 import skops.io as sio
 import yaml
 from pydantic import ValidationError
-from sklearn.base import is_classifier
+from sklearn.base import clone, is_classifier
 
 from hybridroute.node.loading import ModelLoadError, load_version, untrusted_types
 from hybridroute.node.modelconfig import (
     BASELINE_FILE,
     CONFIG_FILE,
     DATATYPES,
+    OOV_STATISTIC,
     TEXT_STATISTICS,
     Baseline,
     Batching,
     ModelConfig,
     OutputSpec,
+    Vocabulary,
     numpy_dtype,
+    oov_fractions,
     text_statistics,
+    text_vectorizer,
     write_baseline,
 )
 
@@ -58,6 +62,7 @@ log = logging.getLogger(__name__)
 
 ESTIMATOR_FILE = "model.skops"
 BASELINE_ROWS = 1000
+OOV_FOLDS = 10
 
 
 class PackagingError(Exception):
@@ -135,7 +140,9 @@ def make_baseline(
     estimator: Any, config: ModelConfig, sample: Any, *, rows: int = BASELINE_ROWS
 ) -> Baseline:
     """The drift baseline of `config` from training inputs (see modelconfig for why text
-    models store statistics rather than texts)."""
+    models store statistics rather than texts, and an out-of-vocabulary share only when
+    the estimator has a fitted vocabulary: see `_oov_reference`)."""
+    oov = _oov_reference(estimator, sample) if config.input.datatype == "BYTES" else None
     sample = _subsample(sample, rows)
     default = config.output(config.default_outputs[0])
     assert default is not None
@@ -143,18 +150,52 @@ def make_baseline(
     if predictions.dtype.kind in "OSU":
         predictions = predictions.astype(str)
     if config.input.datatype == "BYTES":
-        return Baseline(
-            kind="text-stats",
-            columns=TEXT_STATISTICS,
-            values=text_statistics(list(sample)),
-            predictions=predictions,
-        )
+        values = text_statistics(list(sample))
+        columns = TEXT_STATISTICS
+        if oov is not None:
+            values = np.column_stack([values, _subsample(oov, rows)])
+            columns = (*TEXT_STATISTICS, OOV_STATISTIC)
+        return Baseline(kind="text-stats", columns=columns, values=values, predictions=predictions)
     return Baseline(
         kind="tabular",
         columns=tuple(config.features or ()),
         values=np.asarray(sample, dtype=numpy_dtype(config.input.datatype)),
         predictions=predictions,
     )
+
+
+def _oov_reference(estimator: Any, texts: Sequence[str]) -> npt.NDArray[np.float64] | None:
+    """The out-of-vocabulary share of each sample text as a text the model never saw
+    would show it, or None when the estimator has no fitted vocabulary.
+
+    The sample is (usually) what the vocabulary was fitted on, so measured against the
+    model's own vocabulary its texts look unusually familiar: their rare terms are in the
+    vocabulary because these very texts put them there. Live texts from the same source
+    would then be flagged on every window. So each text is measured against a copy of
+    the vectorizer refitted on the other folds of the sample (cross-fitting); only the
+    resulting shares are kept, no texts and no terms. Live texts are measured against
+    the model's own vocabulary (`drift.DriftMonitor`)."""
+    vectorizer = text_vectorizer(estimator)
+    if vectorizer is None:
+        return None
+    folds = np.arange(len(texts)) % OOV_FOLDS
+    shares = np.zeros(len(texts), dtype=np.float64)
+    try:
+        for fold in range(min(OOV_FOLDS, len(texts))):
+            held = folds == fold
+            fitted = clone(vectorizer).fit([texts[i] for i in np.flatnonzero(~held).tolist()])
+            mine = [texts[i] for i in np.flatnonzero(held).tolist()]
+            shares[held] = oov_fractions(mine, Vocabulary.of(fitted))
+    except Exception as exc:  # e.g. too few texts for min_df/max_df: no OOV statistic
+        log.warning(
+            "no %s in the baseline: refitting %s on the sample fails (%s: %s)",
+            OOV_STATISTIC,
+            type(vectorizer).__name__,
+            type(exc).__name__,
+            exc,
+        )
+        return None
+    return shares
 
 
 def _check_sample(sample: Any, input_datatype: str, features: Sequence[str] | None) -> Any:

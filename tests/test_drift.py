@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,13 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
 from support import router_channel, running_node
 
 from hybridroute.cli import main
 from hybridroute.node.drift import DriftMonitor, RingBuffer
 from hybridroute.node.drift_stats import compare
 from hybridroute.node.loading import LoadedModel
+from hybridroute.node.modelconfig import (
+    OOV_STATISTIC,
+    TEXT_STATISTICS,
+    Baseline,
+    read_baseline,
+    write_baseline,
+)
 from hybridroute.node.packaging import package_model
 from hybridroute.node.repository import ModelRepository
 from hybridroute.node.samples import generate_tickets
@@ -152,6 +162,57 @@ def test_text_models_drift_on_text_statistics(model_repo: Path) -> None:
     assert "upper_fraction" in drifted and "n_words" not in drifted
 
 
+def text_report(model: LoadedModel, texts: list[str]) -> dict[str, bool]:
+    monitor = DriftMonitor(window=300, min_window=100)
+    monitor.track(model)
+    monitor.observe(model.name, 1, np.array([t.encode() for t in texts], dtype=object))
+    (report,) = monitor.report()
+    assert report.status in {"ok", "drift"}
+    return {f.feature: f.drift for f in report.features}
+
+
+def test_out_of_vocabulary_share_uses_the_models_own_vocabulary(model_repo: Path) -> None:
+    model = ModelRepository.load(model_repo).get("ticket-triage")
+    baseline = read_baseline(model.path / "baseline.npz")
+    assert baseline.columns == (*TEXT_STATISTICS, OOV_STATISTIC)
+    assert 0 < baseline.values[:, -1].mean() < 0.5  # shares, measured out of fold
+    # Fresh tickets from the training distribution: the baseline was cross-fitted, so
+    # they do not look less familiar than the training texts did (no false alarm).
+    alarms = 0
+    for seed in range(11, 31):
+        texts, _ = generate_tickets(300, seed=seed)
+        alarms += text_report(model, texts)[OOV_STATISTIC]
+    assert alarms <= 1, alarms
+    # Same shape and characters, unseen words: only the vocabulary share moves.
+    rng = np.random.default_rng(5)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    unseen = []
+    for text in generate_tickets(300, seed=12)[0]:
+        words = ["".join(rng.choice(letters, len(w))) for w in text.lower().split()]
+        unseen.append(" ".join(words))
+    found = text_report(model, unseen)
+    assert found[OOV_STATISTIC] and not found["n_words"]
+
+
+def test_models_without_a_vocabulary_have_no_oov_feature(model_repo: Path, tmp_path: Path) -> None:
+    texts, labels = generate_tickets(200, seed=3)
+    hashing = make_pipeline(HashingVectorizer(n_features=2**12), LogisticRegression())
+    package_model(hashing.fit(texts, labels), name="hashed", version=1, repo=tmp_path,
+                  input_name="text", input_datatype="BYTES", baseline_sample=texts)  # fmt: skip
+    # A baseline written before the OOV statistic existed keeps working as it did.
+    shutil.copytree(model_repo / "ticket-triage", tmp_path / "ticket-triage")
+    path = tmp_path / "ticket-triage/1/baseline.npz"
+    new = read_baseline(path)
+    old = Baseline(new.kind, TEXT_STATISTICS, new.values[:, :-1], new.predictions)
+    write_baseline(path, old)
+    repo = ModelRepository.load(tmp_path)
+    for name in ("hashed", "ticket-triage"):
+        model = repo.get(name)
+        assert read_baseline(model.path / "baseline.npz").columns == TEXT_STATISTICS
+        found = text_report(model, generate_tickets(300, seed=11)[0])
+        assert set(found) == set(TEXT_STATISTICS) and not any(found.values()), name
+
+
 # ----------------------------------------------------------- node end to end
 
 
@@ -244,3 +305,14 @@ def test_drift_report_is_for_admins_only(node: NodeServer, pki: Path, capsys) ->
             "--json"]  # fmt: skip
     assert main(args) == 1
     assert json.loads(capsys.readouterr().out)["error"] == "PERMISSION_DENIED"
+
+
+def test_drift_report_json_names_the_oov_feature(
+    model_repo: Path, pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with running_node(model_repo, pki, allow_clients=("router",)) as server:
+        args = ["drift", "report", *cli_args(server, pki), "--model", "ticket-triage", "--json"]
+        assert main(args) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [ln["feature"] for ln in lines] == [*TEXT_STATISTICS, OOV_STATISTIC]
+    assert {ln["model"] for ln in lines} == {"ticket-triage"}

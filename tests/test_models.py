@@ -161,7 +161,7 @@ def test_baselines(repo: ModelRepository) -> None:
     tickets_path = repo.get("ticket-triage").path / "baseline.npz"
     tickets = read_baseline(tickets_path)
     assert tickets.kind == "text-stats" and tickets.columns[0] == "n_chars"
-    assert tickets.values.shape == (300, 6)
+    assert tickets.columns[-1] == "oov_fraction" and tickets.values.shape == (300, 7)
     assert set(tickets.predictions.tolist()) == {"account", "billing", "shipping", "technical"}
     with np.load(tickets_path, allow_pickle=False) as data:  # no raw texts are stored
         assert data["values"].dtype == np.float64
