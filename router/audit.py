@@ -78,6 +78,16 @@ class AuditEvent:
     bytes_in: int = 0
     bytes_out: int = 0
     served_version: str = ""  # the model version the node says answered
+    # The decision to mirror this request to a rollout's candidate version (shadow): the
+    # pool, its zone and the candidate version. Empty: no copy was sent. When set, the
+    # copy is sent only after this record is committed (a record kept as `withheld`:
+    # it was not sent), to an endpoint of exactly this pool, and only while the pool is
+    # still in this zone. The endpoint is picked then, after the record, so it is not
+    # here; the copy may still be refused or fail there (see the shadow metrics), but
+    # it never goes anywhere else.
+    shadow_pool: str = ""
+    shadow_zone: str = ""
+    shadow_version: str = ""
     time: float = field(default_factory=time.time)
     # How much the policy wants recorded for the chosen route (routes.<name>.audit), and
     # the detail that level adds: the rules' trace and where the detectors fired.

@@ -228,7 +228,9 @@ def _us(seconds: float) -> int:
 
 def event_body(event: AuditEvent, hasher: KeyedHasher, full: bool) -> dict[str, object]:
     """A decision's record body, without `seq` (the writer numbers it). Empty values are
-    left out; everything the caller chose freely is hashed or vetted by `name`."""
+    left out; everything the caller chose freely is hashed or vetted by `name`. A request
+    mirrored to a rollout's candidate has `shadow` ({pool, zone, version}); others have no
+    such key, so records written before it existed encode (and verify) as they did."""
     body: dict[str, object] = {
         "kind": "request",
         "time_us": _us(event.time),
@@ -263,6 +265,12 @@ def event_body(event: AuditEvent, hasher: KeyedHasher, full: bool) -> dict[str, 
         ),
         "detail": "full" if full else "decisions",
     }
+    if event.shadow_pool:  # only when a copy was mirrored: older records are unchanged
+        body["shadow"] = {
+            "pool": event.shadow_pool,
+            "zone": event.shadow_zone,
+            "version": hasher.name(event.shadow_version),
+        }
     if full:
         body["trace"] = [
             [t.rule_id, t.matched, t.why_not or ""] for t in event.trace if t.evaluated

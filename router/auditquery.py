@@ -50,6 +50,7 @@ CSV_COLUMNS = (
     *("seq", "time", "kind", "request_id", "caller", "auth", "method", "model", "outcome"),
     *("rule", "sensitive", "reasons", "findings", "route", "zone", "pool", "endpoint"),
     *("attempts", "code", "latency_ms", "bytes_in", "bytes_out", "policy"),
+    *("shadow_pool", "shadow_zone", "shadow_version"),  # where a shadow copy went, if any
 )
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -188,6 +189,8 @@ def _request_cells(r: Record) -> list[str]:
         sensitive = "?"
     where = f"{r.get('route', '')}/{r.get('zone', '')}" if r.get("route") else "-"
     withheld = f" (withheld {r['withheld']})" if r.get("withheld") else ""
+    shadow = _dict(r, "shadow")
+    mirrored = f"{shadow.get('pool')}/{shadow.get('zone')} v{shadow.get('version')}"
     return [
         str(r.get("outcome", "")),
         str(r.get("caller") or "-"),
@@ -195,13 +198,14 @@ def _request_cells(r: Record) -> list[str]:
         str(r.get("rule") or "-"),
         sensitive,
         where,
+        mirrored if shadow else "-",
         f"{r.get('code', '')}{withheld}",
         f"{_int(r, 'latency_us') / 1000:.1f}",
         ",".join(str(x) for x in _list(r, "reasons"))[:60],
     ]
 
 
-_HEAD = ["time (UTC)", "seq", "what", "caller", "model", "rule", "sens", "route/zone"]
+_HEAD = ["time (UTC)", "seq", "what", "caller", "model", "rule", "sens", "route/zone", "shadow"]
 _HEAD += ["code", "ms", "reasons"]
 
 
@@ -245,6 +249,7 @@ def csv_lines(records: Iterable[Record]) -> Iterator[str]:
             "latency_ms": _int(r, "latency_us") / 1000,
             "reasons": ";".join(str(x) for x in _list(r, "reasons")),
             "findings": ";".join(f"{k}={v}" for k, v in sorted(findings.items())),
+            **{f"shadow_{k}": v for k, v in _dict(r, "shadow").items()},
         }
         writer.writerow([_cell(values.get(c)) for c in CSV_COLUMNS])
         yield buffer.getvalue()

@@ -13,8 +13,10 @@ record, requests are refused with UNAVAILABLE (invariant 5).
 
 A route with a rollout for the request's model (`policy.rollouts`, see `rollout`)
 may set the version of a request that names none (canary split) and mirror it to a
-candidate version after the reply is in hand (`shadow`). A policy without rollouts
-costs one check of an empty mapping per request.
+candidate version (`shadow`): the copy is decided once the reply is in hand, written
+into the request's audit record (pool, zone, candidate version), and sent only after
+that record is committed, so the trail says where a request's data went before it
+goes there. A policy without rollouts costs one check of an empty mapping per request.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -42,7 +45,7 @@ from hybridroute.router.policy import Policy
 from hybridroute.router.policystore import PolicyStore
 from hybridroute.router.rollout import Rollout
 from hybridroute.router.sessions import SessionPins
-from hybridroute.router.shadow import Shadows
+from hybridroute.router.shadow import Reservation, Shadows
 
 __all__ = ["SERVICE", "FrontDoor"]
 
@@ -182,8 +185,10 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             bytes_in=len(raw),
         )
         self._metrics.in_flight.inc()
+        copy: _Shadow | None = None
+        reply: bytes | None
         try:
-            reply = await self._decide_and_forward(raw, context, method, event)
+            answer = await self._decide_and_forward(raw, context, method, event)
         except RouterError as exc:
             event.code = exc.code.name
             event.error = event.error or exc.message
@@ -191,6 +196,10 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             error: RouterError | None = exc
         else:
             error = None
+            if isinstance(answer, bytes):
+                reply = answer
+            else:  # a rollout mirrors this request: the copy goes once the record is in
+                copy, reply = answer, answer.forwarded.reply
         finally:
             self._metrics.in_flight.dec()
         event.latency_ms = (time.perf_counter() - started) * 1000
@@ -198,7 +207,10 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             event.bytes_out = len(reply)
             if method == "ModelInfer":
                 event.served_version = _served_version(reply)
-        error = await self._record(event, error)
+        if copy is None:
+            error = await self._record(event, error)
+        else:
+            error = await self._record_then_mirror(event, copy)
         self._count(event)
         trailing = _reply_metadata(event)
         if error is not None:
@@ -206,6 +218,20 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         context.set_trailing_metadata(trailing)
         assert reply is not None
         return reply
+
+    async def _record_then_mirror(self, event: AuditEvent, copy: _Shadow) -> RouterError | None:
+        """Commit the record that names the shadow copy, then send the copy; a copy
+        whose record is not committed (refused, withheld, cancelled) is never sent."""
+        sent = False
+        try:
+            error = await self._record(event, None)
+            if error is None:
+                copy.send(self._shadows)
+                sent = True
+        finally:
+            if not sent:
+                self._shadows.release(copy.reservation)
+        return error
 
     async def _record(self, event: AuditEvent, error: RouterError | None) -> RouterError | None:
         """Commit the audit record; if that fails, the reply is withheld (invariant 5)."""
@@ -223,7 +249,9 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         context: Context,
         method: str,
         event: AuditEvent,
-    ) -> bytes:
+    ) -> bytes | _Shadow:
+        """The reply; or, when a rollout mirrors the request, a `_Shadow` holding the
+        reply and the reserved copy, which the caller sends once the record is in."""
         metadata = dict(context.invocation_metadata() or ())
         try:
             caller = authenticate(context, metadata, self._config)
@@ -259,6 +287,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             if policy.rollouts and request is not None
             else None
         )
+        copy: _Shadow | None = None
         try:
             if rollout is None:
                 result = await self._forwarder.forward(
@@ -270,8 +299,8 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     metadata=forwarded_md,
                 )
             else:
-                result = await self._roll_out(
-                    rollout, raw, version, policy, decision, deadline, forwarded_md
+                result, copy = await self._roll_out(
+                    rollout, raw, version, policy, decision, deadline, forwarded_md, event
                 )
         except grpc.aio.AioRpcError as exc:
             event.outcome = "routed"
@@ -283,7 +312,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         event.route, event.zone = result.route, result.endpoint.zone
         event.pool, event.endpoint = result.endpoint.pool, result.endpoint.address
         event.attempts = result.attempts
-        return result.reply
+        return result.reply if copy is None else copy
 
     async def _roll_out(
         self,
@@ -294,9 +323,12 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         decision: Decision,
         deadline: float | None,
         metadata: list[tuple[str, str]],
-    ) -> Forwarded:
+        event: AuditEvent,
+    ) -> tuple[Forwarded, _Shadow | None]:
         """Forward a ModelInfer under a rollout: a request that names no version gets
-        the split's draw; then, for the shadow's share, a copy to the candidate."""
+        the split's draw; then, for the shadow's share, a copy to the candidate is
+        reserved and written into `event` (pool, zone, version), for the caller to
+        send once the record is committed."""
         versioned = None
         if rollout.versions and not version:
             i = rollout.pick(random.random())
@@ -315,18 +347,40 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             versioned=versioned,
         )
         if shadow:
-            self._shadows.mirror(
-                rollout,
-                raw,
-                serving=result.reply,
-                serving_seconds=time.perf_counter() - started,
-                sensitive=decision.sensitive,
-                metadata=metadata,
-            )
-        return result
+            reservation = self._shadows.reserve(rollout, sensitive=decision.sensitive)
+            if reservation is not None:
+                plan = reservation.plan
+                event.shadow_pool, event.shadow_zone = plan.pool, plan.zone
+                event.shadow_version = plan.version
+                seconds = time.perf_counter() - started
+                copy = _Shadow(result, reservation, raw, seconds, decision.sensitive, metadata)
+                return result, copy
+        return result, None
 
     def _count(self, event: AuditEvent) -> None:
         self._metrics.observe(event)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shadow:
+    """A forwarded request with a shadow copy reserved, not yet sent."""
+
+    forwarded: Forwarded
+    reservation: Reservation
+    raw: bytes
+    serving_seconds: float
+    sensitive: bool
+    metadata: list[tuple[str, str]]
+
+    def send(self, shadows: Shadows) -> None:
+        shadows.send(
+            self.reservation,
+            self.raw,
+            serving=self.forwarded.reply,
+            serving_seconds=self.serving_seconds,
+            sensitive=self.sensitive,
+            metadata=self.metadata,
+        )
 
 
 def _parse(method: str, raw: bytes) -> tuple[pb.ModelInferRequest | None, str, str]:

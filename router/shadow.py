@@ -1,13 +1,21 @@
 """Shadow copies: mirror a share of a model's requests to a candidate version, compare.
 
-A copy is sent only after the serving reply is in hand, from a task of its own, so it
-can neither delay nor fail the caller's reply: it has its own deadline (the policy's
-`timeout`), at most `max_in_flight` copies of one rollout run at once, and a copy
-that would exceed that is dropped and counted instead of queued. The forwarder's
-`mirror` applies the zone guard to the endpoint it picks, so a sensitive request is
-never mirrored outside the on-prem zone even under a policy that skipped the load
-checks. The candidate's reply is compared with the serving one (`outputs_agree`) and
-discarded.
+A copy is decided once the serving reply is in hand (`reserve`), recorded in that
+request's audit record (pool, zone, candidate version), and sent (`send`) only after
+the record is committed, from a task of its own: so the trail says where every copy
+went before it goes, and a copy can neither delay nor fail the caller's reply. A copy
+whose record cannot be committed is never sent (`release`). It has its own deadline
+(the policy's `timeout`), at most `max_in_flight` copies of one rollout run at once,
+and a copy that would exceed that is dropped and counted instead of queued (and not
+recorded as mirrored).
+
+The zone guard (invariant 1) is applied twice: `reserve` refuses to mirror a
+sensitive request to a pool outside the on-prem zone, and the forwarder's `mirror`
+checks the endpoint it picks, so a sensitive request is never mirrored outside the
+on-prem zone even under a policy that skipped the load checks. The copy goes to an
+endpoint of the recorded pool only while that pool is still in the recorded zone (a
+reload that moved it refuses the copy), so the record stays true. The candidate's
+reply is compared with the serving one (`outputs_agree`) and discarded.
 
 Everything a copy does is counted in the router's metrics (by route, model, candidate
 version and result), and `rollout_stats` reads those same counters back for
@@ -32,13 +40,24 @@ from hybridroute.router.rollout import Rollout, ShadowPlan, outputs_agree
 if TYPE_CHECKING:
     from hybridroute.router.policy import Policy
 
-__all__ = ["RESULTS", "RolloutStats", "ShadowStats", "Shadows", "rollout_stats"]
+__all__ = ["RESULTS", "Reservation", "RolloutStats", "ShadowStats", "Shadows", "rollout_stats"]
 
 log = logging.getLogger(__name__)
 
 _METHOD = "/inference.GRPCInferenceService/ModelInfer"
 RESULTS = ("agreed", "disagreed", "failed", "dropped", "refused", "no_endpoint")
 _Key = tuple[str, str]  # (route, model)
+_ONPREM = "onprem"
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A copy decided and counted in flight, not yet sent: its request's audit record
+    names `plan.pool`, `plan.zone` and `plan.version`; `send` or `release` it."""
+
+    plan: ShadowPlan
+    key: _Key
+    labels: tuple[str, str, str]  # route, model, candidate version
 
 
 class Shadows:
@@ -46,13 +65,40 @@ class Shadows:
 
     def __init__(self, forwarder: Forwarder, metrics: RouterMetrics) -> None:
         self._forwarder = forwarder
+        # The forwarder's pools: `send` checks the recorded pool is still in the
+        # recorded zone right before the forwarder picks an endpoint of it.
+        self._pools = forwarder._pools
         self._metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[_Key, int] = {}
 
-    def mirror(
+    def reserve(self, rollout: Rollout, *, sensitive: bool) -> Reservation | None:
+        """Decide one copy to the rollout's candidate: a slot in flight, or None (the
+        copy is counted as refused or dropped, and the request is not mirrored)."""
+        plan = rollout.shadow
+        assert plan is not None
+        labels = (rollout.route, rollout.model, plan.version)
+        if sensitive and plan.zone != _ONPREM:  # invariant 1, before anything is recorded
+            log.error(
+                "refusing to mirror a sensitive request to %s pool %s (route %s)",
+                plan.zone,
+                plan.pool,
+                rollout.route,
+            )
+            self._metrics.shadow_requests.labels(*labels, "refused").inc()
+            return None
+        key = (rollout.route, rollout.model)
+        running = self._in_flight.get(key, 0)
+        if running >= plan.max_in_flight:
+            self._metrics.shadow_requests.labels(*labels, "dropped").inc()
+            return None
+        self._in_flight[key] = running + 1
+        self._metrics.shadow_in_flight.inc()
+        return Reservation(plan, key, labels)
+
+    def send(
         self,
-        rollout: Rollout,
+        reservation: Reservation,
         raw: bytes,
         *,
         serving: bytes,
@@ -60,36 +106,56 @@ class Shadows:
         sensitive: bool,
         metadata: Sequence[tuple[str, str]],
     ) -> None:
-        """Start one copy of `raw` to the rollout's candidate; returns at once."""
-        plan = rollout.shadow
-        assert plan is not None
-        key = (rollout.route, rollout.model)
-        labels = (rollout.route, rollout.model, plan.version)
-        running = self._in_flight.get(key, 0)
-        if running >= plan.max_in_flight:
-            self._metrics.shadow_requests.labels(*labels, "dropped").inc()
-            return
-        self._in_flight[key] = running + 1
-        self._metrics.shadow_in_flight.inc()
-        copy = _Copy(plan, labels, raw + plan.field, serving, serving_seconds, sensitive)
+        """Start the reserved copy of `raw` (after its record is committed); returns at
+        once."""
+        plan = reservation.plan
+        copy = _Copy(
+            plan, reservation.labels, raw + plan.field, serving, serving_seconds, sensitive
+        )
         task = asyncio.create_task(self._run(copy, (*metadata, ("x-hybridroute-shadow", "1"))))
         self._tasks.add(task)
-        task.add_done_callback(self._finished(key))
+        task.add_done_callback(self._finished(reservation.key))
+
+    def release(self, reservation: Reservation) -> None:
+        """Give up a reserved copy unsent (its record could not be committed)."""
+        self._release(reservation.key)
+        self._metrics.shadow_requests.labels(*reservation.labels, "dropped").inc()
+
+    def _release(self, key: _Key) -> None:
+        self._in_flight[key] -= 1
+        self._metrics.shadow_in_flight.dec()
 
     def _finished(self, key: _Key) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
             self._tasks.discard(task)
-            self._in_flight[key] -= 1
-            self._metrics.shadow_in_flight.dec()
+            self._release(key)
             if not task.cancelled() and (exc := task.exception()) is not None:
                 log.error("shadow copy failed unexpectedly: %r", exc)
 
         return done
 
+    def _moved(self, plan: ShadowPlan) -> bool:
+        """Whether the recorded pool is now in another zone than the record says (a
+        reload changed it since the decision). A pool that is gone is the forwarder's
+        to report (no endpoint)."""
+        try:
+            zone = self._pools.get(plan.pool).zone
+        except KeyError:
+            return False
+        return zone != plan.zone
+
     async def _run(self, copy: _Copy, metadata: Sequence[tuple[str, str]]) -> None:
         plan, route = copy.plan, copy.labels[0]
         started = time.perf_counter()
         try:
+            if self._moved(plan):  # no await from here to the forwarder's pick
+                log.error(
+                    "not mirroring to pool %s: it is no longer in zone %s (route %s)",
+                    plan.pool,
+                    plan.zone,
+                    route,
+                )
+                raise ZoneGuardRefusal()
             reply = await self._forwarder.mirror(
                 _METHOD,
                 copy.request,

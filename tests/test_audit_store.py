@@ -126,6 +126,55 @@ def test_records_hold_facts_and_keyed_hashes_never_values(tmp_path: Path) -> Non
     verified(cfg)
 
 
+def test_a_shadow_copy_is_an_optional_key_that_verifies_beside_older_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mirrored request's record names the copy's pool, zone and version under
+    `shadow`; any other record has no such key (so records written before it existed
+    keep their encoding), and a trail holding both verifies, by API and by CLI."""
+    from hybridroute.cli import main
+
+    cfg = config(tmp_path)
+    plain = event(1, route="onprem", zone="onprem", pool="onprem")
+    mirrored = event(
+        2,
+        route="onprem",
+        zone="onprem",
+        pool="onprem",
+        shadow_pool="onprem-gpu",
+        shadow_zone="onprem",
+        shadow_version="2",
+    )
+
+    async def run() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        await store.record(plain)
+        await store.record(mirrored)
+        await store.close()
+
+    asyncio.run(run())
+    first, second = records(cfg.db)
+    assert not any(k.startswith("shadow") for k in first)
+    assert second["shadow"] == {"pool": "onprem-gpu", "zone": "onprem", "version": "2"}
+    verified(cfg)
+    assert cfg.signing_key is not None
+    key = str(cfg.signing_key.with_suffix(".pub"))
+    assert main(["audit", "verify", "--db", str(cfg.db), "--key", key]) == 0
+    capsys.readouterr()
+    assert main(["audit", "query", "--db", str(cfg.db), "--format", "json"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    shadows = {r.get("request_id"): r.get("shadow") for r in out if r["kind"] == "request"}
+    assert shadows == {"req-00001": None, "req-00002": second["shadow"]}
+    assert main(["audit", "query", "--db", str(cfg.db)]) == 0
+    table = capsys.readouterr().out
+    assert "shadow" in table.splitlines()[0] and "onprem-gpu/onprem v2" in table
+    assert main(["audit", "query", "--db", str(cfg.db), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(",shadow_pool,shadow_zone,shadow_version")
+    assert lines[-1].endswith(",onprem-gpu,onprem,2") and lines[-2].endswith(",,,")
+
+
 def test_detail_follows_the_route_level_but_sensitive_denied_failed_are_always_full(
     tmp_path: Path,
 ) -> None:

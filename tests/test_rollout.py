@@ -109,6 +109,83 @@ def test_a_split_draws_versions_by_weight() -> None:
     assert [rollout.pick(d) for d in (0.0, 0.5, 0.7999, 0.8, 0.99)] == [0, 0, 0, 2, 2]
 
 
+class _Pool:
+    def __init__(self, zone: str) -> None:
+        self.zone = zone
+
+
+class _Forwarder:
+    """What `Shadows` uses of the forwarder: its pools, and `mirror` (counted)."""
+
+    def __init__(self, zones: dict[str, str]) -> None:
+        self.zones = zones
+        self.mirrored: list[str] = []
+        self._pools = self
+
+    def get(self, name: str) -> _Pool:
+        return _Pool(self.zones[name])
+
+    async def mirror(self, method: str, raw: bytes, *, pool: str, **_: object) -> bytes:
+        self.mirrored.append(pool)
+        return _reply([0])
+
+
+def test_a_copy_goes_only_to_the_recorded_pool_and_zone_and_only_when_sent() -> None:
+    """`reserve` is what the record names; `send` goes to that pool only while it is
+    still in that zone (a reload may move it); `release` (the record was not
+    committed) sends nothing; a sensitive request is never reserved for the cloud."""
+    import asyncio
+
+    from hybridroute.router.metrics import RouterMetrics
+    from hybridroute.router.shadow import Shadows
+
+    plan = ShadowPlan("2", 1.0, "gpu", "onprem", 1.0, None, 2, version_field("2"))
+    rollout = Rollout("onprem", "iris", (), (), (), (), plan)
+    cloud = Rollout("onprem", "iris", (), (), (), (), dataclasses.replace(plan, zone="cloud"))
+
+    async def run() -> None:
+        forwarder = _Forwarder({"gpu": "onprem"})
+        metrics = RouterMetrics()
+        shadows = Shadows(forwarder, metrics)  # type: ignore[arg-type]
+        count = metrics.registry.get_sample_value
+
+        def result(r: str, version: str = "2") -> float:
+            labels = {"route": "onprem", "model": "iris", "version": version, "result": r}
+            return count("hybridroute_router_shadow_requests_total", labels) or 0.0
+
+        async def send(reservation: object, sensitive: bool) -> None:
+            shadows.send(
+                reservation,  # type: ignore[arg-type]
+                b"",
+                serving=_reply([0]),
+                serving_seconds=0.0,
+                sensitive=sensitive,
+                metadata=(),
+            )
+            await asyncio.gather(*shadows._tasks)
+
+        assert shadows.reserve(cloud, sensitive=True) is None  # invariant 1: not recorded
+        assert result("refused") == 1
+        one = shadows.reserve(rollout, sensitive=True)
+        two = shadows.reserve(rollout, sensitive=False)
+        assert one is not None and two is not None
+        assert shadows.reserve(rollout, sensitive=False) is None  # max_in_flight: 2
+        assert result("dropped") == 1
+        shadows.release(two)  # its record was not committed: never sent
+        assert result("dropped") == 2 and forwarder.mirrored == []
+        await send(one, True)
+        assert forwarder.mirrored == ["gpu"] and result("agreed") == 1
+        three = shadows.reserve(rollout, sensitive=False)
+        assert three is not None
+        forwarder.zones["gpu"] = "cloud"  # a reload moved the pool after the record
+        await send(three, False)
+        assert forwarder.mirrored == ["gpu"] and result("refused") == 2
+        await asyncio.sleep(0)  # the done callbacks
+        assert count("hybridroute_router_shadow_in_flight") == 0
+
+    asyncio.run(run())
+
+
 # ------------------------------------------------------------------ schema and guard
 
 
@@ -329,6 +406,44 @@ def test_shadow_copies_are_compared_and_counted(rollout: RolloutHarness) -> None
         assert count == after["agreed"] + after["disagreed"]
 
 
+def _trail(rollout: RolloutHarness) -> dict[str, dict]:
+    with contextlib.closing(connect_readonly(rollout.trail)) as conn:
+        bodies = [json.loads(b) for (b,) in conn.execute("SELECT body FROM records")]
+    return {b["request_id"]: b for b in bodies if b["kind"] == "request"}
+
+
+def test_a_mirrored_requests_record_says_where_the_copy_went(
+    rollout: RolloutHarness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every iris request on the on-prem route is mirrored (percent: 100): its record
+    names the copy's pool, zone and candidate version. A request on a route without a
+    rollout is not mirrored and its record has no `shadow`. The trail still verifies."""
+    rollout.shadows_idle()
+    mirrored, plain = [], []
+    for i in range(10):
+        _, metadata = rollout.infer(i)
+        assert metadata["x-hybridroute-route"] == "onprem"
+        mirrored.append(metadata["x-hybridroute-request-id"])
+        _, metadata = rollout.infer(i, label="public")
+        assert metadata["x-hybridroute-route"] == "cloud"
+        plain.append(metadata["x-hybridroute-request-id"])
+    rollout.shadows_idle()
+    trail = _trail(rollout)
+    for rid in mirrored:
+        assert trail[rid]["shadow"] == {"pool": "onprem", "zone": "onprem", "version": "2"}
+    for rid in plain:
+        assert "shadow" not in trail[rid]
+    key = rollout.root / "audit-signing.pub"
+    db = str(rollout.trail)
+    assert main(["audit", "verify", "--db", db, "--key", str(key)]) == 0
+    capsys.readouterr()
+    assert (
+        main(["audit", "query", "--db", db, "--request-id", mirrored[0], "--format", "json"]) == 0
+    )
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["shadow"]["pool"] == "onprem" and record["zone"] == "onprem"
+
+
 def test_status_shows_the_rollout(
     rollout: RolloutHarness, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -372,15 +487,19 @@ def test_a_sensitive_request_is_never_mirrored_out_of_the_on_prem_zone(
     refused = rollout.sample("hybridroute_router_shadow_requests_total", **labels)
     cloud_before = _node_requests(rollout.cloud)
     store.current = bad
+    sent = []
     try:
         for i in range(20):
             reply, metadata = rollout.infer(i, label="confidential")
             assert metadata["x-hybridroute-zone"] == "onprem" and reply.outputs
+            sent.append(metadata["x-hybridroute-request-id"])
         rollout.shadows_idle()
     finally:
         store.current = good
     assert rollout.sample("hybridroute_router_shadow_requests_total", **labels) == refused + 20
     assert _node_requests(rollout.cloud) == cloud_before
+    trail = _trail(rollout)  # refused before anything was sent: no copy on the record
+    assert all(trail[rid]["sensitive"] is True and "shadow" not in trail[rid] for rid in sent)
 
 
 def test_router_metrics_carry_the_right_labels(rollout: RolloutHarness) -> None:
