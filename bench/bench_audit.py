@@ -54,7 +54,7 @@ from bench.harness import (
 )
 from bench.loadgen import Result, free_port, median_result, run_load, table
 from hybridroute.certs.credentials import channel_credentials
-from hybridroute.router.audit import AuditEvent, AuditNote
+from hybridroute.router.audit.events import AuditEvent, AuditNote
 from hybridroute.stack import write_router_config
 
 CONCURRENCIES = (16, 1)

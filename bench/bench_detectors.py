@@ -13,7 +13,7 @@ import random
 import statistics
 import time
 
-from hybridroute.router.detectors import BUILTIN, Scanner
+from hybridroute.router.policy.detectors import BUILTIN, Scanner
 
 __all__ = ["main", "make_text"]
 

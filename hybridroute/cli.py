@@ -26,8 +26,9 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
     from hybridroute import stack_cli
     from hybridroute.certs import cli as certs_cli
     from hybridroute.node import cli as node_cli
-    from hybridroute.router import audit_cli, policy_cli
     from hybridroute.router import cli as router_cli
+    from hybridroute.router.audit import cli as audit_cli
+    from hybridroute.router.policy import cli as policy_cli
 
     return [
         stack_cli.register,

@@ -20,7 +20,7 @@ from hybridroute.protos import admin_pb2_grpc as pb_grpc
 from hybridroute.router.shadow import RolloutStats, rollout_stats
 
 if TYPE_CHECKING:
-    from hybridroute.router.policystore import ReloadResult
+    from hybridroute.router.policy.store import ReloadResult
     from hybridroute.router.server import RouterServer
 
 __all__ = ["AdminServicer"]

@@ -32,7 +32,7 @@ from typing import Annotated
 from pydantic import AfterValidator, Field, model_validator
 
 from hybridroute.config import Strict, load_model
-from hybridroute.router.policy import Duration
+from hybridroute.router.policy.schema import Duration
 
 __all__ = [
     "AuditConfig",
@@ -89,7 +89,7 @@ class UpstreamFiles(Strict):
 
 
 class AuditConfig(Strict):
-    """Where the audit trail is kept and how it is sealed (router/auditstore.py).
+    """Where the audit trail is kept and how it is sealed (router/audit/store.py).
 
     There is no way to turn auditing off (invariant 5): without an `audit:` section the
     trail is `audit.db` next to this file. `hmac_key` (keyed hashes of session and

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos.tensors import TensorError, decode_bytes_elements
-from hybridroute.router.engine import RequestFacts, TextField, metadata_text_fields
+from hybridroute.router.policy.engine import RequestFacts, TextField, metadata_text_fields
 
 __all__ = ["CLASSIFICATION_HEADER", "SESSION_HEADER", "Caller", "request_facts"]
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from hybridroute.router.engine import Decision
 from hybridroute.router.metrics import RouterMetrics
-from hybridroute.router.policy import Policy
+from hybridroute.router.policy.engine import Decision
+from hybridroute.router.policy.schema import Policy
 from hybridroute.router.pools import Endpoint, Pools
 
 __all__ = ["Forwarded", "Forwarder", "RouterError", "ZoneGuardRefusal", "zone_guard"]

@@ -34,17 +34,17 @@ from google.protobuf.message import DecodeError
 
 from hybridroute import __version__
 from hybridroute.protos import inference_pb2 as pb
-from hybridroute.router.audit import AUDIT_REFUSAL, AuditEvent, AuditSink, AuditUnavailable
+from hybridroute.router.audit.events import AUDIT_REFUSAL, AuditEvent, AuditSink, AuditUnavailable
 from hybridroute.router.auth import Unauthenticated, authenticate
 from hybridroute.router.config import RouterConfig
-from hybridroute.router.engine import Decision, decide, label_key
 from hybridroute.router.facts import Caller, request_facts
 from hybridroute.router.forward import Forwarded, Forwarder, RouterError
 from hybridroute.router.metrics import RouterMetrics
-from hybridroute.router.policy import Policy
-from hybridroute.router.policystore import PolicyStore
+from hybridroute.router.policy.engine import Decision, decide, label_key
+from hybridroute.router.policy.schema import Policy
+from hybridroute.router.policy.sessions import SessionPins
+from hybridroute.router.policy.store import PolicyStore
 from hybridroute.router.rollout import Rollout
-from hybridroute.router.sessions import SessionPins
 from hybridroute.router.shadow import Reservation, Shadows
 
 __all__ = ["SERVICE", "FrontDoor"]

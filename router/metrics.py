@@ -8,7 +8,7 @@ model name is counted as `_other`. deploy/ builds its dashboard and alerts on th
 names, and tests/test_deploy_files.py checks that every name it uses exists.
 
 The audit trail's own metrics (commit time, batch size, failing, queue depth) are in
-`auditmetrics`, in this same registry.
+`audit.metrics`, in this same registry.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
-    from hybridroute.router.audit import AuditEvent
-    from hybridroute.router.policy import Policy
+    from hybridroute.router.audit.events import AuditEvent
+    from hybridroute.router.policy.schema import Policy
 
 __all__ = ["OTHER_MODEL", "ModelLabels", "RouterMetrics", "policy_models"]
 

@@ -35,8 +35,8 @@ from hybridroute.certs.credentials import CredentialsError, channel_credentials
 from hybridroute.router.health import HealthMonitor, HealthSettings, HealthState, Monitored
 
 if TYPE_CHECKING:
-    from hybridroute.router.policy import Policy
-    from hybridroute.router.policy import Pool as PoolSpec
+    from hybridroute.router.policy.schema import Policy
+    from hybridroute.router.policy.schema import Pool as PoolSpec
 
 __all__ = ["MAX_MESSAGE_BYTES", "Endpoint", "Pool", "PoolError", "Pools", "UpstreamTLS"]
 

@@ -3,7 +3,7 @@
 A route may split a model's traffic between versions by weight (canary) and mirror a
 share of it to a candidate version whose replies are compared, then discarded
 (shadow). The schema is in `policy` (`RolloutSpec`), the load-time checks (the zone
-guard for shadow copies among them) in `policy_checks`, the fire-and-forget mirroring
+guard for shadow copies among them) in `policy.checks`, the fire-and-forget mirroring
 in `shadow`. This module is the part every request touches, so it is kept small:
 
 - the version is set without re-serialising the request: the encoded field 2
@@ -33,7 +33,7 @@ from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos.tensors import DATATYPES
 
 if TYPE_CHECKING:
-    from hybridroute.router.policy import Pool, Route
+    from hybridroute.router.policy.schema import Pool, Route
 
 __all__ = [
     "FLOAT_TOLERANCE",
@@ -71,7 +71,7 @@ def with_version(raw: bytes, version: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ShadowPlan:
-    """Where and how a share of a model's requests is mirrored (see `policy.Shadow`)."""
+    """Where and how a share of a model's requests is mirrored (see `policy.schema.Shadow`)."""
 
     version: str
     share: float  # 0 < share <= 1

@@ -29,17 +29,17 @@ from grpc_health.v1._async import HealthServicer
 
 from hybridroute.certs.credentials import server_credentials
 from hybridroute.router.admin import AdminServicer
-from hybridroute.router.audit import AuditNote, AuditSink, AuditUnavailable
-from hybridroute.router.auditnotes import CertWatch, policy_note, start_note, stop_note
-from hybridroute.router.auditstore import AuditStore
+from hybridroute.router.audit.events import AuditNote, AuditSink, AuditUnavailable
+from hybridroute.router.audit.notes import CertWatch, policy_note, start_note, stop_note
+from hybridroute.router.audit.store import AuditStore
 from hybridroute.router.config import RouterConfig
 from hybridroute.router.forward import Forwarder
 from hybridroute.router.frontdoor import FrontDoor
 from hybridroute.router.metrics import RouterMetrics, policy_models
-from hybridroute.router.policy import Policy
-from hybridroute.router.policystore import PolicyStore, ReloadResult
+from hybridroute.router.policy.schema import Policy
+from hybridroute.router.policy.sessions import SessionPins
+from hybridroute.router.policy.store import PolicyStore, ReloadResult
 from hybridroute.router.pools import Endpoint, Pools, UpstreamTLS
-from hybridroute.router.sessions import SessionPins
 from hybridroute.router.shadow import Shadows
 
 __all__ = ["RouterServer", "run_router"]

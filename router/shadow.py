@@ -38,7 +38,7 @@ from hybridroute.router.metrics import RouterMetrics
 from hybridroute.router.rollout import Rollout, ShadowPlan, outputs_agree
 
 if TYPE_CHECKING:
-    from hybridroute.router.policy import Policy
+    from hybridroute.router.policy.schema import Policy
 
 __all__ = ["RESULTS", "Reservation", "RolloutStats", "ShadowStats", "Shadows", "rollout_stats"]
 

@@ -21,7 +21,7 @@ from test_router_e2e import iris_row, send, ticket
 from hybridroute.cli import main
 from hybridroute.node.server import NodeOptions, NodeServer
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
-from hybridroute.router.auditdb import connect_readonly
+from hybridroute.router.audit.db import connect_readonly
 
 
 @pytest.fixture(scope="module")

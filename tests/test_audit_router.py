@@ -32,7 +32,7 @@ from hybridroute.certs.pki import issue_leaf
 from hybridroute.cli import main
 from hybridroute.protos import admin_pb2, admin_pb2_grpc
 from hybridroute.protos import inference_pb2 as pb
-from hybridroute.router.auditdb import connect_readonly
+from hybridroute.router.audit.db import connect_readonly
 
 SSN, CARD, EMAIL = "321-54-9876", "4111 1111 1111 1111", "jane.doe@example.com"
 METHOD = "/inference.GRPCInferenceService/"

@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from hybridroute.router.audit import AuditEvent, AuditNote, AuditUnavailable
-from hybridroute.router.auditcodec import KeyedHasher, load_verify_key
-from hybridroute.router.auditdb import connect_readonly
-from hybridroute.router.auditnotes import CertWatch
-from hybridroute.router.auditstore import AuditStore
-from hybridroute.router.auditverify import verify
+from hybridroute.router.audit.codec import KeyedHasher, load_verify_key
+from hybridroute.router.audit.db import connect_readonly
+from hybridroute.router.audit.events import AuditEvent, AuditNote, AuditUnavailable
+from hybridroute.router.audit.notes import CertWatch
+from hybridroute.router.audit.store import AuditStore
+from hybridroute.router.audit.verify import verify
 from hybridroute.router.config import AuditConfig
-from hybridroute.router.engine import DetectorHit, RuleTrace
+from hybridroute.router.policy.engine import DetectorHit, RuleTrace
 
 SSN, CARD, EMAIL = "321-54-9876", "4111 1111 1111 1111", "jane.doe@example.com"
 

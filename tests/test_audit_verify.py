@@ -17,11 +17,11 @@ import pytest
 from test_audit_store import config, event
 
 from hybridroute.cli import main
-from hybridroute.router.audit import AuditNote
-from hybridroute.router.auditcodec import canonical, load_verify_key
-from hybridroute.router.auditdb import connect_readonly
-from hybridroute.router.auditstore import AuditStore
-from hybridroute.router.auditverify import Report, verify
+from hybridroute.router.audit.codec import canonical, load_verify_key
+from hybridroute.router.audit.db import connect_readonly
+from hybridroute.router.audit.events import AuditNote
+from hybridroute.router.audit.store import AuditStore
+from hybridroute.router.audit.verify import Report, verify
 
 SESSION = "session-jane-0042"
 

@@ -15,7 +15,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hybridroute.router.detectors import (
+from hybridroute.router.policy.detectors import (
     BUILTIN,
     DetectorError,
     Finding,
@@ -24,7 +24,7 @@ from hybridroute.router.detectors import (
     TextTooLarge,
     regex_detector,
 )
-from hybridroute.router.patterns import check_pattern
+from hybridroute.router.policy.patterns import check_pattern
 
 CORPUS = Path(__file__).with_name("detector_corpus.yaml")
 DETECTORS = ("credit_card", "us_ssn", "iban", "email", "ip_address", "phone")

@@ -16,16 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hybridroute.config import ConfigError
-from hybridroute.router.cases import CaseRequest, facts_from_case
-from hybridroute.router.engine import (
+from hybridroute.router.policy.cases import CaseRequest, facts_from_case
+from hybridroute.router.policy.engine import (
     Decision,
     RequestFacts,
     TextField,
     decide,
     metadata_text_fields,
 )
-from hybridroute.router.policy import Policy, Rule, compile_policy
-from hybridroute.router.sessions import SessionPins
+from hybridroute.router.policy.schema import Policy, Rule, compile_policy
+from hybridroute.router.policy.sessions import SessionPins
 
 POLICY = """\
 version: 1

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from hybridroute.config import ConfigError
-from hybridroute.router.cases import check_expectations, facts_from_case, load_cases
-from hybridroute.router.engine import decide
-from hybridroute.router.policy import Policy, compile_policy
-from hybridroute.router.sessions import SessionPins
+from hybridroute.router.policy.cases import check_expectations, facts_from_case, load_cases
+from hybridroute.router.policy.engine import decide
+from hybridroute.router.policy.schema import Policy, compile_policy
+from hybridroute.router.policy.sessions import SessionPins
 
 POLICIES = Path(str(resources.files("hybridroute.policies")))
 

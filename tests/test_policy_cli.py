@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 
 from hybridroute.cli import main
-from hybridroute.router.audit import AuditEvent
-from hybridroute.router.auditstore import AuditStore
-from hybridroute.router.cases import facts_from_case
+from hybridroute.router.audit.events import AuditEvent
+from hybridroute.router.audit.store import AuditStore
 from hybridroute.router.config import AuditConfig
-from hybridroute.router.engine import decide, label_key
-from hybridroute.router.policy import compile_policy
-from hybridroute.router.policy_lint import check_policy_file
-from hybridroute.router.policy_replay import RecordedDecision, redecide, replay
-from hybridroute.router.policy_testing import load_case_files
-from hybridroute.router.sessions import SessionPins
+from hybridroute.router.policy.cases import facts_from_case
+from hybridroute.router.policy.engine import decide, label_key
+from hybridroute.router.policy.lint import check_policy_file
+from hybridroute.router.policy.replay import RecordedDecision, redecide, replay
+from hybridroute.router.policy.schema import compile_policy
+from hybridroute.router.policy.sessions import SessionPins
+from hybridroute.router.policy.testing import load_case_files
 
 POLICIES = Path(str(resources.files("hybridroute.policies")))
 DEFAULT = POLICIES / "default.yaml"

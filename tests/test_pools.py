@@ -24,7 +24,7 @@ from hybridroute.certs.credentials import server_credentials
 from hybridroute.certs.pki import init_pki
 from hybridroute.node.server import NodeOptions, NodeServer
 from hybridroute.router.health import HealthSettings
-from hybridroute.router.policy import Policy, compile_policy
+from hybridroute.router.policy.schema import Policy, compile_policy
 from hybridroute.router.pools import PoolError, Pools, UpstreamTLS
 
 FAST = {"interval": "100ms", "timeout": "100ms", "healthy_threshold": 1, "unhealthy_threshold": 2}

@@ -34,8 +34,8 @@ from hybridroute.node.packaging import package_model
 from hybridroute.protos import admin_pb2, admin_pb2_grpc
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos.tensors import encode_output
-from hybridroute.router.auditdb import connect_readonly
-from hybridroute.router.policy import compile_policy
+from hybridroute.router.audit.db import connect_readonly
+from hybridroute.router.policy.schema import compile_policy
 from hybridroute.router.rollout import (
     Rollout,
     ShadowPlan,

@@ -27,10 +27,8 @@ from hybridroute.node.server import NodeOptions, NodeServer
 from hybridroute.protos import admin_pb2, admin_pb2_grpc
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
 from hybridroute.router.config import load_config
-from hybridroute.router.policy import Policy
-from hybridroute.router.policystore import PolicyStore, ReloadResult
-from hybridroute.router.server import RouterServer
-from hybridroute.router.signing import (
+from hybridroute.router.policy.schema import Policy
+from hybridroute.router.policy.signing import (
     SignatureError,
     generate_keypair,
     load_signing_key,
@@ -38,6 +36,8 @@ from hybridroute.router.signing import (
     sign_policy,
     verify_policy_bytes,
 )
+from hybridroute.router.policy.store import PolicyStore, ReloadResult
+from hybridroute.router.server import RouterServer
 from hybridroute.stack import default_policy_path
 
 POLICY = default_policy_path().read_bytes()
@@ -124,7 +124,7 @@ def test_other_keys_and_malformed_envelopes_are_refused(keys: Path, tmp_path: Pa
 
 
 def test_key_files_are_checked(keys: Path, tmp_path: Path) -> None:
-    from hybridroute.router.signing import KeyFileError
+    from hybridroute.router.policy.signing import KeyFileError
 
     assert os.stat(keys / "secteam.key").st_mode & 0o777 == 0o600
     with pytest.raises(KeyFileError, match="holds a private key"):

@@ -1,8 +1,8 @@
-"""Handlers of `hybridroute policy keygen | sign | verify` (parsers in `policy_cli`).
+"""Handlers of `hybridroute policy keygen | sign | verify` (parsers in `policy.cli`).
 
 `sign` compiles the policy first and refuses to sign one with errors: a signature
 says "reviewed and approved", and a router would refuse that file anyway. Exit codes
-are `policy_cli`'s: 1 when the answer is no (invalid policy, signature does not
+are `policy.cli`'s: 1 when the answer is no (invalid policy, signature does not
 verify), 2 when the command cannot run (unreadable key, existing key files).
 """
 
@@ -15,8 +15,8 @@ import sys
 import time
 
 from hybridroute.cli import UsageError
-from hybridroute.router.policy_cli import EXIT_FAILED, EXIT_OK, load_policy_or_report
-from hybridroute.router.signing import (
+from hybridroute.router.policy.cli import EXIT_FAILED, EXIT_OK, load_policy_or_report
+from hybridroute.router.policy.signing import (
     KeyFileError,
     SignatureError,
     generate_keypair,

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybridroute.config import ConfigError
-from hybridroute.router.policy import Policy, compile_policy
-from hybridroute.router.signing import (
+from hybridroute.router.policy.schema import Policy, compile_policy
+from hybridroute.router.policy.signing import (
     KeyFileError,
     PolicySignature,
     SignatureError,

@@ -29,9 +29,9 @@ from hybridroute.certs.credentials import (
     load_certificates,
     load_private_key,
 )
-from hybridroute.router.audit import AuditNote
+from hybridroute.router.audit.events import AuditNote
 from hybridroute.router.config import RouterConfig
-from hybridroute.router.policystore import ReloadResult
+from hybridroute.router.policy.store import ReloadResult
 
 __all__ = ["CertWatch", "policy_note", "start_note", "stop_note"]
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from hybridroute.config import ConfigError, load_yaml, validate
-from hybridroute.router.engine import Decision
-from hybridroute.router.policy import Policy, PolicySpec, Rule
-from hybridroute.router.policy_render import outcome
-from hybridroute.router.policy_testing import CaseResult, load_case_files, run_cases
+from hybridroute.router.policy.engine import Decision
+from hybridroute.router.policy.render import outcome
+from hybridroute.router.policy.schema import Policy, PolicySpec, Rule
+from hybridroute.router.policy.testing import CaseResult, load_case_files, run_cases
 
 __all__ = ["OutcomeChange", "outcome_changes", "rule_changes", "run_diff", "setting_changes"]
 
@@ -181,8 +181,8 @@ def _change_lines(change: OutcomeChange) -> list[str]:
 
 
 def run_diff(args: argparse.Namespace) -> int:
-    """Handler of `hybridroute policy diff` (parser in `policy_cli`)."""
-    from hybridroute.router.policy_cli import EXIT_FAILED, EXIT_OK, load_policy_or_report
+    """Handler of `hybridroute policy diff` (parser in `policy.cli`)."""
+    from hybridroute.router.policy.cli import EXIT_FAILED, EXIT_OK, load_policy_or_report
 
     old, new = load_policy_or_report(args.old), load_policy_or_report(args.new)
     if old is None or new is None:

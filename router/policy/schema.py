@@ -17,7 +17,7 @@ Rules are compiled once into the engine's condition objects (`conditions`; globs
 one regex each), so `engine.decide` parses nothing per request. This module holds the
 schema models, `compile_policy` and `Policy`; the semantic checks it runs before
 compiling (the guard, fallbacks, detectors) and the warnings it attaches after
-(shadowed and never-matching rules, unused entries) are in `policy_checks`.
+(shadowed and never-matching rules, unused entries) are in `policy.checks`.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from pydantic import BeforeValidator, Field, StringConstraints, field_validator,
 from pydantic_core import PydanticCustomError
 
 from hybridroute.config import ConfigError, Located, Strict, load_yaml, validate
-from hybridroute.router.conditions import Condition, compile_match
-from hybridroute.router.detectors import BUILTIN, Scanner, regex_detector
-from hybridroute.router.engine import AuthKind, LabelKey
-from hybridroute.router.policy_checks import Problem, find_problems, find_warnings
+from hybridroute.router.policy.checks import Problem, find_problems, find_warnings
+from hybridroute.router.policy.conditions import Condition, compile_match
+from hybridroute.router.policy.detectors import BUILTIN, Scanner, regex_detector
+from hybridroute.router.policy.engine import AuthKind, LabelKey
 from hybridroute.router.rollout import Rollout, compile_rollouts
 
 __all__ = [

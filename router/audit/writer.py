@@ -1,11 +1,11 @@
 """The audit writer: the one thread that owns the audit database connection.
 
 `AuditStore` (the router's sink) queues entries; `Writer.run` takes whatever is queued,
-encodes it (`auditcodec`), commits it in one transaction with a checkpoint when one
+encodes it (`audit.codec`), commits it in one transaction with a checkpoint when one
 is due, and settles every waiting future with one call into the event loop. When a
-commit fails it refuses (see `auditstore` for the contract), keeps the refused
+commit fails it refuses (see `audit.store` for the contract), keeps the refused
 records in the backlog, and probes until writing the backlog succeeds. What a
-reopened file must look like to be written again is `auditfile.ChainFile`'s business.
+reopened file must look like to be written again is `audit.file.ChainFile`'s business.
 
 While failing, entries still flow through the queue: the writer refuses them at once
 (no waiting on a broken disk), so `record()` needs no check of its own and there is no
@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from hybridroute.router.audit import AUDIT_REFUSAL, AuditEvent, AuditNote, AuditUnavailable
-from hybridroute.router.auditfile import (
+from hybridroute.router.audit.events import AUDIT_REFUSAL, AuditEvent, AuditNote, AuditUnavailable
+from hybridroute.router.audit.file import (
     PROBE_SECONDS,
     ChainFile,
     Entry,

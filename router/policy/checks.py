@@ -26,18 +26,18 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from hybridroute.config import Located, render_path
-from hybridroute.router.conditions import (
+from hybridroute.router.policy.conditions import (
     DetectedCondition,
     GlobCondition,
     MetadataCondition,
     ParameterCondition,
 )
-from hybridroute.router.detectors import BUILTIN
-from hybridroute.router.engine import AUTH_KINDS, LABEL_KEYS, SENSITIVE_LABELS, Subject
-from hybridroute.router.patterns import check_pattern
+from hybridroute.router.policy.detectors import BUILTIN
+from hybridroute.router.policy.engine import AUTH_KINDS, LABEL_KEYS, SENSITIVE_LABELS, Subject
+from hybridroute.router.policy.patterns import check_pattern
 
 if TYPE_CHECKING:
-    from hybridroute.router.policy import (
+    from hybridroute.router.policy.schema import (
         Policy,
         PolicySpec,
         RolloutSpec,

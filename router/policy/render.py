@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hybridroute.router.engine import Decision, RequestFacts
-from hybridroute.router.policy import Policy
+from hybridroute.router.policy.engine import Decision, RequestFacts
+from hybridroute.router.policy.schema import Policy
 
 __all__ = [
     "decision_dict",

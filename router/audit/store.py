@@ -7,7 +7,7 @@ is queued when the writer comes round goes into one transaction (group commit), 
 every future of that transaction is settled with one call into the event loop, so a
 burst of requests costs one fsync, not one each.
 
-Tamper evidence (see `auditcodec`): each record hashes its canonical body with the
+Tamper evidence (see `audit.codec`): each record hashes its canonical body with the
 previous hash; a signed checkpoint seals the chain every `checkpoint_every` records, at
 most `checkpoint_seconds` after an unsealed record, and at shutdown.
 
@@ -35,10 +35,10 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from hybridroute.router.audit import AuditEvent, AuditNote, AuditUnavailable
-from hybridroute.router.auditdb import WalCheckpointer
-from hybridroute.router.auditmetrics import AuditMetrics
-from hybridroute.router.auditwriter import Entry, Item, Writer
+from hybridroute.router.audit.db import WalCheckpointer
+from hybridroute.router.audit.events import AuditEvent, AuditNote, AuditUnavailable
+from hybridroute.router.audit.metrics import AuditMetrics
+from hybridroute.router.audit.writer import Entry, Item, Writer
 from hybridroute.router.config import AuditConfig
 
 __all__ = ["AuditStore"]

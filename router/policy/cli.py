@@ -18,8 +18,8 @@ Exit codes, the same for every subcommand, so CI can gate on them:
   --fail-on-cloud` when traffic would newly go to the cloud);
 - 2: the command could not run: bad arguments, an unreadable key or audit database.
 
-The handlers only parse, call and print; the work is in `policy_lint`,
-`policy_testing`, `policy_render`, `policy_diff`, `policy_replay` and `signing`.
+The handlers only parse, call and print; the work is in `policy.lint`,
+`policy.testing`, `policy.render`, `policy.diff`, `policy.replay` and `signing`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from hybridroute.cli import UsageError
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    from hybridroute.router.policy import Policy
-    from hybridroute.router.policy_lint import CheckReport
-    from hybridroute.router.policy_testing import Coverage
+    from hybridroute.router.policy.lint import CheckReport
+    from hybridroute.router.policy.schema import Policy
+    from hybridroute.router.policy.testing import Coverage
 
     Sub: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -55,7 +55,7 @@ def _lazy(module: str, name: str) -> Handler:
     builds this parser, and the policy machinery takes a noticeable time to import."""
 
     def handler(args: argparse.Namespace) -> int:
-        run: Handler = getattr(importlib.import_module(f"hybridroute.router.{module}"), name)
+        run: Handler = getattr(importlib.import_module(module), name)
         return run(args)
 
     return handler
@@ -81,7 +81,7 @@ def register(sub: Sub) -> None:
 def load_policy_or_report(path: Path) -> Policy | None:
     """The compiled policy, or None after printing its errors (the caller exits 1)."""
     from hybridroute.config import ConfigError
-    from hybridroute.router.policy import compile_policy
+    from hybridroute.router.policy.schema import compile_policy
 
     try:
         return compile_policy(path)
@@ -110,7 +110,7 @@ def _add_check(sub: Sub) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from hybridroute.router.policy_lint import check_policy_file
+    from hybridroute.router.policy.lint import check_policy_file
 
     failed = False
     for path in args.files:
@@ -189,8 +189,8 @@ def _test(args: argparse.Namespace) -> int:
     import re
 
     from hybridroute.config import ConfigError
-    from hybridroute.router import policy_testing as pt
-    from hybridroute.router.policy_render import trace_lines
+    from hybridroute.router.policy import testing as pt
+    from hybridroute.router.policy.render import trace_lines
 
     policy = load_policy_or_report(args.policy)
     if policy is None:
@@ -255,9 +255,9 @@ def _add_explain(sub: Sub) -> None:
 
 def _explain(args: argparse.Namespace) -> int:
     from hybridroute.config import ConfigError
-    from hybridroute.router.cases import facts_from_case
-    from hybridroute.router.policy_render import explain_dict, explain_lines
-    from hybridroute.router.policy_testing import explain_request, load_request
+    from hybridroute.router.policy.cases import facts_from_case
+    from hybridroute.router.policy.render import explain_dict, explain_lines
+    from hybridroute.router.policy.testing import explain_request, load_request
 
     policy = load_policy_or_report(args.policy)
     if policy is None:
@@ -281,7 +281,7 @@ def _explain(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
-# --- diff and replay: handlers in `policy_diff` and `policy_replay` --------------------
+# --- diff and replay: handlers in `policy.diff` and `policy.replay` --------------------
 
 
 def _add_diff(sub: Sub) -> None:
@@ -300,7 +300,7 @@ def _add_diff(sub: Sub) -> None:
         action="store_true",
         help="exit 1 when any case's outcome changes (as `git diff --exit-code`)",
     )
-    p.set_defaults(handler=_lazy("policy_diff", "run_diff"))
+    p.set_defaults(handler=_lazy("hybridroute.router.policy.diff", "run_diff"))
 
 
 def _add_replay(sub: Sub) -> None:
@@ -330,10 +330,10 @@ def _add_replay(sub: Sub) -> None:
         help="exit 1 when any request would newly go to the cloud",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(handler=_lazy("policy_replay", "run_replay"))
+    p.set_defaults(handler=_lazy("hybridroute.router.policy.replay", "run_replay"))
 
 
-# --- signing: handlers in `policy_sign_cli` ----------------------------------------
+# --- signing: handlers in `policy.sign_cli` ----------------------------------------
 
 
 def _add_signing(sub: Sub) -> None:
@@ -346,18 +346,18 @@ def _add_signing(sub: Sub) -> None:
     keygen.add_argument("--out", required=True, type=Path, metavar="DIR")
     keygen.add_argument("--signer", required=True, metavar="NAME", help="e.g. secteam")
     keygen.add_argument("--force", action="store_true", help="replace existing key files")
-    keygen.set_defaults(handler=_lazy("policy_sign_cli", "run_keygen"))
+    keygen.set_defaults(handler=_lazy("hybridroute.router.policy.sign_cli", "run_keygen"))
     sign = sub.add_parser(
         "sign",
         help="write a detached Ed25519 signature FILE.sig (the policy must be valid)",
         description="Signs the policy file's exact bytes together with the signer, the "
-        "key's fingerprint and the time (the envelope is described in router/signing.py).",
+        "key's fingerprint and the time (the envelope is described in router/policy/signing.py).",
     )
     sign.add_argument("policy", type=Path, metavar="FILE")
     sign.add_argument("--key", required=True, type=Path, metavar="KEY", help="private key")
     sign.add_argument("--signer", metavar="NAME", help="default: the name in the key file")
     sign.add_argument("--out", type=Path, metavar="SIG", help="default: FILE.sig")
-    sign.set_defaults(handler=_lazy("policy_sign_cli", "run_sign"))
+    sign.set_defaults(handler=_lazy("hybridroute.router.policy.sign_cli", "run_sign"))
     verify = sub.add_parser(
         "verify",
         help="check FILE.sig against a trusted public key",
@@ -366,4 +366,4 @@ def _add_signing(sub: Sub) -> None:
     verify.add_argument("policy", type=Path, metavar="FILE")
     verify.add_argument("--key", required=True, type=Path, metavar="PUB", help="public key")
     verify.add_argument("--signature", type=Path, metavar="SIG", help="default: FILE.sig")
-    verify.set_defaults(handler=_lazy("policy_sign_cli", "run_verify"))
+    verify.set_defaults(handler=_lazy("hybridroute.router.policy.sign_cli", "run_verify"))

@@ -1,7 +1,7 @@
 """The audit trail's encoding: canonical record bodies, the hash chain, the keys.
 
-One module decides what bytes a record is, so the writer (`auditstore`) and the
-checker (`auditverify`) cannot disagree:
+One module decides what bytes a record is, so the writer (`audit.store`) and the
+checker (`audit.verify`) cannot disagree:
 
 - a record body is JSON with sorted keys, no whitespace, ASCII only and no floats
   (times and latencies are integer microseconds), so one value has one encoding;
@@ -32,8 +32,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from hybridroute.router.audit import AuditEvent, AuditNote
-from hybridroute.router.detectors import BUILTIN
+from hybridroute.router.audit.events import AuditEvent, AuditNote
+from hybridroute.router.policy.detectors import BUILTIN
 
 __all__ = [
     "FORMAT",

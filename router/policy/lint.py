@@ -5,7 +5,7 @@ right for a router but not for a reviewer: a policy with one meaning error shoul
 show its shadowed rules. So when the schema holds but the meaning checks fail, the
 warnings are computed on a stand-in `Policy` built from the validated spec (rules
 compiled, no detectors instantiated, since a custom pattern may be the very error).
-The checks themselves are the router's own (`policy_checks`): `check` and a router
+The checks themselves are the router's own (`policy.checks`): `check` and a router
 cannot disagree about a file.
 """
 
@@ -18,10 +18,10 @@ from types import MappingProxyType
 from typing import Literal
 
 from hybridroute.config import ConfigError, Located, load_yaml, validate
-from hybridroute.router.conditions import compile_match
-from hybridroute.router.detectors import Scanner
-from hybridroute.router.policy import Policy, PolicySpec, Rule, compile_policy
-from hybridroute.router.policy_checks import find_problems, find_warnings
+from hybridroute.router.policy.checks import find_problems, find_warnings
+from hybridroute.router.policy.conditions import compile_match
+from hybridroute.router.policy.detectors import Scanner
+from hybridroute.router.policy.schema import Policy, PolicySpec, Rule, compile_policy
 
 __all__ = ["CheckMessage", "CheckReport", "check_policy_file"]
 

@@ -10,7 +10,7 @@ both get the very same `decide()`. Order of work, as in the architecture's data 
 2. the rules, in order, first match wins (a matching rule may add `rule:<id>`);
 3. the runtime guard: a sensitive request whose chosen route is not on-prem goes to the
    policy's `sensitive_route` instead (or is denied if that is not on-prem either).
-   The load-time guard in `policy_checks.py` should make this unreachable; it is here so
+   The load-time guard in `policy/checks.py` should make this unreachable; it is here so
    no policy object, however built, can send sensitive data to the cloud;
 4. a sensitive request that was routed pins its session. Not a denied one (its data
    went nowhere) and not one from an unknown caller (all its requests are sensitive
@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
-from hybridroute.router.detectors import TextTooLarge
+from hybridroute.router.policy.detectors import TextTooLarge
 
 if TYPE_CHECKING:
-    from hybridroute.router.policy import Policy, Rule
-    from hybridroute.router.sessions import SessionPins
+    from hybridroute.router.policy.schema import Policy, Rule
+    from hybridroute.router.policy.sessions import SessionPins
 
 __all__ = [
     "AUTH_KINDS",

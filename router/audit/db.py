@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybridroute.router.auditcodec import FORMAT, GENESIS
+from hybridroute.router.audit.codec import FORMAT, GENESIS
 
 __all__ = [
     "Checkpoint",

@@ -1,10 +1,10 @@
 """One audit database file and the chain in it: open, reopen, encode, commit.
 
 `ChainFile` is the half of the audit writer that knows about the file: it keeps the
-chain's head, numbers and hashes records (`auditcodec`), writes them with the
+chain's head, numbers and hashes records (`audit.codec`), writes them with the
 checkpoint that is due in one transaction, and notices when the file under it was
 removed or replaced (its inode changes; SQLite would happily keep writing to an
-unlinked file). `auditwriter.Writer` adds the queue, failing and recovering.
+unlinked file). `audit.writer.Writer` adds the queue, failing and recovering.
 
 Recovery has to trust what is on disk, not what it hoped: a reopened file must still
 be this router's chain and end where the router left it, or end with the very batch
@@ -28,9 +28,8 @@ from dataclasses import astuple
 from pathlib import Path
 from random import random
 
-from hybridroute.router import auditdb
-from hybridroute.router.audit import AuditEvent, AuditNote, wants_full_detail
-from hybridroute.router.auditcodec import (
+from hybridroute.router.audit import db as auditdb
+from hybridroute.router.audit.codec import (
     FORMAT,
     KeyedHasher,
     canonical,
@@ -41,8 +40,9 @@ from hybridroute.router.auditcodec import (
     load_signing_key,
     note_body,
 )
-from hybridroute.router.auditdb import Checkpoint, Head
-from hybridroute.router.auditverify import check_tail
+from hybridroute.router.audit.db import Checkpoint, Head
+from hybridroute.router.audit.events import AuditEvent, AuditNote, wants_full_detail
+from hybridroute.router.audit.verify import check_tail
 from hybridroute.router.config import AuditConfig
 
 __all__ = ["PROBE_SECONDS", "ChainFile", "Entry", "FileMoved", "ForeignChain", "describe_error"]

@@ -17,7 +17,7 @@ What follows from replaying facts, and is printed with every report:
 
 The source of records is a small interface (`DecisionSource`: an iterable of
 `RecordedDecision`), so replay does not depend on how a trail is stored;
-`AuditDbSource` reads the SQLite audit database (`auditdb`'s `records` table).
+`AuditDbSource` reads the SQLite audit database (`audit.db`'s `records` table).
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from hybridroute.router.conditions import MetadataCondition, ParameterCondition
-from hybridroute.router.detectors import Finding, Scanner
-from hybridroute.router.engine import Decision, RequestFacts, TextField, decide
-from hybridroute.router.policy import Policy
-from hybridroute.router.sessions import SessionPins
+from hybridroute.router.policy.conditions import MetadataCondition, ParameterCondition
+from hybridroute.router.policy.detectors import Finding, Scanner
+from hybridroute.router.policy.engine import Decision, RequestFacts, TextField, decide
+from hybridroute.router.policy.schema import Policy
+from hybridroute.router.policy.sessions import SessionPins
 
 __all__ = [
     "AuditDbSource",
@@ -101,7 +101,7 @@ class AuditDbSource:
     def decisions(
         self, since: float | None = None, until: float | None = None
     ) -> Iterator[RecordedDecision]:
-        from hybridroute.router.auditdb import connect_readonly
+        from hybridroute.router.audit.db import connect_readonly
 
         conn = connect_readonly(self.path)
         try:
@@ -122,7 +122,7 @@ class AuditDbSource:
 
 
 def _from_body(seq: int, body: dict[str, Any]) -> RecordedDecision | None:
-    """A record body as `auditcodec.event_body` writes it (empty values left out)."""
+    """A record body as `audit.codec.event_body` writes it (empty values left out)."""
     if not body.get("rule") or not body.get("policy"):
         return None  # refused before the policy decided anything
     reasons = [str(r) for r in body.get("reasons", [])]
@@ -250,7 +250,7 @@ class ReplayReport:
 def replay(policy: Policy, records: Iterable[RecordedDecision]) -> ReplayReport:
     """Re-decide every record under `policy` and tally where each would go."""
     report = ReplayReport(policy)
-    engine_log = logging.getLogger("hybridroute.router.engine")
+    engine_log = logging.getLogger("hybridroute.router.policy.engine")
     with _quiet(engine_log):  # recorded detector errors and guard overrides are expected
         for record in records:
             report.add(record, redecide(policy, record))
@@ -382,12 +382,12 @@ def parse_time(text: str, now: float, option: str) -> float:
 
 
 def run_replay(args: Any) -> int:
-    """Handler of `hybridroute policy replay` (parser in `policy_cli`)."""
+    """Handler of `hybridroute policy replay` (parser in `policy.cli`)."""
     import sqlite3
     import time
 
     from hybridroute.cli import UsageError
-    from hybridroute.router.policy_cli import EXIT_FAILED, EXIT_OK, load_policy_or_report
+    from hybridroute.router.policy.cli import EXIT_FAILED, EXIT_OK, load_policy_or_report
 
     policy = load_policy_or_report(args.policy)
     if policy is None:

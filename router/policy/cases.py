@@ -20,7 +20,7 @@ from pydantic import model_validator
 from pydantic_core import PydanticCustomError
 
 from hybridroute.config import Strict, load_model
-from hybridroute.router.engine import Decision, RequestFacts, TextField, metadata_text_fields
+from hybridroute.router.policy.engine import Decision, RequestFacts, TextField, metadata_text_fields
 
 __all__ = [
     "Case",

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from hybridroute.router import auditdb
-from hybridroute.router.auditcodec import GENESIS, checkpoint_message, key_id, signature_ok
-from hybridroute.router.auditdb import Checkpoint
+from hybridroute.router.audit import db as auditdb
+from hybridroute.router.audit.codec import GENESIS, checkpoint_message, key_id, signature_ok
+from hybridroute.router.audit.db import Checkpoint
 
 __all__ = ["Problem", "PruneResult", "Report", "check_tail", "prune", "verify"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybridroute.config import Strict, load_yaml, validate
-from hybridroute.router.cases import (
+from hybridroute.router.policy.cases import (
     Case,
     CaseExpect,
     CaseFile,
@@ -27,9 +27,9 @@ from hybridroute.router.cases import (
     check_expectations,
     facts_from_case,
 )
-from hybridroute.router.engine import Decision, decide
-from hybridroute.router.policy import Policy, Rule
-from hybridroute.router.sessions import SessionPins
+from hybridroute.router.policy.engine import Decision, decide
+from hybridroute.router.policy.schema import Policy, Rule
+from hybridroute.router.policy.sessions import SessionPins
 
 __all__ = [
     "CaseResult",

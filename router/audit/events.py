@@ -10,7 +10,7 @@ Router lifecycle facts (start, stop, policy loads and refusals, certificate chan
 are `AuditNote`s and go through the same sink, so they take their place in the same
 hash chain as the requests they explain.
 
-The durable sink is `hybridroute.router.auditstore.AuditStore`; `LogAuditSink` is a
+The durable sink is `hybridroute.router.audit.store.AuditStore`; `LogAuditSink` is a
 structured log line per decision, for log shipping beside it.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
-from hybridroute.router.engine import DetectorHit, RuleTrace
+from hybridroute.router.policy.engine import DetectorHit, RuleTrace
 
 __all__ = [
     "AUDIT_REFUSAL",

@@ -27,9 +27,9 @@ from hybridroute.cli import UsageError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from hybridroute.router.auditcodec import KeyedHasher
-    from hybridroute.router.auditquery import Filters
-    from hybridroute.router.auditverify import Report
+    from hybridroute.router.audit.codec import KeyedHasher
+    from hybridroute.router.audit.query import Filters
+    from hybridroute.router.audit.verify import Report
 
 __all__ = ["register"]
 
@@ -122,7 +122,7 @@ def _db(args: argparse.Namespace) -> Path:
 
 
 def _verify_keys(args: argparse.Namespace) -> list[Ed25519PublicKey]:
-    from hybridroute.router.auditcodec import load_verify_key
+    from hybridroute.router.audit.codec import load_verify_key
 
     paths: list[Path] = list(args.key or ())
     if not paths and (found := _stack_audit(args).get("verify_key")):
@@ -136,7 +136,7 @@ def _verify_keys(args: argparse.Namespace) -> list[Ed25519PublicKey]:
 
 
 def _open(args: argparse.Namespace, *, write: bool = False) -> sqlite3.Connection:
-    from hybridroute.router.auditdb import connect_readonly
+    from hybridroute.router.audit.db import connect_readonly
 
     db = _db(args)
     try:
@@ -150,7 +150,7 @@ def _open(args: argparse.Namespace, *, write: bool = False) -> sqlite3.Connectio
 
 
 def _hasher(args: argparse.Namespace, key: Path | None) -> KeyedHasher:
-    from hybridroute.router.auditcodec import KeyedHasher
+    from hybridroute.router.audit.codec import KeyedHasher
 
     if key is None:
         db = args.db or (Path(p) if (p := _stack_audit(args).get("db")) else None)
@@ -164,7 +164,7 @@ def _hasher(args: argparse.Namespace, key: Path | None) -> KeyedHasher:
 
 
 def _time(text: str | None, what: str) -> int | None:
-    from hybridroute.router.auditquery import parse_time
+    from hybridroute.router.audit.query import parse_time
 
     if text is None:
         return None
@@ -178,7 +178,7 @@ def _time(text: str | None, what: str) -> int | None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from hybridroute.router.auditverify import verify
+    from hybridroute.router.audit.verify import verify
 
     key = _verify_keys(args)
     conn = _open(args)
@@ -196,7 +196,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from hybridroute.router.auditquery import count, csv_lines, rows, table
+    from hybridroute.router.audit.query import count, csv_lines, rows, table
 
     filters = _filters(args)
     limit = args.limit if args.limit is not None else (50 if args.format == "table" else 0)
@@ -219,7 +219,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _filters(args: argparse.Namespace) -> Filters:
-    from hybridroute.router.auditquery import Filters
+    from hybridroute.router.audit.query import Filters
 
     equals = {name: getattr(args, name) for name in _FILTERS if getattr(args, name)}
     if args.session or args.client_request_id:
@@ -240,7 +240,7 @@ def _filters(args: argparse.Namespace) -> Filters:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from hybridroute.router.auditquery import Filters, stats, stats_table
+    from hybridroute.router.audit.query import Filters, stats, stats_table
 
     filters = Filters(since_us=_time(args.since, "--since"), until_us=_time(args.until, "--until"))
     conn = _open(args)
@@ -256,7 +256,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hybridroute.router.auditquery import Filters, rows
+    from hybridroute.router.audit.query import Filters, rows
 
     filters = Filters(since_us=_time(args.since, "--since"), until_us=_time(args.until, "--until"))
     conn = _open(args)
@@ -273,8 +273,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from hybridroute.router.auditquery import format_time
-    from hybridroute.router.auditverify import prune
+    from hybridroute.router.audit.query import format_time
+    from hybridroute.router.audit.verify import prune
 
     before = _time(args.before, "--before")
     assert before is not None
@@ -325,7 +325,7 @@ def _report_dict(report: Report) -> dict[str, object]:
 
 
 def _report_lines(report: Report, db: Path) -> Iterator[str]:
-    from hybridroute.router.auditquery import format_time
+    from hybridroute.router.audit.query import format_time
 
     yield f"audit trail {db} (chain {report.chain or '?'})"
     span = "no records"

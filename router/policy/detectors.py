@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from hybridroute.router.patterns import check_pattern
+from hybridroute.router.policy.patterns import check_pattern
 
 __all__ = [
     "BUILTIN",

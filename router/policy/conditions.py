@@ -2,7 +2,7 @@
 
 `compile_match` turns a validated `match:` block into condition objects, cheapest
 first; `decide` evaluates them on every request, and the shadow analysis in
-`policy_checks` evaluates the very same objects, so the load-time warnings and the
+`policy.checks` evaluates the very same objects, so the load-time warnings and the
 engine cannot disagree about what a rule means. Each condition builds its failure
 message once, when compiled, and never shows a value taken from the request.
 
@@ -17,11 +17,11 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from hybridroute.router.engine import AUTH_KINDS, LABEL_KEYS
+from hybridroute.router.policy.engine import AUTH_KINDS, LABEL_KEYS
 
 if TYPE_CHECKING:
-    from hybridroute.router.engine import Subject
-    from hybridroute.router.policy import MatchSpec
+    from hybridroute.router.policy.engine import Subject
+    from hybridroute.router.policy.schema import MatchSpec
 
 __all__ = [
     "ChoiceCondition",
