@@ -25,7 +25,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +47,7 @@ from hybridroute.router.policy.store import PolicyStore
 from hybridroute.router.rollout import Rollout
 from hybridroute.router.shadow import Reservation, Shadows
 
-__all__ = ["SERVICE", "FrontDoor"]
+__all__ = ["SERVICE", "FrontDoor", "forwarded_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -275,12 +275,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             raise RouterError(
                 grpc.StatusCode.PERMISSION_DENIED, f"denied by policy rule '{decision.rule_id}'"
             )
-        forwarded_md = [
-            (k, v)
-            for k, v in metadata.items()
-            if k not in _NOT_FORWARDED and not k.startswith(("grpc-", ":"))
-        ]
-        forwarded_md.append(("x-hybridroute-request-id", event.request_id))
+        forwarded_md = forwarded_metadata(metadata, event.request_id, zone=decision.zone)
         deadline = _deadline(context)
         rollout = (
             policy.rollouts.get((decision.route or "", model))
@@ -381,6 +376,26 @@ class _Shadow:
             sensitive=self.sensitive,
             metadata=self.metadata,
         )
+
+
+def forwarded_metadata(
+    metadata: Mapping[str, str | bytes], request_id: str, *, zone: str | None
+) -> list[tuple[str, str | bytes]]:
+    """The caller's metadata that travels upstream, plus the router's request id.
+
+    Never the caller's credentials or transport headers. Binary (`-bin`) values are
+    not scanned by the detectors, so they may carry anything: they travel only to the
+    on-prem zone (an on-prem route never falls back to the cloud), never to the cloud.
+    """
+    forwarded: list[tuple[str, str | bytes]] = [
+        (k, v)
+        for k, v in metadata.items()
+        if k not in _NOT_FORWARDED
+        and not k.startswith(("grpc-", ":"))
+        and (zone == "onprem" or not k.endswith("-bin"))
+    ]
+    forwarded.append(("x-hybridroute-request-id", request_id))
+    return forwarded
 
 
 def _parse(method: str, raw: bytes) -> tuple[pb.ModelInferRequest | None, str, str]:

@@ -340,3 +340,24 @@ def test_a_caller_cancelling_cancels_the_upstream_call(harness: Harness) -> None
         # 300k texts take the estimator seconds; the node call must end long before.
         assert time.monotonic() - cancelled_at < 1.0, "the upstream call was not cancelled"
         time.sleep(0.01)
+
+
+def test_unscanned_binary_metadata_never_travels_to_the_cloud() -> None:
+    from hybridroute.router.frontdoor import forwarded_metadata
+
+    metadata = {
+        "authorization": "Bearer secret",
+        "x-data-classification": "public",
+        "x-note": "hello",
+        "x-note-bin": b"321-54-9876",
+        "grpc-timeout": "5S",
+    }
+    to_cloud = dict(forwarded_metadata(metadata, "r1", zone="cloud"))
+    assert to_cloud == {
+        "x-data-classification": "public",
+        "x-note": "hello",
+        "x-hybridroute-request-id": "r1",
+    }
+    to_onprem = dict(forwarded_metadata(metadata, "r1", zone="onprem"))
+    assert to_onprem["x-note-bin"] == b"321-54-9876"
+    assert "authorization" not in to_onprem and "grpc-timeout" not in to_onprem
