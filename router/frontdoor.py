@@ -379,15 +379,15 @@ class _Shadow:
 
 
 def forwarded_metadata(
-    metadata: Mapping[str, str | bytes], request_id: str, *, zone: str | None
-) -> list[tuple[str, str | bytes]]:
+    metadata: Mapping[str, str], request_id: str, *, zone: str | None
+) -> list[tuple[str, str]]:
     """The caller's metadata that travels upstream, plus the router's request id.
 
     Never the caller's credentials or transport headers. Binary (`-bin`) values are
     not scanned by the detectors, so they may carry anything: they travel only to the
     on-prem zone (an on-prem route never falls back to the cloud), never to the cloud.
     """
-    forwarded: list[tuple[str, str | bytes]] = [
+    forwarded = [
         (k, v)
         for k, v in metadata.items()
         if k not in _NOT_FORWARDED

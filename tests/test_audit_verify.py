@@ -137,7 +137,9 @@ CASES: dict[str, tuple[Callable[[Path], None], str, int]] = {
     "checkpoint forged": (
         lambda db: _tamper(
             db,
-            "UPDATE checkpoints SET hash = replace(hash, substr(hash, 1, 1), 'f') WHERE seq = 20",
+            # flip the first hex digit: a real change whatever the hash was
+            "UPDATE checkpoints SET hash = (CASE WHEN substr(hash, 1, 1) = '0' THEN '1' "
+            "ELSE '0' END) || substr(hash, 2) WHERE seq = 20",
         ),
         "checkpoint",
         20,
