@@ -62,7 +62,13 @@ def _register_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         action="append",
         default=[],
         metavar="ID",
-        help="serve only this client identity (certificate CN or DNS SAN); repeatable",
+        help="serve only this client identity (certificate CN or DNS SAN); repeatable "
+        "(default: only 'router', so apps cannot bypass the router's policy and audit)",
+    )
+    p.add_argument(
+        "--allow-any-client",
+        action="store_true",
+        help="serve every client whose certificate --client-ca signed (no identity check)",
     )
     p.add_argument(
         "--admin-client",
@@ -178,6 +184,16 @@ def _serving_policy(args: argparse.Namespace) -> tuple[VersionPolicy, int, int]:
     return policy, args.drift_window, args.drift_min_window
 
 
+def _allowed_clients(args: argparse.Namespace) -> tuple[str, ...]:
+    """Identities the node serves: the router's alone unless told otherwise
+    (architecture.md, invariant 3); () means any client the CA signed."""
+    if args.allow_any_client and args.allow_client:
+        raise UsageError("--allow-any-client and --allow-client exclude each other")
+    if args.allow_any_client or args.insecure or args.client_ca is None:
+        return tuple(args.allow_client)  # without client certificates nobody has an identity
+    return tuple(args.allow_client) or ("router",)
+
+
 def _node_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -213,7 +229,7 @@ def _node_serve(args: argparse.Namespace) -> int:
         cert=args.cert,
         key=args.key,
         client_ca=args.client_ca,
-        allow_clients=tuple(args.allow_client),
+        allow_clients=_allowed_clients(args),
         insecure=args.insecure,
         metrics_listen=args.metrics_listen,
         batching=BatchingDefaults(

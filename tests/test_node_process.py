@@ -35,6 +35,8 @@ def _serve(model_repo: Path, pki: Path, tmp_path: Path, *extra: str) -> tuple[Pr
             str(pki / "node.key"),
             "--client-ca",
             str(pki / "ca.pem"),
+            "--allow-client",
+            "demo-app",
             *extra,
         ],
         ready="node ready on",
@@ -96,6 +98,33 @@ def _wait_until_in_flight(metrics_port: int, count: int) -> None:
                 return
         time.sleep(0.005)
     raise TimeoutError(f"the node never had {count} requests in flight")
+
+
+def test_by_default_a_node_serves_only_the_router(
+    model_repo: Path, pki: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    proc = Process(
+        ["node", "serve", "--models", str(model_repo), "--listen", f"127.0.0.1:{port}",
+         "--cert", str(pki / "node.pem"), "--key", str(pki / "node.key"),
+         "--client-ca", str(pki / "ca.pem")],
+        ready="node ready on",
+        log=tmp_path / "node.log",
+    )  # fmt: skip
+    try:
+        request = pb.ServerLiveRequest()
+        with mtls_channel(f"localhost:{port}", pki) as channel:  # demo-app: an app
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        from hybridroute.certs.credentials import channel_credentials
+
+        creds = channel_credentials(pki / "ca.pem", pki / "router.pem", pki / "router.key")
+        with grpc.secure_channel(f"localhost:{port}", creds) as channel:
+            live = pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(request, timeout=10)
+            assert live.live
+    finally:
+        proc.stop()
 
 
 def test_plaintext_needs_insecure_and_warns(model_repo: Path, tmp_path: Path) -> None:
