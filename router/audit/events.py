@@ -4,23 +4,21 @@ Every decision (routed, denied, rejected before a decision could be made) produc
 `AuditEvent`, handed to the sink *before* the reply is released (invariant 5). An
 event holds facts about the request, never its content: detector names and counts,
 positions rather than matches; the caller's request id and session id are never
-stored in the clear (the durable store keys them with HMAC; `LogAuditSink` drops them).
+stored in the clear (the durable store keys them with HMAC).
 
 Router lifecycle facts (start, stop, policy loads and refusals, certificate changes)
 are `AuditNote`s and go through the same sink, so they take their place in the same
 hash chain as the requests they explain.
 
-The durable sink is `hybridroute.router.audit.store.AuditStore`; `LogAuditSink` is a
-structured log line per decision, for log shipping beside it.
+The sink is `hybridroute.router.audit.store.AuditStore`; `hybridroute audit export`
+gives a SIEM the records as JSON lines.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from collections.abc import Awaitable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from hybridroute.router.policy.engine import DetectorHit, RuleTrace
@@ -32,7 +30,6 @@ __all__ = [
     "AuditSink",
     "AuditUnavailable",
     "Detail",
-    "LogAuditSink",
     "wants_full_detail",
 ]
 
@@ -102,15 +99,6 @@ class AuditEvent:
     session_id: str | None = field(default=None, repr=False)
     client_request_id: str | None = field(default=None, repr=False)
 
-    def public_dict(self) -> dict[str, object]:
-        """Every field except the ones that may be sensitive."""
-        data = asdict(self)
-        data.pop("session_id")
-        data.pop("client_request_id")
-        data["findings"] = dict(self.findings)
-        data["reasons"] = list(self.reasons)
-        return data
-
 
 @dataclass(frozen=True)
 class AuditNote:
@@ -154,35 +142,3 @@ class AuditSink(Protocol):
         """Why the sink cannot record now, or None when it can."""
 
     async def close(self) -> None: ...
-
-
-class LogAuditSink:
-    """A structured log line per decision (logger `hybridroute.audit`): not durable and
-    not tamper-evident, so the router does not use it alone; useful for log shipping."""
-
-    def __init__(self, logger: logging.Logger | None = None) -> None:
-        self._log = logger or logging.getLogger("hybridroute.audit")
-
-    async def start(self) -> None:
-        return None
-
-    async def record(self, event: AuditEvent) -> None:
-        data = event.public_dict()
-        data.pop("trace")
-        data.pop("hits")
-        self._log.info("%s", json.dumps(data, separators=(",", ":")))
-
-    def note(self, note: AuditNote) -> Awaitable[None]:
-        self._log.info("%s", json.dumps({"kind": note.kind, **note.fields}, default=str))
-        return _done()
-
-    @property
-    def failure(self) -> str | None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
-async def _done() -> None:
-    return None
