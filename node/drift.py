@@ -363,8 +363,14 @@ class DriftMonitor:
         for tracked in fresh:
             try:
                 self._evaluate(tracked)
-            except Exception:  # one odd window must not stop monitoring of the others
-                log.exception("drift evaluation of %s/%s failed", tracked.name, tracked.version)
+            except Exception as exc:  # one odd window must not stop monitoring the rest
+                # Type only: the message of a failure over live inputs may quote them.
+                log.error(
+                    "drift evaluation of %s/%s failed (%s)",
+                    tracked.name,
+                    tracked.version,
+                    type(exc).__name__,
+                )
 
 
 def _remove(metrics: NodeMetrics, name: str, version: str, feature: str, test: str) -> None:

@@ -130,7 +130,7 @@ class Shadows:
             self._tasks.discard(task)
             self._release(key)
             if not task.cancelled() and (exc := task.exception()) is not None:
-                log.error("shadow copy failed unexpectedly: %r", exc)
+                log.error("shadow copy failed unexpectedly (%s)", type(exc).__name__)
 
         return done
 

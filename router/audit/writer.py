@@ -140,7 +140,8 @@ class Writer(ChainFile):
     def _fail(self, exc: BaseException) -> None:
         reason = describe_error(exc, self.path, self.config.commit_timeout)
         if not isinstance(exc, sqlite3.Error | OSError | FileMoved | ForeignChain):
-            log.exception("audit: unexpected error writing the trail")
+            # Type only: an exception text may quote what was being encoded.
+            log.error("audit: unexpected %s writing the trail", type(exc).__name__)
         self.close()
         if self.failure is None:
             self.failed_at = time.time()
