@@ -256,6 +256,35 @@ def test_a_restart_continues_the_chain_and_a_quiet_store_seals_on_time(tmp_path:
     verified(cfg)
 
 
+def _wal_restarts(db: Path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds one each time the WAL
+    starts again from its beginning (https://sqlite.org/fileformat.html#wal_file_format)."""
+    with open(f"{db}-wal", "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
+def test_steady_traffic_restarts_the_wal_instead_of_growing_it(tmp_path: Path) -> None:
+    """Under traffic that never pauses the WAL must still start over after each
+    background checkpoint (about every second); otherwise it grows for as long as the
+    router runs, and every commit appends to it instead of rewriting it in place."""
+    cfg = config(tmp_path)
+
+    async def run() -> int:
+        store = AuditStore(cfg)
+        await store.start()
+        first = _wal_restarts(cfg.db)
+        started, i = time.monotonic(), 0
+        while time.monotonic() - started < 3.5:
+            await record_all(store, [event(i + j) for j in range(4)])
+            i += 4
+        restarts = _wal_restarts(cfg.db) - first
+        await store.close()
+        return restarts
+
+    assert asyncio.run(run()) >= 2
+    verified(cfg)
+
+
 def test_cert_watch_names_the_file_and_both_fingerprints(tmp_path: Path, pki: Path) -> None:
     from hybridroute.router.config import RouterConfig
 

@@ -17,6 +17,15 @@ columns (verified against the body) for range scans and pruning.
 
 The writer opens the file read-write in WAL mode with `synchronous=FULL` (a commit is on
 disk when COMMIT returns); the tools open it read-only unless they change it (prune).
+
+Checkpointing the WAL takes two hands (see `WalCheckpointer`): a background thread
+copies the bulk of it into the database without blocking anyone, and the writer then
+copies the few frames committed meanwhile on its own connection, so that its next
+commit starts the WAL again from the beginning. Without that second step the WAL never
+restarts under steady traffic (a PASSIVE checkpoint from another connection never
+catches the moving end) and grows without bound, and every commit appends to a file
+growing on disk: a slower fsync (about 0.2 ms vs 0.12-0.15 ms on the bench machine)
+than rewriting pages in place.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import os
 import sqlite3
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +45,7 @@ __all__ = [
     "Checkpoint",
     "Head",
     "WalCheckpointer",
+    "checkpoint_tail",
     "checkpoints",
     "connect_readonly",
     "connect_writer",
@@ -74,6 +85,10 @@ CREATE TABLE IF NOT EXISTS prunes (
 """
 
 
+# A restarted WAL is cut back to this size; below it, it is rewritten in place.
+_WAL_LIMIT_BYTES = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Head:
     """Where the chain ends: the last record's seq and hash (0 and GENESIS when empty;
@@ -108,11 +123,18 @@ def connect_writer(path: Path, busy_seconds: float) -> sqlite3.Connection:
             raise sqlite3.OperationalError(f"cannot switch {path} to WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA wal_autocheckpoint=0")  # WalCheckpointer does it, off the path
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT_BYTES}")  # after a burst
         conn.execute("PRAGMA foreign_keys=OFF")
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def checkpoint_tail(conn: sqlite3.Connection) -> None:
+    """The writer's half of a checkpoint (module docstring): copy what the background
+    checkpoint left, on the writer's connection, never waiting for a lock."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
@@ -174,10 +196,16 @@ class WalCheckpointer:
     fsynced (the p99 spikes the benchmark showed). A PASSIVE checkpoint never blocks
     the writer. The file is opened `mode=rw`, never created: after the database was
     removed this must not leave an empty one where the writer expects none.
+
+    After each checkpoint `done` is called (from this thread): the writer then
+    checkpoints the rest on its own connection (`checkpoint_tail`), which lets the WAL
+    restart (module docstring).
     """
 
-    def __init__(self, path: Path, interval: float = 1.0) -> None:
-        self._path, self._interval = path, interval
+    def __init__(
+        self, path: Path, interval: float = 1.0, done: Callable[[], None] = lambda: None
+    ) -> None:
+        self._path, self._interval, self._done = path, interval, done
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-wal", daemon=True)
 
@@ -195,7 +223,8 @@ class WalCheckpointer:
                 if conn is None:
                     uri = f"file:{self._path}?mode=rw"
                     conn = sqlite3.connect(uri, uri=True, timeout=0.1, isolation_level=None)
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self._done()
             except sqlite3.Error as exc:  # the writer reports real trouble; retry later
                 log.debug("audit WAL checkpoint skipped: %s", exc)
                 if conn is not None:

@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry
 from hybridroute.router.audit.db import WalCheckpointer
 from hybridroute.router.audit.events import AuditEvent, AuditNote, AuditUnavailable
 from hybridroute.router.audit.metrics import AuditMetrics
-from hybridroute.router.audit.writer import Entry, Item, Writer
+from hybridroute.router.audit.writer import WAL_CHECKPOINTED, Entry, Item, Queued, Writer
 from hybridroute.router.config import AuditConfig
 
 __all__ = ["AuditStore"]
@@ -53,10 +53,10 @@ class AuditStore:
 
     def __init__(self, config: AuditConfig, *, registry: CollectorRegistry | None = None) -> None:
         self.config = config
-        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Queued] = queue.SimpleQueue()
         self._writer: Writer | None = None
         self._thread: threading.Thread | None = None
-        self._wal = WalCheckpointer(config.db)
+        self._wal = WalCheckpointer(config.db, done=lambda: self._queue.put(WAL_CHECKPOINTED))
         self._registry = registry
         self.on_change: Callable[[], None] = lambda: None  # called in the event loop
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from hybridroute.router.audit import db as auditdb
 from hybridroute.router.audit.events import AUDIT_REFUSAL, AuditEvent, AuditNote, AuditUnavailable
 from hybridroute.router.audit.file import (
     PROBE_SECONDS,
@@ -34,7 +35,7 @@ from hybridroute.router.audit.file import (
 )
 from hybridroute.router.config import AuditConfig
 
-__all__ = ["Entry", "Item", "Writer"]
+__all__ = ["WAL_CHECKPOINTED", "Entry", "Item", "Queued", "Writer"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _resolve(futures: list[asyncio.Future[None]], error: str | None) -> None:
 class Writer(ChainFile):
     """The writer thread's loop (`run`) over a `ChainFile`."""
 
-    def __init__(self, config: AuditConfig, q: queue.SimpleQueue[Item | None]) -> None:
+    def __init__(self, config: AuditConfig, q: queue.SimpleQueue[Queued]) -> None:
         super().__init__(config)
         self.queue = q
         self.failure: str | None = None
@@ -85,6 +86,7 @@ class Writer(ChainFile):
         self.refused = 0  # requests refused since the failure began
         self.dropped = 0  # of those, records that did not fit in the backlog
         self.on_change: Callable[[], None] = lambda: None
+        self.tail_due = False  # the background WAL checkpoint ran: finish it
 
     def run(self) -> None:
         stopping = False
@@ -98,7 +100,20 @@ class Writer(ChainFile):
                 self._commit(batch)
             elif self.seal_due is not None and time.monotonic() >= self.seal_due:
                 self._seal("interval")
+            if self.tail_due and self.failure is None:
+                self._checkpoint_tail()
         self._shutdown()
+
+    def _checkpoint_tail(self) -> None:
+        """After the background checkpoint: the rest of the WAL, so it restarts (see
+        `audit.db`). A failure here is harmless (the commits report real trouble)."""
+        self.tail_due = False
+        if self.conn is None:
+            return
+        try:
+            auditdb.checkpoint_tail(self.conn)
+        except sqlite3.Error as exc:
+            log.debug("audit WAL tail checkpoint skipped: %s", exc)
 
     def _wait_seconds(self) -> float | None:
         due = self.next_probe if self.failure is not None else self.seal_due
@@ -109,14 +124,15 @@ class Writer(ChainFile):
             first = self.queue.get(timeout=timeout) if timeout != 0 else self.queue.get_nowait()
         except queue.Empty:
             return [], False
-        items: list[Item | None] = [first]
+        items: list[Queued] = [first]
         while len(items) < _MAX_BATCH:
             try:
                 items.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        batch = [i for i in items if i is not None]
-        return batch, len(batch) != len(items)
+        batch = [i for i in items if isinstance(i, Item)]
+        self.tail_due = self.tail_due or any(i is WAL_CHECKPOINTED for i in items)
+        return batch, None in items
 
     def _commit(self, batch: list[Item]) -> None:
         try:
@@ -220,3 +236,15 @@ class Writer(ChainFile):
         self.close()
         late, _ = self._take(0)  # queued while we stopped: nobody will write them now
         _settle(late, "the audit store is closed")
+
+
+class WalCheckpointed:
+    """Queued by the background WAL checkpointer each time it ran: the writer thread
+    then finishes the checkpoint on its own connection (`audit.db`)."""
+
+
+WAL_CHECKPOINTED = WalCheckpointed()
+
+# What the writer's queue carries: an entry to write, a checkpoint to finish, or None
+# (stop).
+Queued = Item | WalCheckpointed | None
