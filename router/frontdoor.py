@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
 _PREFIX = f"/{SERVICE}/"
 
+_INTERNAL = "internal error in the router; the request was not completed"
+
 # Caller metadata that must not travel upstream: the caller's own credentials, and
 # transport headers grpc sets itself.
 _NOT_FORWARDED = frozenset({"authorization", "user-agent", "te", "content-type"})
@@ -186,14 +188,18 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         )
         self._metrics.in_flight.inc()
         copy: _Shadow | None = None
-        reply: bytes | None
+        reply: bytes | None = None
         try:
             answer = await self._decide_and_forward(raw, context, method, event)
         except RouterError as exc:
             event.code = exc.code.name
             event.error = event.error or exc.message
-            reply = None
             error: RouterError | None = exc
+        except Exception as exc:  # a bug: still answered, recorded, and the loop lives on
+            # Type only: the text of an unexpected error may quote the request.
+            log.error("unexpected %s routing request %s", type(exc).__name__, event.request_id)
+            error = RouterError(grpc.StatusCode.INTERNAL, _INTERNAL)
+            event.code, event.error = error.code.name, error.message
         else:
             error = None
             if isinstance(answer, bytes):

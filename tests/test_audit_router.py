@@ -221,6 +221,31 @@ def test_every_answered_request_has_exactly_one_record(
     assert b"hybridroute_audit_records_total" in metrics
 
 
+def test_a_bug_on_the_request_path_is_answered_internal_and_recorded(
+    audited: Audited, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injection: the fact collector raises with the request's text in its message.
+    The caller gets INTERNAL with the router's metadata, the trail a record, the log the
+    error's type and the request id (never its text), and the router serves on."""
+    from hybridroute.router import frontdoor
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"cannot read {SSN}")
+
+    caplog.set_level(logging.DEBUG)
+    before = len(audited.records())
+    with monkeypatch.context() as patch:
+        patch.setattr(frontdoor, "request_facts", broken)
+        code, request_id = audited.call("ModelInfer", _request(f"ssn {SSN}"))
+    assert (code, len(request_id)) == ("INTERNAL", 32)
+    [record] = audited.records()[before:]
+    assert (record["request_id"], record["code"]) == (request_id, "INTERNAL")
+    assert f"unexpected RuntimeError routing request {request_id}" in caplog.text
+    assert SSN not in caplog.text
+    code, _ = audited.call("ModelInfer", _request(CLEAN), [("x-data-classification", "public")])
+    assert code == "OK"
+
+
 def test_policy_reloads_are_recorded_before_what_they_decide(
     audited: Audited, capsys: pytest.CaptureFixture[str]
 ) -> None:
