@@ -30,7 +30,13 @@ from grpc_health.v1._async import HealthServicer
 from hybridroute.certs.credentials import server_credentials
 from hybridroute.router.admin import AdminServicer
 from hybridroute.router.audit.events import AuditNote, AuditSink, AuditUnavailable
-from hybridroute.router.audit.notes import CertWatch, policy_note, start_note, stop_note
+from hybridroute.router.audit.notes import (
+    CertWatch,
+    newest_signed_policy,
+    policy_note,
+    start_note,
+    stop_note,
+)
 from hybridroute.router.audit.store import AuditStore
 from hybridroute.router.config import RouterConfig
 from hybridroute.router.forward import Forwarder
@@ -71,7 +77,10 @@ class RouterServer:
             on_change=self._endpoint_changed,
         )
         self.policies = PolicyStore.for_config(
-            config, self._apply_policy, on_result=self._policy_result
+            config,
+            self._apply_policy,
+            newest_signed=newest_signed_policy(config.audit.db),
+            on_result=self._policy_result,
         )
         self.sessions = SessionPins(
             self.policies.current.sessions.pin_ttl, self.policies.current.sessions.max_sessions

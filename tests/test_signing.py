@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -283,6 +284,40 @@ def test_the_store_watches_the_signature_file_too(tmp_path: Path, keys: Path) ->
     assert store.current.version_hash == store.signature.policy_sha256  # type: ignore[union-attr]
 
 
+def test_an_older_signed_policy_is_refused_as_a_rollback(tmp_path: Path, keys: Path) -> None:
+    key = load_signing_key(keys / "secteam.key")
+    policy, sig = tmp_path / "policy.yaml", tmp_path / "policy.yaml.sig"
+    old, new = POLICY + b"\n# v1\n", POLICY + b"\n# v2\n"
+    now = time.time()
+    old_sig = sign_policy(old, key, now=now - 3600)
+    policy.write_bytes(new)
+    sig.write_bytes(sign_policy(new, key, now=now))
+    store = _store(policy, keys, [])
+
+    async def deploy(data: bytes, envelope: bytes) -> ReloadResult:
+        policy.write_bytes(data)
+        sig.write_bytes(envelope)
+        return await store.reload("test")
+
+    rollback = asyncio.run(deploy(old, old_sig))  # validly signed, but an hour older
+    assert not rollback.accepted
+    assert "refused as a rollback; to go back to this policy on purpose, sign it again" in (
+        rollback.error or ""
+    )
+    assert store.current.version_hash == hashlib.sha256(new).hexdigest()
+    # The live policy with an older signature of the very same bytes is no rollback.
+    assert asyncio.run(deploy(new, sign_policy(new, key, now=now - 7200))).accepted
+    assert store.newest_signed is not None and store.newest_signed.signed_at == int(now)
+    # Going back on purpose: the old file signed again is a new decision.
+    assert asyncio.run(deploy(old, sign_policy(old, key, now=now + 1))).accepted
+    # A store that starts after a newer signed policy was accepted (the router reads it
+    # from its audit trail) refuses the older one at start.
+    policy.write_bytes(new)
+    sig.write_bytes(sign_policy(new, key, now=now - 60))
+    with pytest.raises(ConfigError, match="refused as a rollback"):
+        _store(policy, keys, [], newest_signed=store.newest_signed)
+
+
 # --- a real router --------------------------------------------------------------------
 
 
@@ -450,3 +485,20 @@ def test_a_router_requiring_signatures_does_not_start_unsigned(
     assert done.returncode == 2
     assert "router not started" in done.stderr
     assert f"{policy}: policy refused: not signed: no signature file {policy}.sig" in done.stderr
+
+
+def test_a_restarted_router_refuses_a_policy_older_than_its_trail_remembers(
+    router: SignedRouter, tmp_path: Path
+) -> None:
+    """The floor survives a restart: it is read from the audit trail's policy records."""
+    live = router.admin().Status(admin_pb2.StatusRequest(), timeout=5).policy
+    older = tmp_path / "policy.yaml"
+    older.write_bytes(router.text + b"\n# an older reviewed version\n")
+    key = load_signing_key(router.keys / "secteam.key")
+    envelope = sign_policy(older.read_bytes(), key, now=live.signed_at - 3600)
+    older.with_name("policy.yaml.sig").write_bytes(envelope)
+    config = router.config.with_name("restarted.yaml")  # same folder: the same audit.db
+    config.write_text(router.config.read_text().replace(str(router.policy), str(older)))
+    with pytest.raises(ConfigError, match="refused as a rollback") as info:
+        RouterServer(load_config(config))
+    assert live.version_hash[:12] in str(info.value)

@@ -66,6 +66,9 @@ CREATE TABLE IF NOT EXISTS records (
     hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS records_time ON records(time_us);
+-- Lifecycle notes only (a partial index: request records never touch it), so the
+-- router finds its last start or policy load without scanning every request.
+CREATE INDEX IF NOT EXISTS records_notes ON records(seq) WHERE kind != 'request';
 CREATE TABLE IF NOT EXISTS checkpoints (
     seq INTEGER PRIMARY KEY,
     hash TEXT NOT NULL,

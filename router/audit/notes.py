@@ -14,10 +14,13 @@ hashed (its token entries are already hashes), so a changed configuration shows 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,11 +32,15 @@ from hybridroute.certs.credentials import (
     load_certificates,
     load_private_key,
 )
+from hybridroute.router.audit.db import connect_readonly
 from hybridroute.router.audit.events import AuditNote
 from hybridroute.router.config import RouterConfig
+from hybridroute.router.policy.signing import PolicySignature
 from hybridroute.router.policy.store import ReloadResult
 
-__all__ = ["CertWatch", "policy_note", "start_note", "stop_note"]
+__all__ = ["CertWatch", "newest_signed_policy", "policy_note", "start_note", "stop_note"]
+
+log = logging.getLogger(__name__)
 
 _KEYS = frozenset({"tls.key", "upstream.key"})
 Stamp = tuple[int, int, int, int] | None
@@ -143,6 +150,40 @@ def start_note(
 
 def stop_note(uptime_seconds: float, why: str) -> AuditNote:
     return AuditNote("router.stop", {"uptime_ms": round(uptime_seconds * 1000), "why": why})
+
+
+def newest_signed_policy(db: Path) -> PolicySignature | None:
+    """The newest signed policy the router writing `db` accepted, from its policy
+    notes (None: no trail yet, or no signed policy in it). Its floor for rollbacks:
+    see `policy.store`. The trail is hash-chained, so removing these records to lower
+    the floor shows in `hybridroute audit verify`."""
+    if not db.is_file():
+        return None
+    try:
+        with contextlib.closing(connect_readonly(db)) as conn:
+            rows = conn.execute(
+                "SELECT body FROM records WHERE kind != 'request' "
+                "AND kind IN ('policy.load', 'policy.reload') ORDER BY seq DESC"
+            )
+            for (body,) in rows:
+                note = json.loads(body)
+                signature = _signature(note) if isinstance(note, dict) else None
+                if signature is not None:
+                    return signature
+    except (sqlite3.Error, ValueError) as exc:  # opening the trail will say what is wrong
+        log.warning("audit trail %s: cannot read its policy records (%s)", db, exc)
+    return None
+
+
+def _signature(note: Mapping[str, object]) -> PolicySignature | None:
+    fields = (note.get("signed_by"), note.get("signing_key"), note.get("policy"))
+    signed_at = note.get("signed_at_us")
+    if note.get("accepted") is not True or not isinstance(signed_at, int):
+        return None
+    if not all(isinstance(f, str) for f in fields):
+        return None
+    signer, key, policy = (str(f) for f in fields)
+    return PolicySignature(signer, key, signed_at / 1e6, policy)
 
 
 def policy_note(result: ReloadResult) -> AuditNote:

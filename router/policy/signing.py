@@ -58,6 +58,7 @@ __all__ = [
     "key_id",
     "load_signing_key",
     "load_trusted_key",
+    "rfc3339",
     "sign_policy",
     "signature_path",
     "verify_envelope",
@@ -111,7 +112,7 @@ class PolicySignature:
 
     def describe(self) -> str:
         """`secteam (key 1a2b3c4d5e6f7a8b) at 2025-01-31T12:00:00Z`, for humans."""
-        return f"{self.signer} (key {self.key_id[:16]}) at {_rfc3339(self.signed_at)}"
+        return f"{self.signer} (key {self.key_id[:16]}) at {rfc3339(self.signed_at)}"
 
 
 def signature_path(policy: Path) -> Path:
@@ -125,7 +126,7 @@ def key_id(public: ed25519.Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def _rfc3339(ts: float) -> str:
+def rfc3339(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -250,7 +251,7 @@ def sign_policy(
         "policy_sha256": hashlib.sha256(policy_bytes).hexdigest(),
         "signer": _check_signer(name),
         "key_id": key.key_id,
-        "signed_at": _rfc3339(dt.datetime.now(dt.UTC).timestamp() if now is None else now),
+        "signed_at": rfc3339(dt.datetime.now(dt.UTC).timestamp() if now is None else now),
     }
     signature = key.private.sign(_statement(fields))
     envelope = {**fields, "signature": base64.b64encode(signature).decode()}

@@ -12,6 +12,14 @@ file (`POLICY.sig`) is accepted only if it verifies, and the signer is reported;
 start) and at reload. The signature is checked against the hash of the very bytes
 that were compiled, so a file replaced between the two reads cannot slip through.
 Without a trusted key, signature files are ignored (and nothing is reported signed).
+
+Rollback: a signed policy signed *before* the newest signed policy this router has
+accepted is refused, unless it is that same policy. Otherwise anyone able to write the
+policy file could put back an older, validly signed policy (one that, say, still sent
+a now-restricted model to the cloud) without the signing key, as TUF's rollback attack
+does. The newest is the live policy, or across restarts the last accepted one that
+the audit trail recorded (`newest_signed`, given by the router). Going back on purpose
+is a new decision: sign the old file again.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from hybridroute.router.policy.signing import (
     SignatureError,
     TrustedKey,
     load_trusted_key,
+    rfc3339,
     signature_path,
     verify_envelope,
 )
@@ -93,10 +102,12 @@ class PolicyStore:
         *,
         public_key: Path | None = None,
         require_signed: bool = False,
+        newest_signed: PolicySignature | None = None,
         on_result: OnResult | None = None,
     ) -> None:
         self.path = path
         self.require_signed = require_signed
+        self.newest_signed = newest_signed  # updated as signed policies are accepted
         self.on_result = on_result
         self._apply = apply
         self._lock = asyncio.Lock()
@@ -113,13 +124,19 @@ class PolicyStore:
         self.current: Policy = policy
         self.loaded_at = time.time()
         self.active = self._accepted(policy, signature, "start", self.loaded_at)
+        self._newest(signature)
         self._record(self.active)
         for warning in policy.warnings:
             log.warning("policy: %s", warning)
 
     @classmethod
     def for_config(
-        cls, config: RouterConfig, apply: Apply, *, on_result: OnResult | None = None
+        cls,
+        config: RouterConfig,
+        apply: Apply,
+        *,
+        newest_signed: PolicySignature | None = None,
+        on_result: OnResult | None = None,
     ) -> PolicyStore:
         """The store a router with `config` needs (policy path and signing settings)."""
         return cls(
@@ -127,6 +144,7 @@ class PolicyStore:
             apply,
             public_key=config.policy_public_key,
             require_signed=config.require_signed_policy,
+            newest_signed=newest_signed,
             on_result=on_result,
         )
 
@@ -173,6 +191,7 @@ class PolicyStore:
                 loaded_at = time.time()
                 result = self._accepted(policy, signature, why, loaded_at)
                 self.current, self.loaded_at, self.active = policy, loaded_at, result
+                self._newest(signature)
                 log.info("policy reloaded (%s): %s%s", why, policy.version_hash[:12], _by(result))
                 for warning in policy.warnings:
                     log.warning("policy: %s", warning)
@@ -213,9 +232,27 @@ class PolicyStore:
         except OSError as exc:
             raise SignatureError(f"cannot read {sig_path}: {exc.strerror or exc}") from None
         try:
-            return verify_envelope(envelope, self._trusted, policy.version_hash)
+            signature = verify_envelope(envelope, self._trusted, policy.version_hash)
         except SignatureError as exc:
             raise SignatureError(f"signature {sig_path} refused: {exc}") from None
+        newest = self.newest_signed
+        if (
+            newest is not None
+            and signature.signed_at < newest.signed_at
+            and signature.policy_sha256 != newest.policy_sha256
+        ):
+            raise SignatureError(
+                f"signed at {rfc3339(signature.signed_at)}, before the newest signed policy "
+                f"this router accepted ({newest.policy_sha256[:12]}, signed at "
+                f"{rfc3339(newest.signed_at)}): refused as a rollback; to go back to this "
+                "policy on purpose, sign it again"
+            )
+        return signature
+
+    def _newest(self, signature: PolicySignature | None) -> None:
+        newest = self.newest_signed
+        if signature is not None and (newest is None or signature.signed_at >= newest.signed_at):
+            self.newest_signed = signature
 
     def _accepted(
         self, policy: Policy, signature: PolicySignature | None, why: str, at: float
