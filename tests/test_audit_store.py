@@ -455,6 +455,29 @@ def test_a_removed_database_is_continued_in_a_new_file_from_a_signed_anchor(
     assert report.ok and report.first_seq == 5 and "elsewhere" in report.starts_after
 
 
+def test_a_second_writer_of_the_same_trail_does_not_start(tmp_path: Path) -> None:
+    """Two routers on one audit db would fork its chain: the second is refused at start,
+    told who holds it; once the first has closed, it starts."""
+    cfg = config(tmp_path)
+
+    async def run() -> None:
+        first, second = AuditStore(cfg), AuditStore(cfg)
+        await first.start()
+        with pytest.raises(
+            OSError, match=rf"another router is writing this trail \(pid {os.getpid()} on "
+        ):
+            await second.start()
+        assert await record_all(first, [event(1)]) == ["ok"]  # the first is unaffected
+        await first.close()
+        await second.start()
+        assert await record_all(second, [event(2)]) == ["ok"]
+        await second.close()
+
+    asyncio.run(run())
+    assert [r["request_id"] for r in records(cfg.db)] == ["req-00001", "req-00002"]
+    verified(cfg)
+
+
 def test_a_store_that_cannot_open_stops_the_router_with_a_reason(tmp_path: Path) -> None:
     (tmp_path / "not-a-dir").write_text("a file where the folder should be")
     cfg = config(tmp_path, db=tmp_path / "not-a-dir" / "audit.db")

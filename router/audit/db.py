@@ -30,8 +30,10 @@ than rewriting pages in place.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import uuid
@@ -45,6 +47,7 @@ __all__ = [
     "Checkpoint",
     "Head",
     "WalCheckpointer",
+    "WriterLock",
     "checkpoint_tail",
     "checkpoints",
     "connect_readonly",
@@ -132,6 +135,46 @@ def connect_writer(path: Path, busy_seconds: float) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+class WriterLock:
+    """One router writes a trail. Two writing one file would each extend the chain from
+    the head they read, the second's commit would collide on `seq`, and it would refuse
+    every request from then on; so the second one does not start, and says why.
+
+    An exclusive `flock` on `DB.lock`, held while the store is open and released by the
+    kernel however the process ends (kill -9 included); the file names the holder.
+    Readers (`hybridroute audit ...`, prune) do not take it: SQLite's own locks serve
+    them.
+    """
+
+    def __init__(self, db: Path) -> None:
+        self.path = db.with_name(db.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise OSError(
+                f"another router is writing this trail ({holder}); give each router "
+                "its own audit db (`audit: {db: ...}` in its config)"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the lock; the file stays (removing it would race)
+            self._fd = None
 
 
 def checkpoint_tail(conn: sqlite3.Connection) -> None:

@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from hybridroute.router.audit.db import WalCheckpointer
+from hybridroute.router.audit.db import WalCheckpointer, WriterLock
 from hybridroute.router.audit.events import AuditEvent, AuditNote, AuditUnavailable
 from hybridroute.router.audit.metrics import AuditMetrics
 from hybridroute.router.audit.writer import WAL_CHECKPOINTED, Entry, Item, Queued, Writer
@@ -56,6 +56,7 @@ class AuditStore:
         self._queue: queue.SimpleQueue[Queued] = queue.SimpleQueue()
         self._writer: Writer | None = None
         self._thread: threading.Thread | None = None
+        self._lock = WriterLock(config.db)
         self._wal = WalCheckpointer(config.db, done=lambda: self._queue.put(WAL_CHECKPOINTED))
         self._registry = registry
         self.on_change: Callable[[], None] = lambda: None  # called in the event loop
@@ -63,9 +64,11 @@ class AuditStore:
     async def start(self) -> None:
         """Open (or create) the database and the keys; raises if that is impossible."""
         try:
+            self._lock.acquire()
             writer = Writer(self.config, self._queue)
             await asyncio.to_thread(writer.open)
         except (sqlite3.Error, ValueError, OSError) as exc:  # `router serve` prints OSErrors
+            self._lock.release()
             raise OSError(f"cannot open the audit trail {self.config.db}: {exc}") from None
         loop = asyncio.get_running_loop()
         writer.on_change = lambda: _call_soon(loop, self.on_change)
@@ -134,6 +137,7 @@ class AuditStore:
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        self._lock.release()
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
