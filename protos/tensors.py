@@ -9,7 +9,7 @@ raw. Every error names the tensor and says what was expected and what came inste
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "TensorError",
     "decode_bytes_elements",
     "decode_inputs",
+    "iter_bytes_elements",
     "encode_bytes_elements",
     "encode_output",
     "numpy_datatype",
@@ -102,19 +103,16 @@ def _element_count(name: str, shape: Sequence[int]) -> int:
     return count
 
 
-def decode_bytes_elements(
-    name: str, buffer: bytes, expected: int, *, check_count: bool = True
-) -> list[bytes]:
-    """Split a raw BYTES tensor into its elements, checking every length prefix (and,
-    with `check_count`, that there are `expected` of them)."""
-    items: list[bytes] = []
-    offset, end = 0, len(buffer)
+def iter_bytes_elements(name: str, buffer: bytes) -> Iterator[bytes]:
+    """The elements of a raw BYTES tensor one at a time, checking every length prefix;
+    a reader that only needs some of them (the router's scan budget) stops early."""
+    offset, end, index = 0, len(buffer), 0
     view = memoryview(buffer)
     while offset < end:
         if offset + 4 > end:
             raise TensorError(
                 name,
-                f"malformed BYTES data: element {len(items)} has a truncated 4-byte length "
+                f"malformed BYTES data: element {index} has a truncated 4-byte length "
                 f"prefix at byte {offset} of {end}",
             )
         (length,) = _LENGTH.unpack_from(buffer, offset)
@@ -122,11 +120,20 @@ def decode_bytes_elements(
         if offset + length > end:
             raise TensorError(
                 name,
-                f"malformed BYTES data: element {len(items)} declares {length} bytes "
+                f"malformed BYTES data: element {index} declares {length} bytes "
                 f"but only {end - offset} remain",
             )
-        items.append(bytes(view[offset : offset + length]))
+        yield bytes(view[offset : offset + length])
         offset += length
+        index += 1
+
+
+def decode_bytes_elements(
+    name: str, buffer: bytes, expected: int, *, check_count: bool = True
+) -> list[bytes]:
+    """Split a raw BYTES tensor into its elements, checking every length prefix (and,
+    with `check_count`, that there are `expected` of them)."""
+    items = list(iter_bytes_elements(name, buffer))
     if check_count and len(items) != expected:
         raise TensorError(
             name, f"shape needs {expected} BYTES elements, raw data holds {len(items)}"
