@@ -83,7 +83,11 @@ class Forwarder:
         self, policy: Policy, routes: Sequence[str], exclude: Sequence[Endpoint]
     ) -> tuple[str, Endpoint] | None:
         for route in routes:
-            endpoint = self._pools.get(policy.routes[route].pool).pick(exclude)
+            try:
+                pool = self._pools.get(policy.routes[route].pool)
+            except KeyError:  # a reload removed the pool this request was decided for
+                continue
+            endpoint = pool.pick(exclude)
             if endpoint is not None:
                 return route, endpoint
         return None
@@ -98,12 +102,16 @@ class Forwarder:
         deadline: float | None,
         metadata: Sequence[tuple[str, str]],
         versioned: bytes | None = None,
+        tried: list[Endpoint] | None = None,
     ) -> Forwarded:
         """`deadline` is on `time.monotonic()`'s clock (None: the caller set none);
-        `versioned`: `raw` with a canary version set, for the decided route only."""
+        `versioned`: `raw` with a canary version set, for the decided route only.
+        `tried` (the caller's list) gets every endpoint the request is sent to, in
+        order, so that however this ends (reply, error, cancellation) the caller
+        can record where the request's data went."""
         assert decision.route is not None
         routes = (decision.route, *decision.fallbacks)
-        tried: list[Endpoint] = []
+        tried = [] if tried is None else tried
         while True:
             picked = self._pick(policy, routes, tried)
             if picked is None:

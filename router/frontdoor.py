@@ -21,6 +21,7 @@ goes there. A policy without rollouts costs one check of an empty mapping per re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
@@ -44,6 +45,7 @@ from hybridroute.router.policy.engine import Decision, decide, label_key
 from hybridroute.router.policy.schema import Policy
 from hybridroute.router.policy.sessions import SessionPins
 from hybridroute.router.policy.store import PolicyStore
+from hybridroute.router.pools import Endpoint
 from hybridroute.router.rollout import Rollout
 from hybridroute.router.shadow import Reservation, Shadows
 
@@ -86,6 +88,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self._metrics = metrics
         self._shadows = shadows
         self._is_serving = is_serving
+        self._background: set[asyncio.Future[RouterError | None]] = set()
         routed: Behaviour = self._routed
         self._handlers: dict[str, Behaviour] = {
             "ServerLive": self._server_live,
@@ -200,14 +203,20 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             log.error("unexpected %s routing request %s", type(exc).__name__, event.request_id)
             error = RouterError(grpc.StatusCode.INTERNAL, _INTERNAL)
             event.code, event.error = error.code.name, error.message
+        except asyncio.CancelledError:
+            # The caller cancelled or its deadline passed: grpc cancels this task (and
+            # with it the upstream call). What was decided, and perhaps already sent
+            # upstream, still gets its record; nobody is left to answer.
+            self._metrics.in_flight.dec()
+            self._record_cancelled(event, context, started)
+            raise
         else:
             error = None
             if isinstance(answer, bytes):
                 reply = answer
             else:  # a rollout mirrors this request: the copy goes once the record is in
                 copy, reply = answer, answer.forwarded.reply
-        finally:
-            self._metrics.in_flight.dec()
+        self._metrics.in_flight.dec()
         event.latency_ms = (time.perf_counter() - started) * 1000
         if reply is not None:
             event.bytes_out = len(reply)
@@ -224,6 +233,23 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         context.set_trailing_metadata(trailing)
         assert reply is not None
         return reply
+
+    def _record_cancelled(self, event: AuditEvent, context: Context, started: float) -> None:
+        """Record a call grpc cancelled, in a task of its own: this one is being
+        cancelled, and the record must not be (a shielded write completes)."""
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        event.code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+        event.error = event.error or (
+            "the caller's deadline passed before the reply"
+            if expired
+            else "the caller cancelled before the reply"
+        )
+        event.latency_ms = (time.perf_counter() - started) * 1000
+        task = asyncio.ensure_future(self._record(event, None))
+        self._background.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda _: self._count(event))
 
     async def _record_then_mirror(self, event: AuditEvent, copy: _Shadow) -> RouterError | None:
         """Commit the record that names the shadow copy, then send the copy; a copy
@@ -289,6 +315,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             else None
         )
         copy: _Shadow | None = None
+        tried: list[Endpoint] = []
         try:
             if rollout is None:
                 result = await self._forwarder.forward(
@@ -298,21 +325,20 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     decision,
                     deadline=deadline,
                     metadata=forwarded_md,
+                    tried=tried,
                 )
             else:
                 result, copy = await self._roll_out(
-                    rollout, raw, version, policy, decision, deadline, forwarded_md, event
+                    rollout, raw, version, policy, decision, deadline, forwarded_md, event, tried
                 )
         except grpc.aio.AioRpcError as exc:
-            event.outcome = "routed"
             # The node's own message may quote the request: it goes back to the caller,
             # never into the trail.
             event.error = f"upstream answered {exc.code().name}"
             raise RouterError(exc.code(), exc.details() or exc.code().name) from None
-        event.outcome = "routed"
-        event.route, event.zone = result.route, result.endpoint.zone
-        event.pool, event.endpoint = result.endpoint.pool, result.endpoint.address
-        event.attempts = result.attempts
+        finally:  # reply, error or cancellation: the record says where the data went
+            _attempted(event, tried)
+        event.route = result.route
         return result.reply if copy is None else copy
 
     async def _roll_out(
@@ -325,6 +351,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         deadline: float | None,
         metadata: list[tuple[str, str]],
         event: AuditEvent,
+        tried: list[Endpoint],
     ) -> tuple[Forwarded, _Shadow | None]:
         """Forward a ModelInfer under a rollout: a request that names no version gets
         the split's draw; then, for the shadow's share, a copy to the candidate is
@@ -346,6 +373,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             deadline=deadline,
             metadata=metadata,
             versioned=versioned,
+            tried=tried,
         )
         if shadow:
             reservation = self._shadows.reserve(rollout, sensitive=decision.sensitive)
@@ -432,6 +460,17 @@ def _describe(event: AuditEvent, decision: Decision, policy: Policy) -> None:
     route = policy.routes.get(decision.route) if decision.route else None
     if route is not None:
         event.route_detail, event.route_sample = route.audit.level, route.audit.sample
+
+
+def _attempted(event: AuditEvent, tried: list[Endpoint]) -> None:
+    """Where the request's data went: the last endpoint, and any tried before it."""
+    if not tried:
+        return
+    last = tried[-1]
+    event.outcome = "routed"
+    event.zone, event.pool, event.endpoint = last.zone, last.pool, last.address
+    event.attempts = len(tried)
+    event.earlier = tuple((e.zone, e.pool, e.address) for e in tried[:-1])
 
 
 def _served_version(reply: bytes) -> str:

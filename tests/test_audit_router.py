@@ -24,7 +24,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import mtls_channel
-from test_router import TOKEN, Harness
+from test_router import TOKEN, Harness, slow_ticket
 from test_router_e2e import CLEAN, iris_row, ticket
 
 from hybridroute.certs.credentials import channel_credentials
@@ -244,6 +244,28 @@ def test_a_bug_on_the_request_path_is_answered_internal_and_recorded(
     assert SSN not in caplog.text
     code, _ = audited.call("ModelInfer", _request(CLEAN), [("x-data-classification", "public")])
     assert code == "OK"
+
+
+def test_requests_the_caller_gave_up_on_are_recorded_with_where_they_went(
+    audited: Audited,
+) -> None:
+    """A deadline that passes, or a cancel, while a node works: the request's data has
+    reached that node, so the trail records it (the code, and the endpoint), though
+    nobody is left to answer."""
+    stub, internal = audited.stub(), [("x-data-classification", "internal")]
+    before = len(audited.records())
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(slow_ticket(), metadata=internal, timeout=0.8)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    future = stub.ModelInfer.future(slow_ticket(), metadata=internal, timeout=30)
+    time.sleep(1.0)  # sent on, and at a node
+    future.cancel()
+    _wait(lambda: len(audited.records()) >= before + 2, 10, "both records")
+    expired, cancelled = audited.records()[before:]
+    nodes = {f"127.0.0.1:{n.port}" for n in audited.nodes}
+    for record, code in ((expired, "DEADLINE_EXCEEDED"), (cancelled, "CANCELLED")):
+        assert (record["code"], record["outcome"], record["zone"]) == (code, "routed", "onprem")
+        assert record["endpoint"] in nodes and record["attempts"] == 1
 
 
 def test_policy_reloads_are_recorded_before_what_they_decide(

@@ -223,16 +223,24 @@ def test_only_admins_may_call_the_admin_api(harness: Harness) -> None:
 # ------------------------------------------------------------- deadlines, cancel
 
 
-def test_the_callers_deadline_reaches_the_node(harness: Harness) -> None:
-    big = pb.ModelInferRequest(model_name="ticket-triage")
-    big.inputs.add(name="text", datatype="BYTES", shape=[200_000])
+def slow_ticket() -> pb.ModelInferRequest:
+    """Seconds of work for a node: 64 rows (ticket-triage's batch limit) of 800 KB of
+    text each, 51 MB in all (under the 64 MiB message limit)."""
     from hybridroute.protos.tensors import encode_bytes_elements
 
-    big.raw_input_contents.append(encode_bytes_elements([b"my printer is broken"] * 200_000))
+    text = ("my printer is broken and the screen flickers " * 20_000)[:800_000]
+    request = pb.ModelInferRequest(model_name="ticket-triage")
+    request.inputs.add(name="text", datatype="BYTES", shape=[64])
+    request.raw_input_contents.append(encode_bytes_elements([text] * 64))
+    return request
+
+
+def test_the_callers_deadline_reaches_the_node(harness: Harness) -> None:
+    big = slow_ticket()
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         harness.stub().ModelInfer(
-            big, metadata=[("x-data-classification", "internal")], timeout=0.3
+            big, metadata=[("x-data-classification", "internal")], timeout=0.8
         )
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 2
@@ -315,11 +323,7 @@ def test_numbers_only_requests_are_answered(harness: Harness) -> None:
 
 
 def test_a_caller_cancelling_cancels_the_upstream_call(harness: Harness) -> None:
-    from hybridroute.protos.tensors import encode_bytes_elements
-
-    big = pb.ModelInferRequest(model_name="ticket-triage")
-    big.inputs.add(name="text", datatype="BYTES", shape=[300_000])
-    big.raw_input_contents.append(encode_bytes_elements([b"my printer is broken"] * 300_000))
+    big = slow_ticket()
 
     def in_flight() -> float:
         return sum(
@@ -337,7 +341,7 @@ def test_a_caller_cancelling_cancels_the_upstream_call(harness: Harness) -> None
     future.cancel()
     cancelled_at = time.monotonic()
     while in_flight() > 0:
-        # 300k texts take the estimator seconds; the node call must end long before.
+        # 51 MB of text take the estimator seconds; the node call must end long before.
         assert time.monotonic() - cancelled_at < 1.0, "the upstream call was not cancelled"
         time.sleep(0.01)
 

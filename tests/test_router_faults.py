@@ -7,6 +7,7 @@ The tests in this module run in order against one stack of their own.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 from support import Process, Stack
 from test_router_e2e import CLEAN, iris_row, node_requests, send, ticket
+
+from hybridroute.router.audit.db import connect_readonly
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,19 @@ def test_killing_one_node_under_load_fails_no_request(faulty: Stack) -> None:
     after = node_requests(faulty, "node-2")
     send(faulty, iris_row(), label="confidential")
     assert node_requests(faulty, "node-2") == after + 1  # traffic moved to the survivor
+    # The trail names both endpoints of a retried request: the data went to each.
+    dead, alive = faulty.node("node-1")["address"], faulty.node("node-2")["address"]
+    with contextlib.closing(connect_readonly(Path(faulty.info["audit"]["db"]))) as conn:
+        retried = [
+            json.loads(body)
+            for (body,) in conn.execute(
+                "SELECT body FROM records WHERE kind = 'request' AND body LIKE '%\"earlier\"%'"
+            )
+        ]
+    assert retried, "no retried request in the audit trail"
+    for record in retried:
+        assert record["attempts"] == 2 and record["endpoint"] == alive, record
+        assert record["earlier"] == [{"zone": "onprem", "pool": "onprem", "endpoint": dead}]
 
 
 def test_with_every_on_prem_node_down_sensitive_requests_fail_fast_never_cloud(

@@ -229,8 +229,9 @@ def _us(seconds: float) -> int:
 def event_body(event: AuditEvent, hasher: KeyedHasher, full: bool) -> dict[str, object]:
     """A decision's record body, without `seq` (the writer numbers it). Empty values are
     left out; everything the caller chose freely is hashed or vetted by `name`. A request
-    mirrored to a rollout's candidate has `shadow` ({pool, zone, version}); others have no
-    such key, so records written before it existed encode (and verify) as they did."""
+    mirrored to a rollout's candidate has `shadow` ({pool, zone, version}), and one that
+    was retried `earlier` (the endpoints tried before the last); others have no such
+    keys, so records written before they existed encode (and verify) as they did."""
     body: dict[str, object] = {
         "kind": "request",
         "time_us": _us(event.time),
@@ -265,6 +266,11 @@ def event_body(event: AuditEvent, hasher: KeyedHasher, full: bool) -> dict[str, 
         ),
         "detail": "full" if full else "decisions",
     }
+    if event.earlier:  # only after a retry: older records are unchanged
+        body["earlier"] = [
+            {"zone": zone, "pool": pool, "endpoint": endpoint}
+            for zone, pool, endpoint in event.earlier
+        ]
     if event.shadow_pool:  # only when a copy was mirrored: older records are unchanged
         body["shadow"] = {
             "pool": event.shadow_pool,

@@ -69,6 +69,9 @@ class AuditEvent:
     pool: str = ""
     endpoint: str = ""
     attempts: int = 0
+    # Attempts before the last, as (zone, pool, endpoint): a retry's first endpoint got
+    # the request's data too, and the trail says so.
+    earlier: tuple[tuple[str, str, str], ...] = ()
     code: str = "OK"
     error: str = ""  # the router's own message for a non-OK answer (never upstream text)
     latency_ms: float = 0.0
