@@ -9,14 +9,17 @@ keep itself on-prem.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hybridroute.protos import inference_pb2 as pb
-from hybridroute.protos.tensors import TensorError, decode_bytes_elements
+from hybridroute.protos.tensors import TensorError, iter_bytes_elements
 from hybridroute.router.policy.engine import RequestFacts, TextField, metadata_text_fields
 
-__all__ = ["CLASSIFICATION_HEADER", "SESSION_HEADER", "Caller", "request_facts"]
+__all__ = ["CLASSIFICATION_HEADER", "MAX_TEXT_FIELDS", "SESSION_HEADER", "Caller", "request_facts"]
+
+# Headers grpc and HTTP/2 set, not the caller's content (their names are not scanned).
+_TRANSPORT_METADATA = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding"})
 
 CLASSIFICATION_HEADER = "x-data-classification"
 SESSION_HEADER = "x-session-id"
@@ -30,50 +33,102 @@ class Caller:
     auth: str  # "cert" | "token" | "none"
 
 
+# Texts per request past which nothing is scanned (with the policy's max_text_bytes):
+# a request of millions of tiny elements must cost the router no more than a big one.
+MAX_TEXT_FIELDS = 100_000
+
+
+class _Texts:
+    """A request's texts, collected up to the scan budget. Past the budget the request
+    is `over`: it will not be scanned (doubt "text-too-large"), so nothing more of it
+    is read or decoded."""
+
+    __slots__ = ("fields", "left", "over")
+
+    def __init__(self, fields: list[TextField], budget: int) -> None:
+        self.fields = fields
+        self.left = budget - sum(len(t.text or "") for t in fields)
+        self.over = self.left < 0
+
+    def add(self, source: str, text: str | None) -> None:
+        if self.over:
+            return
+        self.left -= 0 if text is None else len(text)
+        if self.left < 0 or len(self.fields) >= MAX_TEXT_FIELDS:
+            self.over = True
+            return
+        self.fields.append(TextField(source, text))
+
+    def add_bytes(self, source: str, element: bytes) -> None:
+        if len(element) > self.left:  # before decoding it
+            self.over = True
+            return
+        try:
+            self.add(source, element.decode("utf-8"))
+        except UnicodeDecodeError:
+            self.add(source, None)
+
+
 def _parameter_value(param: pb.InferParameter) -> object:
     choice = param.WhichOneof("parameter_choice")
     return None if choice is None else getattr(param, choice)
 
 
 def _parameters(
-    params: Mapping[str, pb.InferParameter], prefix: str, texts: list[TextField]
+    params: Mapping[str, pb.InferParameter], prefix: str, texts: _Texts, names: list[str]
 ) -> dict[str, object]:
+    """The parameters' values; the text of each (numbers too: a card number fits in an
+    int64) goes to the scan, and every key to the names."""
     values: dict[str, object] = {}
     for key, param in params.items():
         value = _parameter_value(param)
         values[key] = value
+        names.append(key)
         if isinstance(value, str):
-            texts.append(TextField(f"parameter:{prefix}{key}", value))
+            texts.add(f"parameter:{prefix}{key}", value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            texts.add(f"parameter:{prefix}{key}", str(value))
     return values
 
 
-def _tensor_texts(name: str, elements: Iterable[bytes], texts: list[TextField]) -> None:
-    for i, element in enumerate(elements):
-        try:
-            texts.append(TextField(f"input:{name}[{i}]", element.decode("utf-8")))
-        except UnicodeDecodeError:
-            texts.append(TextField(f"input:{name}[{i}]", None))
-
-
 def _input_texts(
-    request: pb.ModelInferRequest, texts: list[TextField], problems: list[str]
+    request: pb.ModelInferRequest, texts: _Texts, names: list[str], problems: list[str]
 ) -> None:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         problems.append("raw_input_contents does not pair with inputs")
     for index, tensor in enumerate(request.inputs):
-        _parameters(tensor.parameters, f"{tensor.name}.", texts)
+        names.append(tensor.name)
+        _parameters(tensor.parameters, f"{tensor.name}.", texts, names)
+        typed = tensor.contents.ListFields()
+        has_raw = bool(raw) and index < len(raw)
+        if has_raw and typed:
+            problems.append(f"input '{tensor.name}': both raw and typed contents")
         if tensor.datatype != "BYTES":
+            if tensor.contents.bytes_contents:  # text where the datatype says numbers
+                problems.append(
+                    f"input '{tensor.name}': bytes_contents in a {tensor.datatype} tensor"
+                )
             continue
-        if raw and index < len(raw):
+        if has_raw:
             try:
-                elements = decode_bytes_elements(tensor.name, raw[index], -1, check_count=False)
+                for i, element in enumerate(iter_bytes_elements(tensor.name, raw[index])):
+                    texts.add_bytes(f"input:{tensor.name}[{i}]", element)
+                    if texts.over:
+                        break
             except TensorError:
                 problems.append(f"input '{tensor.name}': malformed BYTES data")
-                continue
         else:
-            elements = list(tensor.contents.bytes_contents)
-        _tensor_texts(tensor.name, elements, texts)
+            for i, element in enumerate(tensor.contents.bytes_contents):
+                texts.add_bytes(f"input:{tensor.name}[{i}]", element)
+                if texts.over:
+                    break
+
+
+def _output_texts(request: pb.ModelInferRequest, texts: _Texts, names: list[str]) -> None:
+    for output in request.outputs:
+        names.append(output.name)
+        _parameters(output.parameters, f"output.{output.name}.", texts, names)
 
 
 def request_facts(
@@ -83,15 +138,39 @@ def request_facts(
     *,
     model: str = "",
     model_version: str = "",
+    wire_size: int | None = None,
+    text_budget: int = 1 << 20,
 ) -> RequestFacts:
-    """Facts for one request. `request` is None for calls without a payload (metadata)."""
-    texts = metadata_text_fields(metadata)
+    """Facts for one request. `request` is None for calls without a payload (metadata).
+
+    Everything the caller wrote that is forwarded gets scanned or counts as a problem:
+    the texts of BYTES tensors, every parameter value (requests', inputs' and outputs'),
+    the request id, and the names (of metadata, parameters, inputs and outputs, scanned
+    as one text). `wire_size` is the size of the bytes that arrived: when the parsed
+    request, without fields this router does not know, encodes to another size, the
+    wire held something not read here (an unknown field, a repeated map key whose
+    first value parsing dropped) and that is a problem too. `text_budget` is the
+    policy's max_text_bytes: past it nothing more is collected.
+    """
+    fields = metadata_text_fields(metadata)
+    texts = _Texts(fields, text_budget)
+    names = [name for name in metadata if name not in _TRANSPORT_METADATA]
     problems: list[str] = []
     parameters: dict[str, object] = {}
     if request is not None:
         model, model_version = request.model_name, request.model_version
-        parameters = _parameters(request.parameters, "", texts)
-        _input_texts(request, texts, problems)
+        if request.id:
+            texts.add("id", request.id)
+        parameters = _parameters(request.parameters, "", texts, names)
+        _input_texts(request, texts, names, problems)
+        _output_texts(request, texts, names)
+        if wire_size is not None:
+            request.DiscardUnknownFields()
+            if request.ByteSize() != wire_size:
+                problems.append(
+                    "the request holds fields or repeated keys the router does not read"
+                )
+    texts.add("names", "\n".join(names))
     return RequestFacts(
         caller=caller.identity,
         auth=caller.auth,
@@ -101,6 +180,7 @@ def request_facts(
         session_id=metadata.get(SESSION_HEADER) or None,
         metadata=metadata,
         parameters=parameters,
-        texts=texts,
+        texts=texts.fields,
         problems=problems,
+        too_large=texts.over,
     )

@@ -295,7 +295,15 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             raise RouterError(grpc.StatusCode.UNAVAILABLE, AUDIT_REFUSAL)
         policy = self._policies.current  # one snapshot decides this request to the end
         request, model, version = _parse(method, raw)
-        facts = request_facts(request, metadata, caller, model=model, model_version=version)
+        facts = request_facts(
+            request,
+            metadata,
+            caller,
+            model=model,
+            model_version=version,
+            wire_size=len(raw) if request is not None else None,
+            text_budget=policy.max_text_bytes,
+        )
         event.model, event.model_version = facts.model, facts.model_version
         event.label = label_key(facts.label)
         event.session_id = facts.session_id

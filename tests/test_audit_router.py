@@ -195,7 +195,8 @@ def test_every_answered_request_has_exactly_one_record(
         assert by_id[request_id]["code"] == code, what
     ssn = by_id[answers[1][2]]
     assert ssn["sensitive"] is True and ssn["zone"] == "onprem" and ssn["detail"] == "full"
-    assert ssn["findings"] == {"us_ssn": 1} and ssn["hits"] and ssn["client_request_id"]
+    # Found twice: in the text and in the caller's request id (hashed in the trail).
+    assert ssn["findings"] == {"us_ssn": 2} and ssn["hits"] and ssn["client_request_id"]
     assert ssn["served_version"] and ssn["endpoint"] and ssn["attempts"] == 1
     clean = by_id[answers[0][2]]
     assert (clean["zone"], clean["detail"], clean["rule"]) == (

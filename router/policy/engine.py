@@ -99,6 +99,7 @@ class RequestFacts:
     parameters: Mapping[str, object] = field(default_factory=dict)
     texts: Sequence[TextField] = ()
     problems: Sequence[str] = ()  # parse problems; any makes the request sensitive
+    too_large: bool = False  # more text than the scan budget: not scanned, sensitive
 
 
 def metadata_text_fields(metadata: Mapping[str, str]) -> list[TextField]:
@@ -206,9 +207,12 @@ def _utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def _scan(policy: Policy, texts: Sequence[TextField]) -> _Scan:
+def _scan(policy: Policy, texts: Sequence[TextField], too_large: bool = False) -> _Scan:
     """Run the detectors once over each text. Anything unscannable becomes a doubt."""
     out = _Scan()
+    if too_large:
+        out.doubts.append("text-too-large")  # not scanned at all: bounded cost
+        return out
     readable = [(t.source, t.text) for t in texts if t.text]
     if any(t.text is None for t in texts):
         out.doubts.append("unreadable")
@@ -310,7 +314,7 @@ def decide(
     `now` is on the same clock as `sessions` (default: `time.monotonic()`).
     """
     now = time.monotonic() if now is None else now
-    scan = _scan(policy, facts.texts)
+    scan = _scan(policy, facts.texts, facts.too_large)
     session = facts.session_id
     pinned = bool(sessions is not None and session and sessions.is_pinned(session, now))
     reasons, label, caller_known = _verdict(policy, facts, scan, pinned)

@@ -1,0 +1,151 @@
+"""What the router reads from a request before deciding: every place a caller can put
+text that is forwarded is scanned, and what cannot be read makes the request sensitive
+(invariant 2). Each case hides a value in one place of a public request and must not
+be decided for the cloud; decided as the front door decides, from the wire bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from hybridroute.protos import inference_pb2 as pb
+from hybridroute.protos.tensors import encode_bytes_elements
+from hybridroute.router.facts import MAX_TEXT_FIELDS, Caller, request_facts
+from hybridroute.router.policy.engine import Decision, decide
+from hybridroute.router.policy.schema import compile_policy
+from hybridroute.stack import default_policy_path
+
+POLICY = compile_policy(default_policy_path())
+SSN, CARD, EMAIL = "321-54-9876", 4111111111111111, "jane.doe@example.com"
+PUBLIC = {"x-data-classification": "public"}
+
+
+def ticket(text: str = "the export button does nothing") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="ticket-triage")
+    request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(encode_bytes_elements([text]))
+    return request
+
+
+def decided(raw: bytes, metadata: dict[str, str] = PUBLIC) -> Decision:
+    request = pb.ModelInferRequest.FromString(raw)
+    facts = request_facts(
+        request,
+        metadata,
+        Caller("demo-app", "cert"),
+        wire_size=len(raw),
+        text_budget=POLICY.max_text_bytes,
+    )
+    return decide(POLICY, facts)
+
+
+def test_a_clean_public_ticket_goes_to_the_cloud() -> None:
+    decision = decided(ticket().SerializeToString())
+    assert (decision.zone, decision.sensitive) == ("cloud", False)
+
+
+def _in_output_parameter(r: pb.ModelInferRequest) -> None:
+    r.outputs.add(name="label").parameters["note"].string_param = f"ssn {SSN}"
+
+
+def _in_request_id(r: pb.ModelInferRequest) -> None:
+    r.id = f"order for {EMAIL}"
+
+
+def _as_int64_parameter(r: pb.ModelInferRequest) -> None:
+    r.parameters["card"].int64_param = CARD
+
+
+def _as_input_name(r: pb.ModelInferRequest) -> None:
+    r.inputs[0].name = f"ssn {SSN}"
+
+
+def _as_output_name(r: pb.ModelInferRequest) -> None:
+    r.outputs.add(name=EMAIL)
+
+
+def _as_parameter_key(r: pb.ModelInferRequest) -> None:
+    r.parameters[f"ssn {SSN}"].bool_param = True
+
+
+HIDDEN: dict[str, tuple[Callable[[pb.ModelInferRequest], None], str]] = {
+    "an output's parameter": (_in_output_parameter, "detector:us_ssn"),
+    "the request id": (_in_request_id, "detector:email"),
+    "an int64 parameter": (_as_int64_parameter, "detector:credit_card"),
+    "an input's name": (_as_input_name, "detector:us_ssn"),
+    "an output's name": (_as_output_name, "detector:email"),
+    "a parameter's key": (_as_parameter_key, "detector:us_ssn"),
+}
+
+
+@pytest.mark.parametrize("where", HIDDEN)
+def test_values_hidden_outside_the_tensors_are_found(where: str) -> None:
+    hide, reason = HIDDEN[where]
+    request = ticket()
+    hide(request)
+    decision = decided(request.SerializeToString())
+    assert decision.zone == "onprem" and reason in decision.reasons, decision.reasons
+
+
+def test_a_metadata_name_is_scanned_like_its_value() -> None:
+    decision = decided(ticket().SerializeToString(), {**PUBLIC, f"x-ssn-{SSN}": "1"})
+    assert decision.zone == "onprem" and "detector:us_ssn" in decision.reasons
+
+
+def _bytes_in_a_number_tensor() -> bytes:
+    request = pb.ModelInferRequest(model_name="iris")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1])
+    tensor.contents.fp32_contents.append(1.0)
+    tensor.contents.bytes_contents.append(f"ssn {SSN}".encode())
+    return request.SerializeToString()
+
+
+def _typed_beside_raw() -> bytes:
+    request = ticket()
+    request.inputs[0].contents.bytes_contents.append(f"ssn {SSN}".encode())
+    return request.SerializeToString()
+
+
+def _unknown_field() -> bytes:
+    text = f"ssn {SSN}".encode()
+    return ticket().SerializeToString() + bytes([15 << 3 | 2, len(text)]) + text
+
+
+def _repeated_map_key() -> bytes:
+    # Two entries for one key: parsing keeps the last, the forwarded bytes hold both.
+    first, last = ticket(), pb.ModelInferRequest()
+    first.parameters["note"].string_param = f"ssn {SSN}"
+    last.parameters["note"].string_param = "fine"
+    return first.SerializeToString() + last.SerializeToString()
+
+
+UNREAD: dict[str, Callable[[], bytes]] = {
+    "bytes_contents in a number tensor": _bytes_in_a_number_tensor,
+    "typed contents beside raw contents": _typed_beside_raw,
+    "an unknown field": _unknown_field,
+    "a repeated map key": _repeated_map_key,
+}
+
+
+@pytest.mark.parametrize("what", UNREAD)
+def test_what_the_router_does_not_read_keeps_the_request_on_prem(what: str) -> None:
+    decision = decided(UNREAD[what]())
+    assert (decision.zone, decision.sensitive) == ("onprem", True)
+    assert "unreadable" in decision.reasons
+
+
+def test_millions_of_tiny_texts_stop_at_the_budget() -> None:
+    request = ticket()
+    count = 4 * MAX_TEXT_FIELDS
+    request.inputs[0].shape[0] = count
+    request.raw_input_contents[0] = encode_bytes_elements([b""] * count)
+    raw = request.SerializeToString()
+    facts = request_facts(
+        pb.ModelInferRequest.FromString(raw), PUBLIC, Caller("demo-app", "cert"), wire_size=len(raw)
+    )
+    # Collecting stopped at the budget instead of decoding all 400k elements ...
+    assert facts.too_large and len(facts.texts) <= MAX_TEXT_FIELDS
+    # ... and a request too large to scan is doubt: on-prem.
+    decision = decide(POLICY, facts)
+    assert (decision.zone, decision.reasons) == ("onprem", ("text-too-large",))
