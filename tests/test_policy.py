@@ -113,6 +113,22 @@ def test_a_case_file_error_names_its_line(tmp_path: Path) -> None:
 # --- schema ----------------------------------------------------------------------------
 
 
+def test_a_rule_on_binary_metadata_is_refused_where_it_is_written(tmp_path: Path) -> None:
+    """-bin values are bytes: a rule matching one as text would fail every request that
+    carries it, so the policy does not load."""
+    text = HEAD + (
+        "rules:\n"
+        "  - id: tenant\n"
+        "    match:\n"
+        "      metadata: {x-tenant-bin: [acme]}\n"
+        "    route: onprem\n"
+    )
+    errors = errors_of(tmp_path, text)
+    line = line_of(text, "x-tenant-bin")
+    assert f"policy.yaml:{line}: rules[0].match.metadata.x-tenant-bin: invalid key: " in errors
+    assert "'x-tenant-bin' is binary metadata (-bin)" in errors
+
+
 def test_schema_errors_name_file_line_and_key_all_at_once(tmp_path: Path) -> None:
     text = HEAD.replace("{pool: onprem}", "{pool: onprem, audit: everything}") + (
         "sessions: {pin_ttl: 30, max_sessions: 0}\n"

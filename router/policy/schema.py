@@ -30,7 +30,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from hybridroute.config import ConfigError, Located, Strict, load_yaml, validate
@@ -115,6 +122,19 @@ def _version_name(value: object) -> object:
     return _name(str(value) if isinstance(value, int) and not isinstance(value, bool) else value)
 
 
+def _text_header(value: str) -> str:
+    """A metadata name a rule can match: not a binary one, whose values are bytes that
+    the router neither reads nor scans (they are never forwarded to the cloud)."""
+    if value.endswith("-bin"):
+        raise PydanticCustomError(
+            "binary_header",
+            "'{name}' is binary metadata (-bin): its values are bytes, not text, and "
+            "cannot be matched",
+            {"name": value},
+        )
+    return value
+
+
 def _audit_shorthand(value: object) -> object:
     return {"level": value} if isinstance(value, str) else value
 
@@ -128,7 +148,9 @@ AuthKinds = Annotated[tuple[AuthKind, ...], BeforeValidator(_listed), Field(min_
 Labels = Annotated[tuple[LabelKey, ...], BeforeValidator(_listed), Field(min_length=1)]
 VersionName = Annotated[str, BeforeValidator(_version_name)]
 Versions = Annotated[tuple[str, ...], BeforeValidator(_version_strings), Field(min_length=1)]
-HeaderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+HeaderName = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]*$"), AfterValidator(_text_header)
+]
 ParamValues = Annotated[
     tuple[str | int | float | bool, ...], BeforeValidator(_listed), Field(min_length=1)
 ]
