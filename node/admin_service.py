@@ -17,6 +17,7 @@ import grpc
 from hybridroute import __version__
 from hybridroute.node.drift import DriftMonitor, ModelDriftReport
 from hybridroute.node.lifecycle import ModelLifecycle
+from hybridroute.node.repository import parse_version
 from hybridroute.protos import node_admin_pb2 as pb
 from hybridroute.protos import node_admin_pb2_grpc as pb_grpc
 
@@ -53,14 +54,17 @@ class NodeAdminServicer(pb_grpc.NodeAdminServicer):
                 "drift monitoring is off on this node (node serve --drift-window 0)",
             )
         version = request.version.strip()
-        if version and not (version.isascii() and version.isdigit()):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version must be a number")
+        number = parse_version(version) if version else None
+        if version and number is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "version must be a positive 64-bit integer"
+            )
         if request.model and not self._lifecycle.repository.knows(request.model):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}")
         assert self._monitor is not None
         loop = asyncio.get_running_loop()
         reports = await loop.run_in_executor(
-            self._executor, self._monitor.report, request.model, int(version) if version else None
+            self._executor, self._monitor.report, request.model, number
         )
         return pb.DriftResponse(models=[report_message(r) for r in reports])
 

@@ -29,6 +29,7 @@ __all__ = [
     "State",
     "VersionEntry",
     "load_entry",
+    "parse_version",
     "scan_model",
     "scan_repository",
     "version_dirs",
@@ -67,12 +68,34 @@ class VersionEntry:
         return self.state == "READY" and self.model is not None
 
 
-def _version_number(directory: Path) -> int | None:
-    """A version directory's number, or None if its name is not a positive integer."""
-    name = directory.name
-    if not name.isascii() or not name.isdigit() or int(name) < 1:
+MAX_VERSION = 2**63 - 1  # versions travel as int64 (RepositoryModelLoad's int64_param)
+_MAX_VERSION_DIGITS = len(str(MAX_VERSION))
+
+
+def parse_version(text: str) -> int | None:
+    """`text` as a version number (ASCII digits, 1 to 2**63 - 1), or None.
+
+    The length is checked before `int()`: a caller can send thousands of digits, and
+    Python refuses to convert more than 4300 (a ValueError that would surface as an
+    internal error) after spending quadratic time on fewer.
+    """
+    if not 0 < len(text) <= _MAX_VERSION_DIGITS or not text.isascii() or not text.isdigit():
         return None
-    return int(name)
+    number = int(text)
+    return number if 1 <= number <= MAX_VERSION else None
+
+
+def _version_number(directory: Path) -> int | None:
+    """A version directory's number, or None if its name is not a version number."""
+    return parse_version(directory.name)
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    """`text` quoted for a message, cut short: names and versions in requests are
+    caller-chosen and can be megabytes long."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def load_entry(name: str, version: int, path: Path) -> VersionEntry:
@@ -102,7 +125,9 @@ def version_dirs(model_dir: Path, *, warn: bool = True) -> dict[int, Path]:
         version = _version_number(child)
         if version is None:
             if warn:
-                log.warning("ignoring %s: version directories are positive integers", child)
+                log.warning(
+                    "ignoring %s: version directories are positive integers below 2**63", child
+                )
             continue
         found[version] = child
     return found
@@ -188,7 +213,7 @@ class ModelRepository:
             versions = self._models.get(name)
             if not versions:
                 known = ", ".join(sorted(self._models)) or "none"
-                raise ModelNotFound(f"unknown model {name!r} (available models: {known})")
+                raise ModelNotFound(f"unknown model {_quoted(name)} (available models: {known})")
             return [versions[v] for v in sorted(versions)]
 
     def versions(self, name: str, *, ready_only: bool = False) -> list[int]:
@@ -214,7 +239,8 @@ class ModelRepository:
         if found is None:
             available = ", ".join(str(e.version) for e in entries)
             raise ModelNotFound(
-                f"model {name!r} has no version {str(version)!r} (available versions: {available})"
+                f"model {name!r} has no version {_quoted(str(version))} "
+                f"(available versions: {available})"
             )
         return found
 
@@ -244,5 +270,4 @@ class ModelRepository:
 def _parse_version(version: str | int) -> int | None:
     if isinstance(version, int):
         return version
-    text = version.strip()
-    return int(text) if text.isascii() and text.isdigit() else None
+    return parse_version(version.strip())

@@ -27,7 +27,7 @@ from hybridroute.node.lifecycle import (
 )
 from hybridroute.node.loading import InvalidRequestError, ModelRuntimeError
 from hybridroute.node.metrics import NodeMetrics
-from hybridroute.node.repository import ModelNotFound, ModelNotReady
+from hybridroute.node.repository import ModelNotFound, ModelNotReady, parse_version
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
 from hybridroute.protos.tensors import TensorError, decode_inputs, encode_output
@@ -40,7 +40,11 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
 
-_UNKNOWN_MODEL = "_unknown"  # metrics label for names that match no model (bounded cardinality)
+# Metric labels for a model name or version that matches nothing: labels are only
+# names and versions the repository holds, never caller-chosen text, so the number of
+# series (and their memory) stays bounded.
+_UNKNOWN_MODEL = "_unknown"
+_UNKNOWN_VERSION = "_unknown"
 
 
 class BadParameter(ValueError):
@@ -131,20 +135,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._model_infer(request, context)
 
     async def _model_infer(self, request: pb.ModelInferRequest, context: Any) -> Any:
+        resolved = ""  # the version serving the request, once the lookup succeeded
         try:
+            model = self._dp.repository.get(request.model_name, request.model_version or None)
+            resolved = str(model.config.version)
             response = await self._infer(request)
         except Exception as exc:
             code, message = _status_for(exc)
+            name, version = self._labels(request, resolved)
             if code is grpc.StatusCode.INTERNAL:
-                log.error(
-                    "model %r version %r failed: %s",
-                    request.model_name,
-                    request.model_version or "newest",
-                    type(exc).__name__,
-                )
-            self._count(request, code)
+                log.error("model %r version %r failed: %s", name, version, type(exc).__name__)
+            self._metrics.requests.labels(name, version, code.name).inc()
             await context.abort(code, message)
-        self._count(request, grpc.StatusCode.OK, response.model_version)
+        self._metrics.requests.labels(
+            response.model_name, response.model_version, grpc.StatusCode.OK.name
+        ).inc()
         return response
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
@@ -159,13 +164,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             encode_output(response, name, datatype, array, raw=raw)
         return response
 
-    def _count(
-        self, request: pb.ModelInferRequest, code: grpc.StatusCode, version: str = ""
-    ) -> None:
-        model = request.model_name if self._dp.repository.knows(request.model_name) else None
-        self._metrics.requests.labels(
-            model or _UNKNOWN_MODEL, version or request.model_version or "", code.name
-        ).inc()
+    def _labels(self, request: pb.ModelInferRequest, resolved: str) -> tuple[str, str]:
+        """Model and version labels of a failed request: only a name and version the
+        repository knows (see _UNKNOWN_MODEL); "" when no version was asked for and none
+        was resolved."""
+        repository = self._dp.repository
+        if not repository.knows(request.model_name):
+            return _UNKNOWN_MODEL, _UNKNOWN_VERSION if request.model_version else ""
+        if resolved or not request.model_version:
+            return request.model_name, resolved
+        number = parse_version(request.model_version.strip())
+        if number is not None and repository.entry_or_none(request.model_name, number):
+            return request.model_name, str(number)
+        return request.model_name, _UNKNOWN_VERSION
 
     @_maps_errors
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> Any:
@@ -224,9 +235,12 @@ def _version_parameter(parameters: Parameters) -> int | None:
     kind = param.WhichOneof("parameter_choice")
     value: object = getattr(param, kind) if kind else None
     text = str(value).strip() if kind in {"string_param", "int64_param"} else ""
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise BadParameter("parameter 'version' must be a positive integer (int64 or string)")
-    return int(text)
+    version = parse_version(text)
+    if version is None:
+        raise BadParameter(
+            "parameter 'version' must be a positive 64-bit integer (int64 or string)"
+        )
+    return version
 
 
 def _bool_parameter(parameters: Parameters, key: str) -> bool:

@@ -360,6 +360,17 @@ def test_version_selection(repo_copy: Path) -> None:
     assert repo.knows("iris") and not repo.knows("roses") and repo.has_ready("iris")
 
 
+def test_versions_beyond_int64_are_not_found_without_converting_them(repo_copy: Path) -> None:
+    shutil.copytree(repo_copy / "iris/1", repo_copy / f"iris/{2**63}")  # not a version
+    repo = ModelRepository.load(repo_copy)
+    assert repo.versions("iris") == [1]
+    for version in ("9" * 5000, str(2**63), "1" + "0" * 30):
+        with pytest.raises(ModelNotFound, match=r"has no version '\d{0,40}'") as info:
+            repo.get("iris", version)
+        assert len(str(info.value)) < 120
+    assert repo.get("iris", " 01 ").version == 1
+
+
 # ---------------------------------------------------------------------- packaging
 
 

@@ -355,8 +355,9 @@ def test_metrics_count_requests_by_model_version_and_code(node: NodeServer, stub
     url = f"http://127.0.0.1:{node.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     assert 'hybridroute_node_requests_total{code="OK",model="iris",version="1"}' in text
+    # A refused request is counted under the version it resolved to.
     assert (
-        'hybridroute_node_requests_total{code="INVALID_ARGUMENT",model="iris",version=""}' in text
+        'hybridroute_node_requests_total{code="INVALID_ARGUMENT",model="iris",version="1"}' in text
     )
     for name in (
         "hybridroute_node_request_duration_seconds_bucket",
@@ -380,3 +381,40 @@ def test_batching_can_be_switched_off(repo: Path, pki: Path, iris) -> None:
             "hybridroute_node_batch_size_count", {"model": "iris", "version": "1"}
         )
         assert sizes == count == 32
+
+
+# ------------------------------------------------------------ limits and labels
+
+
+def _refused(stub, request: pb.ModelInferRequest, code: str = "INVALID_ARGUMENT") -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=10)
+    assert info.value.code().name == code, info.value.details()
+    return info.value.details()
+
+
+def test_over_long_versions_are_not_found_in_a_short_message(stub) -> None:
+    version = "9" * 5000  # more digits than Python's int() converts
+    message = _refused(stub, _iris_request(version=version), "NOT_FOUND")
+    assert "(5000 characters) (available versions: 1)" in message and len(message) < 200
+    ready = stub.ModelReady(pb.ModelReadyRequest(name="iris", version=version), timeout=5)
+    assert ready.ready is False
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelMetadata(pb.ModelMetadataRequest(name="iris", version=version), timeout=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_metric_labels_are_only_known_models_and_versions(node: NodeServer, stub) -> None:
+    for i in range(20):
+        _refused(stub, _iris_request(version=f"v{i}-" + "x" * 1000), "NOT_FOUND")
+        _refused(stub, _iris_request(model=f"nope-{i}", version=str(i)), "NOT_FOUND")
+    _refused(stub, _iris_request(version="7"), "NOT_FOUND")
+    assert stub.ModelInfer(_iris_request(version="01"), timeout=10).model_version == "1"
+    labels = {
+        (sample.labels["model"], sample.labels["version"])
+        for metric in node.metrics.requests.collect()
+        for sample in metric.samples
+    }
+    assert {("iris", "_unknown"), ("_unknown", "_unknown"), ("iris", "1")} <= labels
+    assert {model for model, _ in labels} <= {"iris", "ticket-triage", "broken", "_unknown"}
+    assert {version for _, version in labels} <= {"", "1", "_unknown"}

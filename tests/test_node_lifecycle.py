@@ -339,3 +339,24 @@ def test_metrics_and_health_follow_loads(repo: Path, model_repo: Path, pki: Path
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         assert 'hybridroute_node_model_ready{model="iris",version="2"} 1.0' in text
         assert 'hybridroute_node_requests_total{code="OK",model="iris",version="2"} 1.0' in text
+
+
+def test_an_over_long_version_parameter_is_invalid_argument(repo: Path, pki: Path) -> None:
+    with running_node(repo, pki) as node, router_channel(node, pki) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for version in ("9" * 5000, str(2**63)):  # beyond int(), beyond int64
+            for call in (pb.RepositoryModelLoadRequest, pb.RepositoryModelUnloadRequest):
+                request = call(model_name="iris")
+                request.parameters["version"].string_param = version
+                method = getattr(stub, call.__name__.removesuffix("Request"))
+                with pytest.raises(grpc.RpcError) as info:
+                    method(request, timeout=10)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "parameter 'version' must be a positive 64-bit integer" in (
+                    info.value.details()
+                )
+        reply = admin_grpc.NodeAdminStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            reply.DriftReport(admin_pb.DriftRequest(model="iris", version="9" * 5000), timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert infer(stub).model_version == "1"
