@@ -108,7 +108,8 @@ def _register_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         type=int,
         default=32,
         metavar="N",
-        help="default rows per estimator call when model.yaml sets none (default 32)",
+        help="default rows per estimator call, and per request, when model.yaml sets none "
+        "(default 32)",
     )
     p.add_argument(
         "--max-queue-delay-ms",

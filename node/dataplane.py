@@ -2,17 +2,24 @@
 
 Knows numpy arrays and model declarations, not protobuf; `node/servicer.py` converts
 at the edge. Every validation error says which tensor, what was expected and what came.
+
+A request is checked twice. `check_inputs` needs only what the request declares (names,
+datatypes, shapes), so the servicer runs it before decoding anything: a request the
+model would refuse anyway, such as one with more rows than its `max_batch_size`, costs
+nothing to decode. `validate` runs it again on the decoded tensors, because the model
+may have been reloaded (with other limits) while the request was decoded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import numpy as np
 
@@ -20,11 +27,20 @@ from hybridroute.node.batching import Batcher
 from hybridroute.node.loading import LoadedModel
 from hybridroute.node.metrics import NodeMetrics
 from hybridroute.node.repository import ModelRepository
-from hybridroute.protos.tensors import InputTensor
+from hybridroute.protos.tensors import InputTensor, shape_text
 
-__all__ = ["BatchingDefaults", "DataPlane", "InferResult", "InputObserver", "InvalidRequest"]
+__all__ = [
+    "BatchingDefaults",
+    "DataPlane",
+    "InferResult",
+    "InputObserver",
+    "InvalidRequest",
+    "TensorHeader",
+]
 
 Array = np.ndarray[Any, Any]
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class InvalidRequest(ValueError):
@@ -48,12 +64,43 @@ class InferResult:
     outputs: list[tuple[str, str, Array]]  # (name, datatype, array)
 
 
+class TensorHeader(Protocol):
+    """What a request says about an input besides its data: a protobuf input tensor
+    before decoding, an `InputTensor` after."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def datatype(self) -> str: ...
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
 def _check_shape(name: str, declared: Sequence[int], got: Sequence[int]) -> None:
+    if any(g < 0 for g in got):
+        raise InvalidRequest(f"tensor '{name}': shape {shape_text(got)} has a negative dimension")
     ok = len(declared) == len(got) and all(d in (-1, g) for d, g in zip(declared, got, strict=True))
     if not ok:
         raise InvalidRequest(
-            f"tensor '{name}': shape {list(got)} does not match the model's {list(declared)}"
-            " (-1 = any size)"
+            f"tensor '{name}': shape {shape_text(got)} does not match the model's "
+            f"{list(declared)} (-1 = any size)"
+        )
+
+
+def _check_rows(name: str, shape: Sequence[int], limit: int, model: str) -> None:
+    """1 to `limit` rows. A zero-row request is refused here, before it is queued: in
+    the batcher it would fail alone but pass (with empty outputs) inside a batch."""
+    rows = shape[0]
+    if rows == 0:
+        raise InvalidRequest(
+            f"tensor '{name}': shape {shape_text(shape)} has no rows; send 1 to {limit}"
+        )
+    if rows > limit:
+        raise InvalidRequest(
+            f"tensor '{name}': shape {shape_text(shape)} has {rows} rows; model '{model}' "
+            f"takes at most {limit} per request (its max_batch_size): split the request"
         )
 
 
@@ -92,6 +139,12 @@ class DataPlane:
         self._batchers: dict[tuple[str, int], tuple[LoadedModel, Batcher]] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
+    async def offload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn` on the estimator threads, for work too big for the event loop
+        (decoding a large request, encoding a large answer)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
     def _batcher(self, model: LoadedModel) -> Batcher:
         key = (model.config.name, model.config.version)
         current = self._batchers.get(key)
@@ -103,9 +156,16 @@ class DataPlane:
         self._batchers[key] = (model, batcher)
         return batcher
 
+    def row_limit(self, model: LoadedModel) -> int:
+        """Rows one request may carry: the model's max_batch_size (model.yaml, else the
+        node's default), as in Triton. It holds with batching switched off too: it
+        bounds what one request costs to decode and compute, not how requests merge."""
+        settings = model.config.batching
+        return settings.max_batch_size if settings else self._batching.max_batch_size
+
     def _new_batcher(self, model: LoadedModel) -> Batcher:
         settings = model.config.batching
-        size = settings.max_batch_size if settings else self._batching.max_batch_size
+        size = self.row_limit(model)
         delay = settings.max_queue_delay_ms if settings else self._batching.max_queue_delay_ms
         if not self._batching.enabled:
             size, delay = 1, 0.0
@@ -136,23 +196,32 @@ class DataPlane:
             with contextlib.suppress(KeyError):
                 self._metrics.queue_depth.remove(name, str(version))
 
-    def validate(
-        self, model: LoadedModel, inputs: Sequence[InputTensor], requested: Sequence[str]
-    ) -> tuple[Array, list[str]]:
-        """The estimator's X for this request, and the outputs to answer with."""
+    def check_inputs(self, model: LoadedModel, tensors: Sequence[TensorHeader]) -> None:
+        """Check the inputs' names, datatypes, shapes and row counts against `model`,
+        from the declarations alone (see the module docstring)."""
         declared = model.config.inputs[0]
-        if len(inputs) != 1 or inputs[0].name != declared.name:
-            got = ", ".join(f"'{t.name}'" for t in inputs) or "none"
+        if len(tensors) != 1 or tensors[0].name != declared.name:
+            got = ", ".join(f"'{t.name}'" for t in tensors[:8]) or "none"
+            if len(tensors) > 8:
+                got += f", ... ({len(tensors)} inputs)"
             raise InvalidRequest(
                 f"model '{model.config.name}' takes one input '{declared.name}' "
                 f"({declared.datatype} {list(declared.shape)}), got {got}"
             )
-        tensor = inputs[0]
+        tensor = tensors[0]
         if tensor.datatype != declared.datatype:
             raise InvalidRequest(
                 f"tensor '{tensor.name}': datatype {tensor.datatype}, expected {declared.datatype}"
             )
         _check_shape(tensor.name, declared.shape, tensor.shape)
+        _check_rows(tensor.name, tensor.shape, self.row_limit(model), model.config.name)
+
+    def validate(
+        self, model: LoadedModel, inputs: Sequence[InputTensor], requested: Sequence[str]
+    ) -> tuple[Array, list[str]]:
+        """The estimator's X for this request, and the outputs to answer with."""
+        self.check_inputs(model, inputs)
+        tensor = inputs[0]
         known = {o.name: o for o in model.config.outputs}
         if requested:
             unknown = [name for name in requested if name not in known]

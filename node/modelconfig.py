@@ -182,8 +182,9 @@ class OutputSpec(_Tensor):
 
 
 class Batching(Strict):
-    """Dynamic batching: how many requests one estimator call may merge, and how long
-    the first of them may wait for company."""
+    """Dynamic batching: how many rows one estimator call may merge, and how long the
+    first request may wait for company. `max_batch_size` also bounds the rows of one
+    request, as in Triton: a bigger request is refused before it is decoded."""
 
     max_batch_size: int = Field(default=32, ge=1)
     max_queue_delay_ms: float = Field(default=0.0, ge=0)

@@ -58,7 +58,11 @@ def add_package_arguments(parser: argparse._ActionsContainer, *, deploy: bool) -
         metavar="FILE",
         help="training inputs for the drift baseline: .npy, .csv, or .txt (texts, one a line)",
     )
-    add("--max-batch-size", type=int, help="dynamic batching limit (default: the node's)")
+    add(
+        "--max-batch-size",
+        type=int,
+        help="rows per estimator call and per request (default: the node's)",
+    )
     add("--max-queue-delay-ms", type=float, help="batching delay (default: the node's)")
     add("--description", help="one line for model metadata")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -17,7 +18,7 @@ import grpc
 
 from hybridroute import __version__
 from hybridroute.node.batching import BatchError
-from hybridroute.node.dataplane import DataPlane, InvalidRequest
+from hybridroute.node.dataplane import DataPlane, InferResult, InvalidRequest
 from hybridroute.node.lifecycle import (
     IndexRow,
     InvalidModelName,
@@ -25,7 +26,7 @@ from hybridroute.node.lifecycle import (
     ModelLifecycle,
     Refused,
 )
-from hybridroute.node.loading import InvalidRequestError, ModelRuntimeError
+from hybridroute.node.loading import InvalidRequestError, LoadedModel, ModelRuntimeError
 from hybridroute.node.metrics import NodeMetrics
 from hybridroute.node.repository import ModelNotFound, ModelNotReady, parse_version
 from hybridroute.protos import inference_pb2 as pb
@@ -45,6 +46,12 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Res
 # series (and their memory) stays bounded.
 _UNKNOWN_MODEL = "_unknown"
 _UNKNOWN_VERSION = "_unknown"
+
+# Converting tensors costs per element and per byte; below these sizes it takes less
+# time than the hop to a worker thread (~70 us), above them it would hold up every other
+# caller on the event loop. check_inputs bounds the elements by the model's row limit.
+_INLINE_ELEMENTS = 4096
+_INLINE_BYTES = 1024 * 1024
 
 
 class BadParameter(ValueError):
@@ -139,7 +146,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             model = self._dp.repository.get(request.model_name, request.model_version or None)
             resolved = str(model.config.version)
-            response = await self._infer(request)
+            response = await self._infer(model, request)
         except Exception as exc:
             code, message = _status_for(exc)
             name, version = self._labels(request, resolved)
@@ -152,17 +159,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ).inc()
         return response
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        inputs = decode_inputs(request)
+    async def _infer(
+        self, model: LoadedModel, request: pb.ModelInferRequest
+    ) -> pb.ModelInferResponse:
+        # Refuse what the model would refuse anyway before decoding (e.g. too many rows).
+        self._dp.check_inputs(model, request.inputs)
+        if _large_request(request):
+            inputs = await self._dp.offload(decode_inputs, request)
+        else:
+            inputs = decode_inputs(request)
         requested = [o.name for o in request.outputs]
         result = await self._dp.infer(request.model_name, request.model_version, inputs, requested)
         raw = any(t.raw for t in inputs)
-        response = pb.ModelInferResponse(
-            model_name=result.model_name, model_version=result.model_version, id=request.id
-        )
-        for name, datatype, array in result.outputs:
-            encode_output(response, name, datatype, array, raw=raw)
-        return response
+        if sum(array.size for _, _, array in result.outputs) > _INLINE_ELEMENTS:
+            return await self._dp.offload(_response, request, result, raw)
+        return _response(request, result, raw)
 
     def _labels(self, request: pb.ModelInferRequest, resolved: str) -> tuple[str, str]:
         """Model and version labels of a failed request: only a name and version the
@@ -223,6 +234,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self._lifecycle is None:
             raise BadParameter("this node does not load or unload models at runtime")
         return self._lifecycle
+
+
+def _large_request(request: pb.ModelInferRequest) -> bool:
+    """Whether decoding `request` is worth a worker thread (see _INLINE_ELEMENTS)."""
+    elements = sum(math.prod(tensor.shape) for tensor in request.inputs)
+    payload = sum(len(buffer) for buffer in request.raw_input_contents)
+    return elements > _INLINE_ELEMENTS or payload > _INLINE_BYTES
+
+
+def _response(
+    request: pb.ModelInferRequest, result: InferResult, raw: bool
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=result.model_name, model_version=result.model_version, id=request.id
+    )
+    for name, datatype, array in result.outputs:
+        encode_output(response, name, datatype, array, raw=raw)
+    return response
 
 
 Parameters = Mapping[str, pb.ModelRepositoryParameter]

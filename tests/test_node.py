@@ -7,6 +7,7 @@ cover typed inputs and the error paths.
 from __future__ import annotations
 
 import shutil
+import threading
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import mtls_channel, running_node
 
@@ -393,6 +395,30 @@ def _refused(stub, request: pb.ModelInferRequest, code: str = "INVALID_ARGUMENT"
     return info.value.details()
 
 
+def test_more_rows_than_max_batch_size_are_refused_before_decoding(stub, iris) -> None:
+    rows = np.tile(ROWS[:1], (33, 1))  # iris: max_batch_size 32
+    message = _refused(stub, _iris_request(rows))
+    assert "tensor 'input'" in message and "33 rows" in message and "at most 32" in message
+    # Refused from the shape alone: undecodable data would otherwise be the complaint.
+    assert _refused(stub, _iris_request(rows, raw=b"")) == message
+    texts = pb.ModelInferRequest(model_name="ticket-triage")  # max_batch_size 64
+    texts.inputs.add(name="text", datatype="BYTES", shape=[65])
+    texts.raw_input_contents.append(b"\0\0\0\0" * 100_000)  # 100k empty texts
+    message = _refused(stub, texts)
+    assert "tensor 'text'" in message and "65 rows" in message and "at most 64" in message
+    labels = stub.ModelInfer(_iris_request(rows[:32]), timeout=10).raw_output_contents[0]
+    np.testing.assert_array_equal(np.frombuffer(labels, "<i8"), iris.predict(rows[:32]))
+
+
+def test_a_raw_bytes_buffer_with_more_texts_than_its_shape_is_refused(stub) -> None:
+    request = pb.ModelInferRequest(model_name="ticket-triage")
+    request.inputs.add(name="text", datatype="BYTES", shape=[2])
+    request.raw_input_contents.append(encode_bytes_elements([b"a"] * 3) + b"\xff")
+    assert "tensor 'text': shape needs 2 BYTES elements, raw data holds more" in _refused(
+        stub, request
+    )
+
+
 def test_over_long_versions_are_not_found_in_a_short_message(stub) -> None:
     version = "9" * 5000  # more digits than Python's int() converts
     message = _refused(stub, _iris_request(version=version), "NOT_FOUND")
@@ -418,3 +444,78 @@ def test_metric_labels_are_only_known_models_and_versions(node: NodeServer, stub
     assert {("iris", "_unknown"), ("_unknown", "_unknown"), ("iris", "1")} <= labels
     assert {model for model, _ in labels} <= {"iris", "ticket-triage", "broken", "_unknown"}
     assert {version for _, version in labels} <= {"", "1", "_unknown"}
+
+
+# ------------------------------------------------------- models declared otherwise
+
+
+def _variant(root: Path, source: Path, name: str, edit) -> None:
+    """iris/1 of `source` copied as model `name`, its model.yaml changed by `edit`."""
+    target = root / name / "1"
+    shutil.copytree(source / "iris" / "1", target)
+    config = yaml.safe_load((target / "model.yaml").read_text())
+    config["name"] = name
+    edit(config)
+    (target / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def variant_node(
+    model_repo: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NodeServer]:
+    root = tmp_path_factory.mktemp("variants")
+    _variant(root, model_repo, "iris-u8", lambda c: c["inputs"][0].update(datatype="UINT8"))
+    _variant(root, model_repo, "iris16", lambda c: c["outputs"][1].update(datatype="FP16"))
+    _variant(root, model_repo, "iris-slow", lambda c: c["batching"].update(max_queue_delay_ms=300))
+    _variant(root, model_repo, "iris-wide", lambda c: c["batching"].update(max_batch_size=5000))
+    with running_node(root, pki, drift_window=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def variant_stub(variant_node: NodeServer, pki: Path) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    channel = mtls_channel(f"localhost:{variant_node.port}", pki)
+    yield pb_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+
+
+def test_zero_rows_are_refused_even_when_they_would_share_a_batch(variant_stub) -> None:
+    """iris-slow waits 300 ms for company, so both requests meet in the queue."""
+    full = variant_stub.ModelInfer.future(_iris_request(model="iris-slow"), timeout=10)
+    empty = variant_stub.ModelInfer.future(
+        _iris_request(np.zeros((0, 4)), model="iris-slow"), timeout=10
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        empty.result()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor 'input': shape [0, 4] has no rows" in info.value.details()
+    assert full.result().outputs[0].name == "label"
+
+
+def test_large_requests_are_converted_off_the_event_loop(
+    variant_stub, iris, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hybridroute.node import servicer
+
+    threads: list[tuple[str, str]] = []
+
+    def recorded(step: str, function):
+        def call(*args, **kwargs):
+            threads.append((step, threading.current_thread().name))
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(servicer, "decode_inputs", recorded("decode", servicer.decode_inputs))
+    monkeypatch.setattr(servicer, "encode_output", recorded("encode", servicer.encode_output))
+    rows = np.tile(ROWS, (400, 1))  # 1200 x 4 inputs, 1200 x (1 + 3) outputs
+    response = variant_stub.ModelInfer(
+        _iris_request(rows, model="iris-wide", outputs=["label", "probabilities"]), timeout=30
+    )
+    labels = np.frombuffer(response.raw_output_contents[0], "<i8")
+    np.testing.assert_array_equal(labels, iris.predict(rows))
+    assert {step for step, _ in threads} == {"decode", "encode"}
+    assert all(name.startswith("estimator") for _, name in threads), threads
+    threads.clear()
+    variant_stub.ModelInfer(_iris_request(model="iris-wide"), timeout=10)  # one row: inline
+    assert threads and not any(name.startswith("estimator") for _, name in threads), threads

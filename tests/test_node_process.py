@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 import urllib.request
@@ -55,12 +56,24 @@ def _slow_request(texts: int) -> pb.ModelInferRequest:
     return request
 
 
+def _repo_with_big_batches(model_repo: Path, tmp_path: Path) -> Path:
+    """The sample models, with ticket-triage taking requests of up to 50,000 texts
+    (the sample allows 64 per request): slow requests without thousands of callers."""
+    root = Path(shutil.copytree(model_repo, tmp_path / "models"))
+    config = root / "ticket-triage" / "1" / "model.yaml"
+    text = config.read_text()
+    assert "max_batch_size: 64," in text
+    config.write_text(text.replace("max_batch_size: 64,", "max_batch_size: 50000,"))
+    return root
+
+
 def test_sigterm_goes_not_serving_finishes_in_flight_requests_and_exits_0(
     model_repo: Path, pki: Path, tmp_path: Path
 ) -> None:
     metrics_port = free_port()
+    repo = _repo_with_big_batches(model_repo, tmp_path)
     proc, address = _serve(
-        model_repo, pki, tmp_path, "--grace", "20", "--metrics-listen", f"127.0.0.1:{metrics_port}"
+        repo, pki, tmp_path, "--grace", "20", "--metrics-listen", f"127.0.0.1:{metrics_port}"
     )
     try:
         with mtls_channel(address, pki) as channel:

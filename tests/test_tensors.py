@@ -159,3 +159,14 @@ def test_typed_bytes_answer_uses_bytes_contents() -> None:
     encode_output(response, "label", "BYTES", labels, raw=False)
     assert list(response.outputs[0].contents.bytes_contents) == [b"billing", b"technical"]
     assert not response.raw_output_contents
+
+
+def test_a_raw_bytes_buffer_is_split_only_up_to_the_elements_its_shape_needs() -> None:
+    # Two good elements, then a truncated one: the count is refused at the first extra
+    # element, before the rest of the buffer is read.
+    buffer = encode_bytes_elements([b"a", b"b"]) + b"\x09\0"
+    with pytest.raises(
+        TensorError, match=r"'t': shape needs 1 BYTES elements, raw data holds more"
+    ):
+        decode_bytes_elements("t", buffer, 1)
+    assert decode_bytes_elements("t", buffer[:-2], 2) == [b"a", b"b"]
