@@ -104,6 +104,20 @@ def _check_rows(name: str, shape: Sequence[int], limit: int, model: str) -> None
         )
 
 
+def _check_finite(name: str, rows: Array) -> None:
+    """Infinite values are refused as the caller's mistake; scikit-learn would raise a
+    ValueError inside predict, answered INTERNAL. NaN passes: it marks a missing value,
+    which trees and histogram gradient boosting accept."""
+    if rows.dtype.kind != "f":
+        return
+    infinite = np.isinf(rows)
+    if infinite.any():
+        index = np.unravel_index(int(np.argmax(infinite)), rows.shape)
+        raise InvalidRequest(
+            f"tensor '{name}': values must be finite; element {[int(i) for i in index]} is infinite"
+        )
+
+
 class InputObserver(Protocol):
     """Sees the validated input rows of each answered request (drift monitoring).
     Called on the event loop, so it must only hand the rows over, never compute."""
@@ -235,6 +249,7 @@ class DataPlane:
         else:
             outputs = [o.name for o in model.config.outputs if o.default]
         rows = tensor.array if tensor.array.ndim else tensor.array.reshape(1)
+        _check_finite(tensor.name, rows)
         return rows, outputs
 
     async def infer(

@@ -4,6 +4,11 @@ The rules (protocol.md): raw data is flattened, row-major, little-endian; a raw 
 tensor is a run of elements, each a 4-byte little-endian length and that many bytes;
 if any input is raw, none may also carry typed `contents`; FP16 and BF16 travel only
 raw. Every error names the tensor and says what was expected and what came instead.
+
+Decoding trusts nothing about a request: a shape numpy cannot hold, a typed integer
+outside its datatype's range or a raw BYTES buffer with more elements than the shape
+says is a `TensorError` (the caller's mistake), never a numpy exception that would be
+answered as the server's. Error texts quote shapes (abbreviated when long), never values.
 """
 
 from __future__ import annotations
@@ -65,6 +70,16 @@ _CONTENTS_FIELD: dict[str, str] = {
 
 _LENGTH = struct.Struct("<I")
 
+# numpy 1.x holds at most 32 dimensions (numpy 2: 64); no model takes more than two.
+MAX_DIMS = 32
+_MAX_ELEMENTS = 2**63 - 1  # numpy sizes are signed 64-bit, even for a zero-size array
+
+# Typed integers travel in 32- or 64-bit fields, so the narrower datatypes can receive
+# values they cannot hold: check them, or numpy raises OverflowError.
+_NARROW_INTEGERS = {
+    name: np.iinfo(DATATYPES[name]) for name in ("UINT8", "UINT16", "INT8", "INT16")
+}
+
 
 class TensorError(ValueError):
     """A tensor on the wire does not follow the protocol or the model's declaration."""
@@ -105,11 +120,21 @@ def shape_text(shape: Sequence[int]) -> str:
 
 
 def _element_count(name: str, shape: Sequence[int]) -> int:
-    count = 1
+    """Elements a tensor of `shape` holds, after checking that numpy can hold the shape."""
+    if len(shape) > MAX_DIMS:
+        raise TensorError(
+            name, f"shape {shape_text(shape)} has {len(shape)} dimensions, at most {MAX_DIMS}"
+        )
+    count = nonzero = 1
     for dim in shape:
         if dim < 0:
-            raise TensorError(name, f"shape {list(shape)} has a negative dimension")
+            raise TensorError(name, f"shape {shape_text(shape)} has a negative dimension")
         count *= dim
+        nonzero *= dim or 1
+    if nonzero > _MAX_ELEMENTS:  # numpy refuses these even when another dimension is 0
+        raise TensorError(
+            name, f"shape {shape_text(shape)} is too large: at most 2**63 - 1 elements"
+        )
     return count
 
 
@@ -187,7 +212,7 @@ def _decode_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) ->
         raise TensorError(
             name,
             f"raw data is {len(raw)} bytes, expected {expected} "
-            f"({count} x {datatype} for shape {list(shape)})",
+            f"({count} x {datatype} for shape {shape_text(shape)})",
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
@@ -201,14 +226,25 @@ def _decode_typed(name: str, datatype: str, shape: tuple[int, ...], contents: An
     if len(values) != count:
         raise TensorError(
             name,
-            f"{field} holds {len(values)} elements, expected {count} for shape {list(shape)}",
+            f"{field} holds {len(values)} elements, expected {count} for shape {shape_text(shape)}",
         )
     for other in set(_CONTENTS_FIELD.values()) - {field}:
         if len(getattr(contents, other)):
             raise TensorError(name, f"datatype {datatype} must use {field}, not {other}")
     if datatype == "BYTES":
         return _object_array(list(values), shape)
-    return np.asarray(values, dtype=DATATYPES[datatype]).reshape(shape)
+    limits = _NARROW_INTEGERS.get(datatype)
+    if limits is None:
+        return np.asarray(values, dtype=DATATYPES[datatype]).reshape(shape)
+    wide = np.asarray(values, dtype=np.int64)
+    outside = np.flatnonzero((wide < limits.min) | (wide > limits.max))
+    if outside.size:
+        raise TensorError(
+            name,
+            f"{field} element {int(outside[0])} is outside the {datatype} range "
+            f"{limits.min}..{limits.max}",
+        )
+    return wide.astype(DATATYPES[datatype]).reshape(shape)
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:

@@ -395,6 +395,13 @@ def _refused(stub, request: pb.ModelInferRequest, code: str = "INVALID_ARGUMENT"
     return info.value.details()
 
 
+def _typed_iris(values: list[float], shape: list[int], model: str = "iris") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="input", datatype="FP64", shape=shape)
+    tensor.contents.fp64_contents.extend(values)
+    return request
+
+
 def test_more_rows_than_max_batch_size_are_refused_before_decoding(stub, iris) -> None:
     rows = np.tile(ROWS[:1], (33, 1))  # iris: max_batch_size 32
     message = _refused(stub, _iris_request(rows))
@@ -417,6 +424,31 @@ def test_a_raw_bytes_buffer_with_more_texts_than_its_shape_is_refused(stub) -> N
     assert "tensor 'text': shape needs 2 BYTES elements, raw data holds more" in _refused(
         stub, request
     )
+
+
+def test_infinite_values_are_invalid_argument_naming_the_element(stub, iris) -> None:
+    x = ROWS[:2].copy()
+    x[1, 2] = np.inf
+    message = _refused(stub, _iris_request(x))
+    assert message == "tensor 'input': values must be finite; element [1, 2] is infinite"
+    overflowing = _typed_iris([1e308 * 10, 1.0, 1.0, 1.0], [1, 4])  # parses as inf
+    assert "values must be finite; element [0, 0]" in _refused(stub, overflowing)
+    missing = _typed_iris([np.nan, 3.0, 1.4, 0.2], [1, 4])  # NaN: a missing value, passed on
+    assert stub.ModelInfer(missing, timeout=10).outputs[0].name == "label"
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([1] * 65 + [4], "tensor 'input': shape [1, 1, 1, 1, ... (66 dimensions)] does not"),
+        ([2**62, 4, 0], "tensor 'input': shape [4611686018427387904, 4, 0] does not match"),
+        ([0, 4], "tensor 'input': shape [0, 4] has no rows; send 1 to 32"),
+        ([1, -4], "tensor 'input': shape [1, -4] has a negative dimension"),
+    ],
+    ids=["66-dimensions", "huge-times-zero", "zero-rows", "negative"],
+)
+def test_impossible_shapes_are_invalid_argument(stub, shape: list[int], message: str) -> None:
+    assert message in _refused(stub, _typed_iris([], shape))
 
 
 def test_over_long_versions_are_not_found_in_a_short_message(stub) -> None:
@@ -490,6 +522,17 @@ def test_zero_rows_are_refused_even_when_they_would_share_a_batch(variant_stub) 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "tensor 'input': shape [0, 4] has no rows" in info.value.details()
     assert full.result().outputs[0].name == "label"
+
+
+def test_typed_integers_outside_their_datatype_are_invalid_argument(variant_stub) -> None:
+    request = pb.ModelInferRequest(model_name="iris-u8")
+    tensor = request.inputs.add(name="input", datatype="UINT8", shape=[1, 4])
+    tensor.contents.uint_contents.extend([5, 3, 300, 0])
+    message = _refused(variant_stub, request)
+    assert message == "tensor 'input': uint_contents element 2 is outside the UINT8 range 0..255"
+    del tensor.contents.uint_contents[2]
+    tensor.contents.uint_contents.insert(2, 255)
+    assert variant_stub.ModelInfer(request, timeout=10).outputs[0].name == "label"
 
 
 def test_large_requests_are_converted_off_the_event_loop(

@@ -161,6 +161,78 @@ def test_typed_bytes_answer_uses_bytes_contents() -> None:
     assert not response.raw_output_contents
 
 
+@pytest.mark.parametrize(
+    ("datatype", "field", "values", "message"),
+    [
+        (
+            "UINT8",
+            "uint_contents",
+            [1, 300],
+            "uint_contents element 1 is outside the UINT8 range 0..255",
+        ),
+        (
+            "INT8",
+            "int_contents",
+            [-1000, 0],
+            "int_contents element 0 is outside the INT8 range -128..127",
+        ),
+        (
+            "UINT16",
+            "uint_contents",
+            [0, 70000],
+            "uint_contents element 1 is outside the UINT16 range 0..65535",
+        ),
+        (
+            "INT16",
+            "int_contents",
+            [-40000, 1],
+            "int_contents element 0 is outside the INT16 range -32768..32767",
+        ),
+    ],
+)
+def test_typed_integers_outside_their_datatype_name_the_element_not_the_value(
+    datatype: str, field: str, values: list[int], message: str
+) -> None:
+    request = pb.ModelInferRequest()
+    tensor = request.inputs.add(name="n", datatype=datatype, shape=[2])
+    getattr(tensor.contents, field).extend(values)
+    with pytest.raises(TensorError, match=f"tensor 'n': {message}$"):
+        decode_inputs(request)
+
+
+@pytest.mark.parametrize("datatype", ["UINT8", "INT8", "UINT16", "INT16"])
+def test_typed_integers_at_the_edges_of_their_range_decode(datatype: str) -> None:
+    from hybridroute.protos.tensors import DATATYPES
+
+    info = np.iinfo(DATATYPES[datatype])
+    request = pb.ModelInferRequest()
+    tensor = request.inputs.add(name="n", datatype=datatype, shape=[2])
+    field = "uint_contents" if datatype.startswith("U") else "int_contents"
+    getattr(tensor.contents, field).extend([int(info.min), int(info.max)])
+    (decoded,) = decode_inputs(request)
+    assert decoded.array.dtype == DATATYPES[datatype]
+    assert decoded.array.tolist() == [info.min, info.max]
+
+
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([1] * 33, r"shape \[1, 1, 1, 1, \.\.\. \(33 dimensions\)\] has 33 dimensions, at most 32"),
+        ([2**62, 4, 0], r"shape \[4611686018427387904, 4, 0\] is too large"),
+    ],
+)
+def test_shapes_numpy_cannot_hold_are_tensor_errors(
+    shape: list[int], message: str, raw: bool
+) -> None:
+    request = pb.ModelInferRequest()
+    request.inputs.add(name="s", datatype="FP64", shape=shape)
+    if raw:
+        request.raw_input_contents.append(b"")
+    with pytest.raises(TensorError, match=f"tensor 's': {message}"):
+        decode_inputs(request)
+
+
 def test_a_raw_bytes_buffer_is_split_only_up_to_the_elements_its_shape_needs() -> None:
     # Two good elements, then a truncated one: the count is refused at the first extra
     # element, before the rest of the buffer is read.
