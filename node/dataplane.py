@@ -203,12 +203,17 @@ class DataPlane:
 
     async def retire(self, name: str, version: int) -> None:
         """Detach the batcher of `name`/`version` and wait until its queued requests are
-        answered (call after the repository stopped handing out that model)."""
+        answered (call after the repository stopped handing out that model).
+
+        After a reload, requests for the new model get a new batcher under the same key
+        while the old one drains; its queue-depth gauge carries the same labels, so the
+        labels are removed only if no batcher serves `name`/`version` any more."""
         current = self._batchers.pop((name, version), None)
         if current is not None:
             await current[1].close()
-            with contextlib.suppress(KeyError):
-                self._metrics.queue_depth.remove(name, str(version))
+            if (name, version) not in self._batchers:
+                with contextlib.suppress(KeyError):
+                    self._metrics.queue_depth.remove(name, str(version))
 
     def check_inputs(self, model: LoadedModel, tensors: Sequence[TensorHeader]) -> None:
         """Check the inputs' names, datatypes, shapes and row counts against `model`,

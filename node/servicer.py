@@ -31,7 +31,7 @@ from hybridroute.node.metrics import NodeMetrics
 from hybridroute.node.repository import ModelNotFound, ModelNotReady, parse_version
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
-from hybridroute.protos.tensors import TensorError, decode_inputs, encode_output
+from hybridroute.protos.tensors import TensorError, decode_inputs, encode_output, travels_typed
 
 __all__ = ["InferenceServicer"]
 
@@ -170,7 +170,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs = decode_inputs(request)
         requested = [o.name for o in request.outputs]
         result = await self._dp.infer(request.model_name, request.model_version, inputs, requested)
-        raw = any(t.raw for t in inputs)
+        # A response is raw or typed as a whole, and FP16 travels only raw: a model with
+        # an FP16 output answers raw, which every client must read (tritonclient reads
+        # only raw), rather than not at all.
+        raw = any(t.raw for t in inputs) or not all(
+            travels_typed(datatype) for _, datatype, _ in result.outputs
+        )
         if sum(array.size for _, _, array in result.outputs) > _INLINE_ELEMENTS:
             return await self._dp.offload(_response, request, result, raw)
         return _response(request, result, raw)

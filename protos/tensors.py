@@ -33,6 +33,7 @@ __all__ = [
     "iter_bytes_elements",
     "numpy_datatype",
     "shape_text",
+    "travels_typed",
 ]
 
 # OIP datatype -> little-endian numpy dtype. BYTES is an object array of `bytes`.
@@ -108,6 +109,11 @@ def numpy_datatype(array: np.ndarray[Any, Any]) -> str:
         if name != "BYTES" and dtype == array.dtype.newbyteorder("<"):
             return name
     raise TypeError(f"no Open Inference Protocol datatype for numpy dtype {array.dtype}")
+
+
+def travels_typed(datatype: str) -> bool:
+    """Whether a tensor of `datatype` can travel in typed `contents` (FP16, BF16: raw only)."""
+    return datatype in _CONTENTS_FIELD
 
 
 def shape_text(shape: Sequence[int]) -> str:

@@ -535,6 +535,19 @@ def test_typed_integers_outside_their_datatype_are_invalid_argument(variant_stub
     assert variant_stub.ModelInfer(request, timeout=10).outputs[0].name == "label"
 
 
+def test_a_model_with_an_fp16_output_answers_typed_requests_raw(variant_stub, iris) -> None:
+    request = _typed_iris(ROWS.ravel().tolist(), list(ROWS.shape), model="iris16")
+    request.outputs.add(name="label")
+    request.outputs.add(name="probabilities")
+    response = variant_stub.ModelInfer(request, timeout=10)
+    assert [o.datatype for o in response.outputs] == ["INT64", "FP16"]
+    assert not response.outputs[0].HasField("contents")  # all raw: never half typed
+    labels = np.frombuffer(response.raw_output_contents[0], "<i8")
+    proba = np.frombuffer(response.raw_output_contents[1], "<f2").reshape(-1, 3)
+    np.testing.assert_array_equal(labels, iris.predict(ROWS))
+    np.testing.assert_allclose(proba, iris.predict_proba(ROWS), atol=1e-3)
+
+
 def test_large_requests_are_converted_off_the_event_loop(
     variant_stub, iris, monkeypatch: pytest.MonkeyPatch
 ) -> None:

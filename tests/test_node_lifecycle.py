@@ -6,11 +6,13 @@ real TLS clients with the router's and apps' certificates from the session PKI.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -19,16 +21,17 @@ import pytest
 import skops.io as sio
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
-from support import mtls_channel, router_channel, running_node
+from support import LoopThread, mtls_channel, router_channel, running_node
 
 from hybridroute.cli import main
 from hybridroute.node.lifecycle import scan_with_policy
-from hybridroute.node.server import NodeServer
+from hybridroute.node.server import NodeOptions, NodeServer
 from hybridroute.node.versions import VersionPolicy, parse_policy, to_keep
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
 from hybridroute.protos import node_admin_pb2 as admin_pb
 from hybridroute.protos import node_admin_pb2_grpc as admin_grpc
+from hybridroute.protos.tensors import InputTensor
 
 IRIS_X, IRIS_Y = load_iris(return_X_y=True)
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]])
@@ -360,3 +363,33 @@ def test_an_over_long_version_parameter_is_invalid_argument(repo: Path, pki: Pat
             reply.DriftReport(admin_pb.DriftRequest(model="iris", version="9" * 5000), timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert infer(stub).model_version == "1"
+
+
+def test_a_reload_keeps_the_queue_depth_gauge_of_the_new_batcher(repo: Path) -> None:
+    """A reload under traffic: the old batcher drains while the new model's first request
+    already has a batcher under the same labels; retiring the old one must not remove
+    the gauge the new one reports through."""
+    loop = LoopThread()
+    node = NodeServer(NodeOptions(models=repo, listen="127.0.0.1:0", insecure=True, drift_window=0))
+    loop.run(node.start())
+    try:
+        assert node.repository is not None
+        dataplane = node._dataplane
+        assert dataplane is not None
+        rows = InputTensor("input", "FP64", ROWS.shape, ROWS, raw=True)
+
+        async def reload_while_draining() -> None:
+            await dataplane.infer("iris", "", [rows], [])
+            entry = node.repository.entry("iris", 1)
+            node.repository.put(replace(entry, model=replace(entry.model)))  # reloaded
+            retiring = asyncio.create_task(dataplane.retire("iris", 1))
+            await asyncio.sleep(0)  # the old batcher is detached and draining
+            await dataplane.infer("iris", "", [rows], [])  # the new model's batcher
+            await retiring
+
+        loop.run(reload_while_draining())
+        labels = [s.labels for m in node.metrics.queue_depth.collect() for s in m.samples]
+        assert {"model": "iris", "version": "1"} in labels
+    finally:
+        loop.run(node.stop(grace=1))
+        loop.close()

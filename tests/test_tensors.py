@@ -242,3 +242,10 @@ def test_a_raw_bytes_buffer_is_split_only_up_to_the_elements_its_shape_needs() -
     ):
         decode_bytes_elements("t", buffer, 1)
     assert decode_bytes_elements("t", buffer[:-2], 2) == [b"a", b"b"]
+
+
+def test_only_fp16_and_bf16_travel_raw_only() -> None:
+    from hybridroute.protos.tensors import travels_typed
+
+    assert not travels_typed("FP16") and not travels_typed("BF16")
+    assert all(travels_typed(d) for d in [*NUMERIC, "BYTES"])
