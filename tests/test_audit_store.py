@@ -455,6 +455,49 @@ def test_a_removed_database_is_continued_in_a_new_file_from_a_signed_anchor(
     assert report.ok and report.first_seq == 5 and "elsewhere" in report.starts_after
 
 
+@pytest.mark.parametrize("how", ["removed", "moved away"])
+def test_a_database_file_taken_away_alone_leaves_both_files_whole(tmp_path: Path, how: str) -> None:
+    """`rm audit.db` or `mv audit.db elsewhere` while the router writes, leaving its
+    -wal and -shm behind: the new file must not adopt the old file's WAL (that made it
+    'malformed'), and a moved file must keep every record it had."""
+    cfg = config(tmp_path, checkpoint_every=5)
+    moved = tmp_path / "kept" / "audit.db"
+    moved.parent.mkdir()
+
+    async def run() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        await record_all(store, [event(i) for i in range(12)])
+        await asyncio.sleep(1.2)  # the background WAL checkpointer has a connection open
+        await record_all(store, [event(i) for i in range(12, 20)])
+        if how == "removed":
+            cfg.db.unlink()
+        else:
+            cfg.db.rename(moved)
+        await asyncio.sleep(0.1)
+        await record_all(store, [event(20)])  # refused or written: either way recorded
+        await wait_for(lambda: store.failure is None)
+        for i in range(21, 60):  # long enough for background checkpoints of the new file
+            assert await record_all(store, [event(i)]) == ["ok"]
+            await asyncio.sleep(0.05)
+        await store.close()
+
+    asyncio.run(run())
+    assert records(cfg.db, "audit.continued")
+    ids = {r["request_id"] for r in records(cfg.db)}
+    assert {f"req-{i:05d}" for i in range(21, 60)} <= ids
+    assert cfg.signing_key is not None
+    key = load_verify_key(cfg.signing_key.with_suffix(".pub"))
+    with contextlib.closing(connect_readonly(cfg.db)) as conn:
+        report = verify(conn, key)
+    assert report.ok, report.problems
+    if how == "moved away":  # the old file holds the first 20 records, intact
+        with contextlib.closing(connect_readonly(moved)) as conn:
+            assert verify(conn, key).ok
+        kept = {r["request_id"] for r in records(moved)}
+        assert {f"req-{i:05d}" for i in range(20)} <= kept
+
+
 def test_a_second_writer_of_the_same_trail_does_not_start(tmp_path: Path) -> None:
     """Two routers on one audit db would fork its chain: the second is refused at start,
     told who holds it; once the first has closed, it starts."""

@@ -30,6 +30,7 @@ than rewriting pages in place.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -246,6 +247,12 @@ class WalCheckpointer:
     After each checkpoint `done` is called (from this thread): the writer then
     checkpoints the rest on its own connection (`checkpoint_tail`), which lets the WAL
     restart (module docstring).
+
+    `detach()` (the writer's, when the file was removed or moved away) closes this
+    thread's connection and waits for a checkpoint in progress: SQLite finds the WAL by
+    the *path*, so a connection still holding the old file would otherwise checkpoint
+    the next file's WAL into it (both files corrupted). The thread connects again, to
+    whatever file is at the path, at its next turn.
     """
 
     def __init__(
@@ -253,6 +260,8 @@ class WalCheckpointer:
     ) -> None:
         self._path, self._interval, self._done = path, interval, done
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # held while this thread uses its connection
+        self._conn: sqlite3.Connection | None = None
         self._thread = threading.Thread(target=self._run, name="audit-wal", daemon=True)
 
     def start(self) -> None:
@@ -262,19 +271,34 @@ class WalCheckpointer:
         self._stop.set()
         self._thread.join()
 
+    def detach(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+
     def _run(self) -> None:
-        conn: sqlite3.Connection | None = None
         while not self._stop.wait(self._interval):
-            try:
-                if conn is None:
-                    uri = f"file:{self._path}?mode=rw"
-                    conn = sqlite3.connect(uri, uri=True, timeout=0.1, isolation_level=None)
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                self._done()
-            except sqlite3.Error as exc:  # the writer reports real trouble; retry later
-                log.debug("audit WAL checkpoint skipped: %s", exc)
-                if conn is not None:
-                    conn.close()
-                conn = None
-        if conn is not None:
-            conn.close()
+            with self._lock:
+                try:
+                    if self._conn is None:
+                        uri = f"file:{self._path}?mode=rw"
+                        self._conn = sqlite3.connect(
+                            uri,
+                            uri=True,
+                            timeout=0.1,
+                            isolation_level=None,
+                            check_same_thread=False,
+                        )
+                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # the writer reports real trouble; retry later
+                    log.debug("audit WAL checkpoint skipped: %s", exc)
+                    self._close()
+                    continue
+            self._done()
+        with self._lock:
+            self._close()

@@ -105,6 +105,7 @@ class ChainFile:
         self.tail_problem: str | None = None
         self.last_start: dict[str, object] | None = None
         self.observe: Callable[[int, float], None] = lambda n, s: None  # metrics
+        self.detach_wal: Callable[[], None] = lambda: None  # the background checkpointer's
 
     # ------------------------------------------------------------------ opening
 
@@ -204,7 +205,20 @@ class ChainFile:
                 self.pending.append(AuditNote("request.withheld", fields))
         self.head = found
 
+    def let_go(self) -> None:
+        """The file was removed or moved away while open. Before closing, copy its WAL
+        into it through our handle, which still reaches it: SQLite keeps the WAL by
+        path, so a moved file would otherwise lose its last records to the file left
+        behind, and a new file at the path would adopt them (and be malformed)."""
+        self.detach_wal()
+        if self.conn is not None:
+            try:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                log.error("audit: could not fold the WAL into the moved file: %s", exc)
+
     def _continue_in_new_file(self) -> None:
+        self._set_aside_stale_wal()
         conn = auditdb.connect_writer(self.path, PROBE_SECONDS)
         try:
             auditdb.create_schema(conn, self.chain)
@@ -221,6 +235,21 @@ class ChainFile:
         }
         self.pending.insert(0, AuditNote("audit.continued", fields))
         log.error("audit: %s was removed; continuing the chain in a new file", self.path)
+
+    def _set_aside_stale_wal(self) -> None:
+        """A WAL still at the path of a removed database is not the new file's: when
+        `let_go` could not empty it, keep it (renamed) rather than let SQLite replay it."""
+        wal = _wal(self.path)
+        try:
+            if wal.stat().st_size == 0:
+                return
+        except FileNotFoundError:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for stale in (wal, self.path.with_name(self.path.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                stale.rename(stale.with_name(f"{stale.name}.orphaned-{stamp}"))
+        log.error("audit: the removed database's WAL was kept as %s.orphaned-%s", wal, stamp)
 
     def close(self) -> None:
         if self.conn is not None:

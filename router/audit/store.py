@@ -72,6 +72,7 @@ class AuditStore:
             raise OSError(f"cannot open the audit trail {self.config.db}: {exc}") from None
         loop = asyncio.get_running_loop()
         writer.on_change = lambda: _call_soon(loop, self.on_change)
+        writer.detach_wal = self._wal.detach
         if self._registry is not None:
             metrics = AuditMetrics(self._registry, lambda: self.failure, self._queue.qsize)
             writer.observe = metrics.observe

@@ -158,6 +158,8 @@ class Writer(ChainFile):
         if not isinstance(exc, sqlite3.Error | OSError | FileMoved | ForeignChain):
             # Type only: an exception text may quote what was being encoded.
             log.error("audit: unexpected %s writing the trail", type(exc).__name__)
+        if isinstance(exc, FileMoved):
+            self.let_go()
         self.close()
         if self.failure is None:
             self.failed_at = time.time()
