@@ -134,6 +134,18 @@ CASES: dict[str, tuple[Callable[[Path], None], str, int]] = {
         38,
     ),
     "head cut": (lambda db: _tamper(db, "DELETE FROM records WHERE seq <= 5"), "deleted", 1),
+    "head cut to a checkpoint, posing as a prune without its row": (
+        lambda db: _tamper(
+            db, "DELETE FROM records WHERE seq <= 20", "DELETE FROM checkpoints WHERE seq < 20"
+        ),
+        "deleted",
+        1,
+    ),
+    "everything deleted": (
+        lambda db: _tamper(db, "DELETE FROM records", "DELETE FROM checkpoints"),
+        "deleted",
+        1,
+    ),
     "checkpoint forged": (
         lambda db: _tamper(
             db,

@@ -502,3 +502,45 @@ def test_a_restarted_router_refuses_a_policy_older_than_its_trail_remembers(
     with pytest.raises(ConfigError, match="refused as a rollback") as info:
         RouterServer(load_config(config))
     assert live.version_hash[:12] in str(info.value)
+
+
+def test_pruning_the_trail_keeps_the_rollback_floor(tmp_path: Path) -> None:
+    """`audit prune` removes the policy records the floor is read from; the newest signed
+    one is kept aside, so a prune never re-opens the door to an older policy."""
+    from hybridroute.router.audit.codec import load_verify_key
+    from hybridroute.router.audit.db import connect_writer
+    from hybridroute.router.audit.notes import newest_signed_policy, policy_note
+    from hybridroute.router.audit.store import AuditStore
+    from hybridroute.router.audit.verify import prune
+    from hybridroute.router.config import AuditConfig
+
+    cfg = AuditConfig.model_validate({"db": tmp_path / "audit.db"}).resolved(tmp_path)
+    signed_at = time.time() - 60
+    accepted = ReloadResult(
+        True,
+        "ab" * 32,
+        None,
+        time.time(),
+        why="start",
+        path="p.yaml",
+        signed_by="secteam",
+        signed_at=signed_at,
+        signing_key="cd" * 32,
+    )
+
+    async def trail() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        await store.note(policy_note(accepted))
+        await store.close()  # seals the chain with a checkpoint
+
+    asyncio.run(trail())
+    floor = newest_signed_policy(cfg.db)
+    assert floor is not None and floor.policy_sha256 == "ab" * 32
+    assert cfg.signing_key is not None
+    key = load_verify_key(cfg.signing_key.with_suffix(".pub"))
+    with contextlib.closing(connect_writer(cfg.db, 5)) as conn:
+        assert prune(conn, key, time.time_ns() // 1000).removed > 0
+        left = conn.execute("SELECT COUNT(*) FROM records WHERE kind = 'policy.load'")
+        assert left.fetchone()[0] == 0
+    assert newest_signed_policy(cfg.db) == floor

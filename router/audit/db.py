@@ -1,7 +1,9 @@
 """The audit database: its schema and the few statements everyone shares.
 
     meta(key, value)            format, chain id, created_at, key ids (informational;
-                                everything that matters is inside signed or hashed data)
+                                everything that matters is inside signed or hashed data),
+                                and `policy_floor`: the newest signed policy note a prune
+                                removed (rollback protection outlives the records)
     records(seq, time_us, kind, body, hash)
                                 seq 1, 2, 3, ... in commit order; body is the canonical
                                 JSON that was hashed (it repeats seq, time_us and kind,
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -45,6 +48,7 @@ from pathlib import Path
 from hybridroute.router.audit.codec import FORMAT, GENESIS
 
 __all__ = [
+    "POLICY_FLOOR",
     "Checkpoint",
     "Head",
     "WalCheckpointer",
@@ -56,6 +60,7 @@ __all__ = [
     "create_schema",
     "head",
     "meta",
+    "newest_signed_policy_note",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,6 +181,47 @@ class WriterLock:
         if self._fd is not None:
             os.close(self._fd)  # drops the lock; the file stays (removing it would race)
             self._fd = None
+
+
+POLICY_FLOOR = "policy_floor"
+
+
+def newest_signed_policy_note(
+    conn: sqlite3.Connection, through_seq: int | None = None
+) -> dict[str, object] | None:
+    """The body of the newest accepted, signed `policy.load`/`policy.reload` record (up
+    to `through_seq`), else the one a prune kept in meta; the newer of the two."""
+    found: dict[str, object] | None = None
+    rows = conn.execute(
+        "SELECT body FROM records WHERE kind != 'request' "
+        "AND kind IN ('policy.load', 'policy.reload') AND seq <= ? ORDER BY seq DESC",
+        (through_seq if through_seq is not None else 1 << 62,),
+    )
+    for (body,) in rows:
+        note = _signed_policy(body)
+        if note is not None:
+            found = note
+            break
+    kept = _signed_policy(meta(conn).get(POLICY_FLOOR))
+    if kept is not None and (found is None or _signed_at(kept) > _signed_at(found)):
+        return kept
+    return found
+
+
+def _signed_policy(body: str | None) -> dict[str, object] | None:
+    try:
+        note = json.loads(body) if body else None
+    except ValueError:
+        return None
+    if not isinstance(note, dict) or note.get("accepted") is not True:
+        return None
+    return note if isinstance(note.get("signed_at_us"), int) else None
+
+
+def _signed_at(note: dict[str, object]) -> int:
+    value = note["signed_at_us"]
+    assert isinstance(value, int)
+    return value
 
 
 def checkpoint_tail(conn: sqlite3.Connection) -> None:

@@ -32,7 +32,7 @@ from hybridroute.certs.credentials import (
     load_certificates,
     load_private_key,
 )
-from hybridroute.router.audit.db import connect_readonly
+from hybridroute.router.audit.db import connect_readonly, newest_signed_policy_note
 from hybridroute.router.audit.events import AuditNote
 from hybridroute.router.config import RouterConfig
 from hybridroute.router.policy.signing import PolicySignature
@@ -154,25 +154,19 @@ def stop_note(uptime_seconds: float, why: str) -> AuditNote:
 
 def newest_signed_policy(db: Path) -> PolicySignature | None:
     """The newest signed policy the router writing `db` accepted, from its policy
-    notes (None: no trail yet, or no signed policy in it). Its floor for rollbacks:
-    see `policy.store`. The trail is hash-chained, so removing these records to lower
-    the floor shows in `hybridroute audit verify`."""
+    notes, or kept by a prune that removed them (None: no trail yet, or no signed
+    policy in it). Its floor for rollbacks: see `policy.store`. The trail is
+    hash-chained, so removing these records to lower the floor shows in `hybridroute
+    audit verify`."""
     if not db.is_file():
         return None
     try:
         with contextlib.closing(connect_readonly(db)) as conn:
-            rows = conn.execute(
-                "SELECT body FROM records WHERE kind != 'request' "
-                "AND kind IN ('policy.load', 'policy.reload') ORDER BY seq DESC"
-            )
-            for (body,) in rows:
-                note = json.loads(body)
-                signature = _signature(note) if isinstance(note, dict) else None
-                if signature is not None:
-                    return signature
-    except (sqlite3.Error, ValueError) as exc:  # opening the trail will say what is wrong
+            note = newest_signed_policy_note(conn)
+    except sqlite3.Error as exc:  # opening the trail will say what is wrong
         log.warning("audit trail %s: cannot read its policy records (%s)", db, exc)
-    return None
+        return None
+    return None if note is None else _signature(note)
 
 
 def _signature(note: Mapping[str, object]) -> PolicySignature | None:

@@ -22,6 +22,7 @@ router seals them within `checkpoint_seconds`, at shutdown, and at its next star
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -111,6 +112,14 @@ def _groups(conn: sqlite3.Connection, report: Report) -> Iterator[list[_Row]]:
         report.add(int(pos), "modified", f"record at seq {pos} is not valid JSON")
 
 
+def _kind(body: str) -> object:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return value.get("kind") if isinstance(value, dict) else None
+
+
 class _Walk:
     """State of the walk along the chain."""
 
@@ -124,28 +133,37 @@ class _Walk:
         self.shifted = False  # an insertion or deletion explains rows stored off-seq
         self.misplaced: _Row | None = None  # the first chain row not stored at its seq
 
-    def start(self, first: int, conn: sqlite3.Connection) -> None:
+    def start(self, first: _Row, conn: sqlite3.Connection) -> None:
         r = self.report
-        if first == 1:
+        if first.seq == 1:
             self.prev = {GENESIS: None}
-        elif (anchor := self.seals.get(first - 1)) is not None:
+        elif (anchor := self.seals.get(first.seq - 1)) is not None:
             self.prev = {anchor.hash: None}
             pruned = conn.execute(
-                "SELECT records, pruned_at_us FROM prunes WHERE through_seq = ?", (first - 1,)
+                "SELECT records, pruned_at_us FROM prunes WHERE through_seq = ?", (first.seq - 1,)
             ).fetchone()
-            r.starts_after = (
-                f"pruned through seq {first - 1} ({pruned[0]} records)"
-                if pruned
-                else f"continues a chain whose records through seq {first - 1} are elsewhere"
-            )
+            if pruned:
+                r.starts_after = f"pruned through seq {first.seq - 1} ({pruned[0]} records)"
+            elif _kind(first.body) == "audit.continued":  # a router's continuation file
+                r.starts_after = (
+                    f"continues a chain whose records through seq {first.seq - 1} are elsewhere"
+                )
+            else:
+                r.add(
+                    1,
+                    "deleted",
+                    f"records seq 1..{first.seq - 1} are missing: the trail starts after a "
+                    "checkpoint that neither a prune nor an audit.continued record explains",
+                )
         else:
             r.add(
                 1,
                 "deleted",
-                f"records seq 1..{first - 1} are missing (no checkpoint anchors seq {first})",
+                f"records seq 1..{first.seq - 1} are missing "
+                f"(no checkpoint anchors seq {first.seq})",
             )
             self.prev = {}
-        self.expected = first
+        self.expected = first.seq
 
     def group(self, rows: list[_Row]) -> None:
         s, r = rows[0].seq, self.report
@@ -283,7 +301,7 @@ def verify(
     walk = _Walk(report, seals)
     for rows in _groups(conn, report):
         if walk.expected == 0:
-            walk.start(rows[0].seq, conn)
+            walk.start(rows[0], conn)
             report.first_seq = rows[0].seq
         walk.group(rows)
         report.records += len(rows)
@@ -293,6 +311,8 @@ def verify(
         report.first_seq, walk.last_seq = int(floor) + 1, int(floor)
         if floor:
             report.starts_after = f"pruned through seq {floor}"
+        else:  # a trail's first record (audit.created) is written when it is made
+            report.add(1, "deleted", "the trail holds no records and no prune explains it")
     report.last_seq = walk.last_seq
     times = conn.execute("SELECT MIN(time_us), MAX(time_us) FROM records").fetchone()
     report.first_time_us, report.last_time_us = int(times[0] or 0), int(times[1] or 0)
@@ -346,7 +366,9 @@ def prune(
 
     The trail must verify first (pruning a damaged trail would destroy the evidence),
     and the cut is always at a signed checkpoint, which stays as the anchor the
-    remaining records chain from: what is left verifies on its own.
+    remaining records chain from: what is left verifies on its own. The newest signed
+    policy the router accepted is kept in meta (`policy_floor`), so pruning never
+    lowers the router's rollback protection.
     """
     report = verify(conn, key)
     if not report.ok:
@@ -362,6 +384,13 @@ def prune(
     seq, hash_hex = int(row[0]), str(row[1])
     conn.execute("BEGIN IMMEDIATE")
     try:
+        # The router's rollback floor is its newest signed policy record: keep it.
+        floor = auditdb.newest_signed_policy_note(conn, seq)
+        if floor is not None:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                (auditdb.POLICY_FLOOR, json.dumps(floor, sort_keys=True)),
+            )
         removed = conn.execute("DELETE FROM records WHERE seq <= ?", (seq,)).rowcount
         conn.execute("DELETE FROM checkpoints WHERE seq < ?", (seq,))
         conn.execute(
