@@ -145,12 +145,12 @@ def request_facts(
 
     Everything the caller wrote that is forwarded gets scanned or counts as a problem:
     the texts of BYTES tensors, every parameter value (requests', inputs' and outputs'),
-    the request id, and the names (of metadata, parameters, inputs and outputs, scanned
-    as one text). `wire_size` is the size of the bytes that arrived: when the parsed
-    request, without fields this router does not know, encodes to another size, the
-    wire held something not read here (an unknown field, a repeated map key whose
-    first value parsing dropped) and that is a problem too. `text_budget` is the
-    policy's max_text_bytes: past it nothing more is collected.
+    the request id, and the names (of the model and its version, metadata, parameters,
+    inputs and outputs, scanned as one text). `wire_size` is the size of the bytes that
+    arrived: when the parsed request, without fields this router does not know, encodes
+    to another size, the wire held something not read here (an unknown field, a
+    repeated map key whose first value parsing dropped) and that is a problem too.
+    `text_budget` is the policy's max_text_bytes: past it nothing more is collected.
     """
     fields = metadata_text_fields(metadata)
     texts = _Texts(fields, text_budget)
@@ -170,6 +170,7 @@ def request_facts(
                 problems.append(
                     "the request holds fields or repeated keys the router does not read"
                 )
+    names += (model, model_version)  # forwarded too: a model name is caller's text
     texts.add("names", "\n".join(names))
     return RequestFacts(
         caller=caller.identity,

@@ -69,6 +69,10 @@ def _as_parameter_key(r: pb.ModelInferRequest) -> None:
     r.parameters[f"ssn {SSN}"].bool_param = True
 
 
+def _in_model_name(r: pb.ModelInferRequest) -> None:
+    r.model_name = f"triage-for-{EMAIL}"
+
+
 HIDDEN: dict[str, tuple[Callable[[pb.ModelInferRequest], None], str]] = {
     "an output's parameter": (_in_output_parameter, "detector:us_ssn"),
     "the request id": (_in_request_id, "detector:email"),
@@ -76,6 +80,7 @@ HIDDEN: dict[str, tuple[Callable[[pb.ModelInferRequest], None], str]] = {
     "an input's name": (_as_input_name, "detector:us_ssn"),
     "an output's name": (_as_output_name, "detector:email"),
     "a parameter's key": (_as_parameter_key, "detector:us_ssn"),
+    "the model name": (_in_model_name, "detector:email"),
 }
 
 
