@@ -6,7 +6,11 @@ describes (`--stack FILE`: `audit.db` and `audit.verify_key` of `stack.json`; de
 
 - 0: done (for `verify`: everything verified);
 - 1: `verify` found a problem, or `prune` refused because the trail does not verify;
-- 2: usage error: a missing or unreadable file, a bad time, a wrong key.
+- 2: usage error: a missing or unreadable file, a file that is not an audit database
+  or is locked, a bad time, a wrong key.
+
+Output cut short by its reader (`... | head`) ends the command quietly, as it does
+any other Unix tool (exit 141, the status of a process ended by SIGPIPE).
 
 Only `prune` writes to the database; everything else opens it read-only, so reviewing
 a live router's trail never takes a write lock from it.
@@ -16,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,7 +63,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     query.add_argument("--client-request-id", metavar="VALUE", help="the caller's request id")
     query.add_argument("--hmac-key", type=Path, help="HMAC key (default: audit-hmac.key by the db)")
     query.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    query.add_argument("--limit", type=int, help="only the last N (table default: 50; 0: all)")
+    query.add_argument("--limit", type=_count, help="only the last N (table default: 50; 0: all)")
     stats = _command(audit_sub, "stats", "counts, sensitive share, denials, latency", _stats)
     _time_filters(stats)
     stats.add_argument("--format", choices=["table", "json"], default="table")
@@ -81,14 +87,76 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hash_.set_defaults(handler=_hash)
 
 
+Handler = Callable[[argparse.Namespace], int]
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell shows for a reader that went away
+
+
 def _command(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, handler: object
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, handler: Handler
 ) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
     parser.add_argument("--db", type=Path, metavar="FILE", help="the audit database")
     parser.add_argument("--stack", type=Path, metavar="FILE", help="stack.json of `hybridroute up`")
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(handler=_guarded(handler))
     return parser
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Run a subcommand so that a database problem is one line saying what to do (not a
+    traceback from wherever SQLite noticed it), and a closed stdout is no error."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            code = handler(args)
+            sys.stdout.flush()  # a short output is written here, not at exit
+        except sqlite3.Error as exc:
+            raise _db_problem(_db(args), exc) from None
+        except BrokenPipeError:
+            _discard_stdout()
+            return SIGPIPE_EXIT
+        return code
+
+    return run
+
+
+def _discard_stdout() -> None:
+    """The reader is gone: point stdout at /dev/null, so the flush at exit does not
+    report the same broken pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _db_problem(db: Path, exc: sqlite3.Error) -> UsageError:
+    """What an SQLite error means for someone who named a file with --db."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return UsageError(
+            f"{db} is locked by another process (a prune, a backup, or a tool holding a "
+            "write lock); retry when it has finished"
+        )
+    if any(s in text for s in ("no such table", "no such column", "not a database")):
+        return UsageError(
+            f"{db} is not an audit database ({text}); give the audit.db a router writes "
+            "(`audit: {db: ...}` in its config) or --stack FILE of `hybridroute up`"
+        )
+    return UsageError(f"{db}: cannot read the audit database ({text})")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, not {value}")
+    return value
 
 
 def _time_filters(parser: argparse.ArgumentParser) -> None:
@@ -141,12 +209,21 @@ def _open(args: argparse.Namespace, *, write: bool = False) -> sqlite3.Connectio
     db = _db(args)
     try:
         if not write:
-            return connect_readonly(db)
-        if not db.is_file():
+            conn = connect_readonly(db)
+        elif not db.is_file():
             raise FileNotFoundError(f"{db}: no such audit database")
-        return sqlite3.connect(db, timeout=10, isolation_level=None)
-    except (OSError, sqlite3.Error) as exc:
+        else:
+            conn = sqlite3.connect(db, timeout=10, isolation_level=None)
+    except OSError as exc:
         raise UsageError(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise _db_problem(db, exc) from None
+    try:  # is it an audit trail at all? Said now, before any output is written
+        conn.execute("SELECT seq, time_us, kind, body, hash FROM records LIMIT 0").fetchall()
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _db_problem(db, exc) from None
+    return conn
 
 
 def _hasher(args: argparse.Namespace, key: Path | None) -> KeyedHasher:
@@ -184,8 +261,6 @@ def _verify(args: argparse.Namespace) -> int:
     conn = _open(args)
     try:
         report = verify(conn, key)
-    except sqlite3.Error as exc:
-        raise UsageError(f"{_db(args)}: not a readable audit database ({exc})") from None
     finally:
         conn.close()
     if args.json:
@@ -264,9 +339,13 @@ def _export(args: argparse.Namespace) -> int:
         lines = (json.dumps(r, sort_keys=True) + "\n" for r in rows(conn, filters))
         if args.output is None:
             sys.stdout.writelines(lines)
-        else:
+            return 0
+        try:
             with open(args.output, "w") as out:
                 out.writelines(lines)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise UsageError(f"cannot write {args.output}: {why}") from None
     finally:
         conn.close()
     return 0
@@ -278,6 +357,12 @@ def _prune(args: argparse.Namespace) -> int:
 
     before = _time(args.before, "--before")
     assert before is not None
+    if before > time.time_ns() // 1000:
+        raise UsageError(
+            f"--before {args.before} is {format_time(before)}, in the future: prune removes "
+            "every record sealed before that time, so a time to come would remove all of "
+            "them; give a past time (an ISO date, unix seconds, or an age like 90d)"
+        )
     key = _verify_keys(args)
     conn = _open(args, write=True)
     try:
@@ -286,7 +371,8 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"prune refused: {exc}; run `hybridroute audit verify`", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
-        raise UsageError(f"{_db(args)}: cannot prune ({exc})") from None
+        problem = _db_problem(_db(args), exc)
+        raise UsageError(f"cannot prune: {problem}") from None
     finally:
         conn.close()
     if not result.through_seq:

@@ -46,6 +46,9 @@ _FIELDS = {
     "request_id": "request_id",
     "client_request_id": "client_request_id",
 }
+# Filters over a fixed vocabulary (gRPC codes are stored as OK, UNAVAILABLE; decisions
+# as routed, denied) match in any case: `--status ok` is not a different question.
+_ANY_CASE = frozenset({"status", "decision"})
 CSV_COLUMNS = (
     *("seq", "time", "kind", "request_id", "caller", "auth", "method", "model", "outcome"),
     *("rule", "sensitive", "reasons", "findings", "route", "zone", "pool", "endpoint"),
@@ -84,22 +87,38 @@ class Filters:
             clauses.append("substr(json_extract(body, '$.policy'), 1, ?) = ?")
             params.extend([len(self.policy), self.policy.lower()])
         for name, value in sorted(self.equals.items()):
-            clauses.append(f"json_extract(body, '$.{_FIELDS[name]}') = ?")
+            column = f"json_extract(body, '$.{_FIELDS[name]}')"
+            if name in _ANY_CASE:
+                clauses.append(f"upper({column}) = upper(?)")
+            else:
+                clauses.append(f"{column} = ?")
             params.append(value)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
+# What a time may be: from the epoch (no record is older) to the end of year 9999 (the
+# last moment a timestamp can be written as a date). A larger number is almost always
+# a unit mistake, milliseconds or microseconds (`time_us` in JSON output) given as
+# seconds, and taken as seconds it would filter, or prune, everything.
+_MIN_US = 0
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MAX_US = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // dt.timedelta(microseconds=1)
+
+
 def parse_time(text: str, now: float | None = None) -> int:
     """Unix microseconds from ISO 8601 (no zone: UTC), `now`, unix seconds, or an age
-    such as `90s`, `15m`, `2h`, `7d` (that long before now)."""
+    such as `90s`, `15m`, `2h`, `7d` (that long before now).
+
+    Raises ValueError for anything before 1970 or after year 9999, naming the unit the
+    number was probably meant in."""
     now = time.time() if now is None else now
     value = text.strip()
     if value == "now":
         return round(now * 1e6)
     if (m := _RELATIVE.match(value)) is not None:
-        return round((now - float(m[1]) * _UNIT[m[2]]) * 1e6)
+        return _in_range(text, (now - float(m[1]) * _UNIT[m[2]]) * 1e6)
     if re.fullmatch(r"\d{9,}(\.\d+)?", value):
-        return round(float(value) * 1e6)
+        return _in_range(text, float(value) * 1e6, seconds=True)
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -109,11 +128,37 @@ def parse_time(text: str, now: float | None = None) -> int:
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=dt.UTC)
-    return round(parsed.timestamp() * 1e6)
+    return _in_range(text, (parsed - _EPOCH) // dt.timedelta(microseconds=1))
+
+
+def _in_range(text: str, time_us: float | int, *, seconds: bool = False) -> int:
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    if time_us < _MIN_US:
+        raise ValueError(f"time {shown!r} is before 1970, older than any audit record")
+    if time_us <= _MAX_US:
+        return round(time_us)
+    if seconds:  # a number: say which unit would make it a date
+        for unit, factor in (("milliseconds", 1e3), ("microseconds (like time_us)", 1e6)):
+            if (meant := time_us / factor) <= _MAX_US:
+                secs = f"{meant / 1e6:.6f}".rstrip("0").rstrip(".")
+                raise ValueError(
+                    f"time {shown!r} is after the year 9999 as unix seconds (numbers are "
+                    f"read as seconds); if it is in {unit}, give {secs} "
+                    f"({format_time(round(meant))})"
+                )
+    raise ValueError(
+        f"time {shown!r} is after the year 9999; give unix seconds, an ISO date "
+        "(2026-05-10T12:00:00Z) or an age like 7d"
+    )
 
 
 def format_time(time_us: int) -> str:
-    moment = dt.datetime.fromtimestamp(time_us / 1e6, dt.UTC)
+    """`2026-05-10T12:00:00.000Z`; a value no date can show (a damaged record's) is
+    shown as the number, so one bad row does not stop a listing."""
+    try:
+        moment = _EPOCH + dt.timedelta(microseconds=time_us)
+    except OverflowError:
+        return f"?{time_us}us"
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
