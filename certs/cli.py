@@ -54,7 +54,7 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def _refusal(exc: PkiExistsError) -> UsageError:
+def _refusal(exc: PkiExistsError, force_means: str = "use --force to replace them") -> UsageError:
     """Name every file in the way, compactly: they usually share one directory."""
     dirs = {p.parent for p in exc.paths}
     if len(dirs) == 1:
@@ -62,9 +62,17 @@ def _refusal(exc: PkiExistsError) -> UsageError:
     else:
         where, names = "", ", ".join(str(p) for p in exc.paths)
     return UsageError(
-        f"refusing to overwrite existing files{where}: {names}; nothing was written "
-        "(use --force to replace them)"
+        f"refusing to overwrite existing files{where}: {names}; nothing was written ({force_means})"
     )
+
+
+# What `init --force` does, said where it is refused: the CA is new, so everything the
+# old one signed stops being trusted; the audit keypair is kept (see certs/pki.py).
+_INIT_FORCE = (
+    "--force makes a new CA and replaces every certificate and key, so certificates "
+    "issued by the old CA stop being trusted; it keeps audit-signing.key/.pub, which "
+    "existing audit trails verify with"
+)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -74,11 +82,19 @@ def _cmd_init(args: argparse.Namespace) -> int:
             out, apps=args.app or [DEFAULT_APP], sans=args.san, days=args.days, force=args.force
         )
     except PkiExistsError as exc:
-        raise _refusal(exc) from exc
+        raise _refusal(exc, _INIT_FORCE) from exc
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from exc
     print(f"created a dev PKI in {out}/ (private keys are mode 0600; keep ca.key secret)")
     print(format_table(_issued_rows(issued, out)))
+    for item in issued:
+        if item.kept:
+            print(
+                f"kept the existing audit signing keypair ({_rel(item.key, out)}, "
+                f"{_rel(item.cert, out)}): the audit trails signed with it stay verifiable. "
+                "To rotate it, move both files away, run this again, and verify older "
+                "trails with `hybridroute audit verify --key OLD.pub --key NEW.pub`."
+            )
     return 0
 
 
@@ -130,7 +146,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser, san_help: str) -> None:
+def _add_common(
+    parser: argparse.ArgumentParser, san_help: str, force_help: str | None = None
+) -> None:
     parser.add_argument("--san", action="append", default=[], metavar="HOST", help=san_help)
     parser.add_argument(
         "--days",
@@ -138,7 +156,9 @@ def _add_common(parser: argparse.ArgumentParser, san_help: str) -> None:
         default=DEFAULT_LEAF_DAYS,
         help=f"validity of the leaf certificates in days (default {DEFAULT_LEAF_DAYS})",
     )
-    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.add_argument(
+        "--force", action="store_true", help=force_help or "overwrite existing files"
+    )
 
 
 def _register_init(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -146,7 +166,9 @@ def _register_init(actions: argparse._SubParsersAction[argparse.ArgumentParser])
         "init",
         help="create a dev CA and the router, node, cloud and app certificates",
         description="Create a private CA, certificates for router, node, cloud and each app, "
-        "and the audit signing keypair. Refuses to overwrite anything without --force.",
+        "and the audit signing keypair. Refuses to overwrite anything without --force; "
+        "with it, replaces everything but an existing audit signing keypair (existing "
+        "audit trails verify only with it).",
     )
     init.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     init.add_argument(
@@ -156,7 +178,11 @@ def _register_init(actions: argparse._SubParsersAction[argparse.ArgumentParser])
         help=f"client identity to issue an app-NAME certificate for (repeatable; "
         f"default {DEFAULT_APP})",
     )
-    _add_common(init, "extra DNS name or IP address for router, node and cloud (repeatable)")
+    _add_common(
+        init,
+        "extra DNS name or IP address for router, node and cloud (repeatable)",
+        "replace the CA, certificates and keys (never the audit signing keypair)",
+    )
     init.set_defaults(handler=_cmd_init)
 
 

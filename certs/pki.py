@@ -6,6 +6,12 @@ time (no key is ever committed), and the rules that matter live in one place: ke
 atomically, and each role gets exactly the key usages it needs (the router is a TLS
 server to apps and a TLS client to nodes; nodes and cloud endpoints are servers; apps
 are clients). EC P-256 keys keep minting fast enough for every test session.
+
+The audit signing keypair is the exception to "overwritten when asked": every
+checkpoint of every audit trail is signed with it, so a new one would leave those
+trails unverifiable. `init_pki(force=True)` replaces the CA and certificates and keeps
+it; rotating it is moving both files away (keeping the old .pub, which `audit verify
+--key old.pub --key new.pub` needs) and running `init` again.
 """
 
 from __future__ import annotations
@@ -117,7 +123,8 @@ class PkiLayout:
 class IssuedCert:
     """One thing `init_pki`/`issue_leaf` made: the public file, its key, and what it is for.
 
-    For the audit signing keypair `cert` is the public key file and `not_after` is None.
+    For the audit signing keypair `cert` is the public key file and `not_after` is None;
+    `kept` says it already existed and was left as it was.
     """
 
     cert: Path
@@ -126,6 +133,7 @@ class IssuedCert:
     sans: tuple[str, ...]
     usage: str
     not_after: dt.datetime | None
+    kept: bool = False
 
 
 @dataclass(frozen=True)
@@ -349,17 +357,51 @@ def _leaf_outputs(
 
 
 def _audit_outputs(layout: PkiLayout) -> tuple[list[_Output], IssuedCert]:
-    """The Ed25519 keypair the audit trail is signed with."""
+    """The Ed25519 keypair the audit trail is signed with: a new one, or the one that is
+    there, kept (its .pub is written only if missing). Never replaced: see the module
+    docstring."""
+    key_path, pub_path = layout.audit_key, layout.audit_pub
+    usage = "audit signing (Ed25519)"
+    if _present(key_path):
+        outputs = []
+        if not _present(pub_path):
+            outputs.append(_Output(pub_path, _public_pem(_load_audit_key(layout)), False))
+        kept = IssuedCert(pub_path, key_path, "audit-signing", (), f"{usage}, kept", None, True)
+        return outputs, kept
+    if _present(pub_path):
+        raise ValueError(
+            f"{pub_path} exists without its private key {key_path.name}: move it away and "
+            "run again (keep it: it verifies the audit trails signed so far)"
+        )
     key = ed25519.Ed25519PrivateKey.generate()
-    pub = key.public_key().public_bytes(
+    outputs = [_Output(key_path, _key_pem(key), True), _Output(pub_path, _public_pem(key), False)]
+    return outputs, IssuedCert(pub_path, key_path, "audit-signing", (), usage, None)
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _load_audit_key(layout: PkiLayout) -> ed25519.Ed25519PrivateKey:
+    """The existing audit key, to write its missing .pub again."""
+    path, pub = layout.audit_key, layout.audit_pub.name
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(
+            f"{path}: cannot read the audit signing key to write its missing {pub} ({exc}); "
+            f"it is never replaced: restore {pub}, or move the key away (keep it if trails "
+            "were signed with it) and run again"
+        ) from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 key, so not an audit signing key")
+    return key
+
+
+def _public_pem(key: ed25519.Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    outputs = [_Output(layout.audit_key, _key_pem(key), True)]
-    outputs.append(_Output(layout.audit_pub, pub, False))
-    issued = IssuedCert(
-        layout.audit_pub, layout.audit_key, "audit-signing", (), "audit signing (Ed25519)", None
-    )
-    return outputs, issued
 
 
 def init_pki(
@@ -373,8 +415,10 @@ def init_pki(
     """Create a new CA, the router/node/cloud/app certificates and the audit keypair.
 
     Every target is checked before anything is written: without `force`, one existing
-    file means `PkiExistsError` and no file is touched. Raises `ValueError` for a bad app
-    name, SAN or validity.
+    file means `PkiExistsError` and no file is touched. With `force` everything is
+    replaced except an existing audit signing keypair, which is kept (its `IssuedCert`
+    says `kept`). Raises `ValueError` for a bad app name, SAN or validity, or an audit
+    .pub without its key.
     """
     out = Path(out)
     _check_days(days)
@@ -392,11 +436,13 @@ def init_pki(
         files, cert = _leaf_outputs(spec, out, (ca_cert, ca_key), days)
         outputs += files
         issued.append(cert)
+    if not force:  # the audit keypair is in the way like any other file
+        _refuse_existing([*(o.path for o in outputs), layout.audit_key, layout.audit_pub])
     audit_files, audit = _audit_outputs(layout)
-    outputs += audit_files
     issued.append(audit)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_all(outputs, force)
+    _write_all(audit_files, overwrite=False)  # only what is missing, even with force
     return issued
 
 
@@ -437,6 +483,11 @@ def issue_leaf(
         _general_name(san)
     spec = _LeafSpec(stem, name, san_list, server, client)
     target = Path(ca_dir) if out is None else Path(out)
+    if PkiLayout(target).pair(stem).key == PkiLayout(target).audit_key:
+        raise ValueError(
+            f"{stem}.key is the audit signing key, never replaced by a certificate's; "
+            "choose another --stem"
+        )
     outputs, issued = _leaf_outputs(spec, target, _load_ca(Path(ca_dir)), days)
     _write_all(outputs, force)
     return issued

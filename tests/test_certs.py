@@ -243,15 +243,65 @@ def test_refuses_to_overwrite_and_writes_nothing(
     assert snapshot(done) == before
 
 
-def test_force_replaces_everything_and_keeps_keys_private(tmp_path: Path) -> None:
+AUDIT_KEYPAIR = {"audit-signing.key", "audit-signing.pub"}
+
+
+def test_the_refusal_says_what_force_replaces_and_what_it_keeps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init_pki(tmp_path)
+    assert main(["certs", "init", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "audit-signing.key" in err and "nothing was written" in err
+    assert "--force makes a new CA and replaces every certificate and key" in err
+    assert "it keeps audit-signing.key/.pub, which existing audit trails verify with" in err
+
+
+def test_force_replaces_everything_but_the_audit_keypair_and_keeps_keys_private(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     init_pki(tmp_path)
     before = snapshot(tmp_path)
     assert main(["certs", "init", "--out", str(tmp_path), "--force"]) == 0
     after = snapshot(tmp_path)
     assert after.keys() == before.keys()
-    assert all(after[name] != before[name] for name in before)
+    assert all(after[name] != before[name] for name in before.keys() - AUDIT_KEYPAIR)
+    assert all(after[name] == before[name] for name in AUDIT_KEYPAIR)  # trails stay verifiable
+    out = capsys.readouterr().out
+    assert "kept the existing audit signing keypair" in out and "--key OLD.pub" in out
     assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_force_writes_a_missing_audit_pub_from_the_kept_key(tmp_path: Path) -> None:
+    init_pki(tmp_path)
+    pub = (tmp_path / "audit-signing.pub").read_bytes()
+    (tmp_path / "audit-signing.pub").unlink()
+    issued = init_pki(tmp_path, force=True)
+    assert (tmp_path / "audit-signing.pub").read_bytes() == pub
+    assert [i.kept for i in issued if i.identity == "audit-signing"] == [True]
+
+
+def test_force_refuses_an_audit_pub_without_its_key_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init_pki(tmp_path)
+    (tmp_path / "audit-signing.key").unlink()
+    before = snapshot(tmp_path)
+    assert main(["certs", "init", "--out", str(tmp_path), "--force"]) == 2
+    assert "audit-signing.pub exists without its private key" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before  # the old .pub still verifies the old trails
+
+
+def test_issue_never_writes_over_the_audit_signing_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init_pki(tmp_path)
+    before = snapshot(tmp_path)
+    argv = ["certs", "issue", "x", "--client", "--ca-dir", str(tmp_path), "--force"]
+    assert main([*argv, "--stem", "audit-signing"]) == 2
+    assert "audit signing key" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
 
 
 def test_cli_prints_a_table_of_what_it_made(
