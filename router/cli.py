@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from hybridroute.cli import UsageError
@@ -34,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from hybridroute.config import ConfigError
     from hybridroute.router.config import load_config
+    from hybridroute.router.pools import PoolError
     from hybridroute.router.server import run_router
 
     try:
@@ -43,6 +45,19 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"router not started, configuration is invalid:\n{exc}") from None
     except OSError as exc:
         raise UsageError(f"router not started: {exc}") from None
+    except PoolError as exc:  # a pool of the policy cannot be reached as written
+        raise UsageError(f"router not started: {exc}{_pool_hint(exc)}") from None
+
+
+def _pool_hint(exc: Exception) -> str:
+    """What to do about the usual cause: a bearer token the environment does not give."""
+    found = re.search(r"environment variable (\S+) \(bearer_token_env\)", str(exc))
+    if found is None:
+        return ""
+    return (
+        f"; set {found[1]} to the bearer token of that pool's endpoints "
+        f"(export {found[1]}=...) and start the router again"
+    )
 
 
 def _token(args: argparse.Namespace) -> int:
