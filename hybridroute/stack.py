@@ -8,15 +8,23 @@ runs until Ctrl-C or SIGTERM, when it stops everything it started.
 
 Every process is a real `hybridroute` process with its log in `DIR/logs/`, so the
 stack is also what the end-to-end tests and the demo run against.
+
+Ports: the router on 8100 (or --base-port N), the policy's endpoints on their own
+addresses (or N+1, N+2, ...), the router's metrics on the next port after them. Fixed,
+so an unchanged stack restarts with an unchanged router config (the audit trail
+records a changed one). Every port is checked before anything starts, and each process
+is stopped again if a later one fails to start.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,11 +121,75 @@ def _render_policy(opts: StackOptions, state: Path) -> tuple[Path, list[tuple[st
 
 
 def _free_port(host: str) -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class _NodePlan:
+    name: str
+    pool: str
+    zone: str
+    address: str
+
+
+def _plan_nodes(endpoints: list[tuple[str, str, str]]) -> list[_NodePlan]:
+    """One node per endpoint, named node-1, node-2, ... (on-prem) and cloud-1, ..."""
+    plans = []
+    counts: dict[str, int] = {}
+    for pool, zone, address in endpoints:
+        counts[zone] = counts.get(zone, 0) + 1
+        name = f"{'node' if zone == 'onprem' else 'cloud'}-{counts[zone]}"
+        plans.append(_NodePlan(name, pool, zone, address))
+    return plans
+
+
+def _port_of(address: str) -> int | None:
+    port = address.rpartition(":")[2]
+    return int(port) if port.isdigit() else None
+
+
+def _router_ports(opts: StackOptions, endpoints: list[tuple[str, str, str]]) -> tuple[int, int]:
+    """The router's port and its metrics port: the first port after the endpoints' that
+    none of them uses (a random one would change the router config at every start)."""
+    port = opts.base_port if opts.base_port is not None else 8100
+    taken = {port, *(p for _, _, a in endpoints if (p := _port_of(a)) is not None)}
+    metrics = port + len(endpoints) + 1
+    while metrics in taken:
+        metrics += 1
+    return port, metrics
+
+
+def _in_use(address: str) -> bool:
+    """Is something listening on `address`? Bound as the servers bind (SO_REUSEADDR, so
+    a port a stopped stack left in TIME_WAIT counts as free); other failures (a host
+    that is not this machine's) are left to the process to report."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except (OSError, ValueError, OverflowError) as exc:
+            return getattr(exc, "errno", None) == errno.EADDRINUSE
+    return False
+
+
+def _port_in_use(port: str, who: str) -> str:
+    """`port` is "port N", or words for one not known."""
+    return (
+        f"{port} is in use ({who}): another stack running? choose another --base-port, "
+        "or stop what listens there"
+    )
+
+
+def _check_ports(addresses: list[tuple[str, str]]) -> None:
+    """Refuse before starting anything when a port the stack needs is taken: a clear
+    line now instead of a node's traceback after the others have started."""
+    for who, address in addresses:
+        if _in_use(address):
+            raise RuntimeError(_port_in_use(f"port {_port_of(address)}", f"{who}, {address}"))
 
 
 def _spawn(
@@ -136,10 +208,19 @@ def _spawn(
     return proc, log
 
 
+_BIND_FAILED = re.compile(r"(?:Failed to bind to address|could not bind) (\S+):(\d+)")
+
+
 def _wait_ready(child: _Child, marker: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
-    while marker not in child.log.read_text(errors="replace"):
+    while marker not in (text := child.log.read_text(errors="replace")):
         if child.proc.poll() is not None:
+            if "already in use" in text or "address in use" in text:
+                found = _BIND_FAILED.search(text)
+                port = f"port {found[2]}" if found else "one of its ports"
+                raise RuntimeError(
+                    f"{child.name} could not listen: " + _port_in_use(port, f"log: {child.log}")
+                )
             raise RuntimeError(
                 f"{child.name} exited with {child.proc.returncode}; its log "
                 f"({child.log}) ends:\n{_tail(child.log)}"
@@ -154,27 +235,28 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def _start_nodes(
-    endpoints: list[tuple[str, str, str]],
+    plans: list[_NodePlan],
     pki: Path,
     models: Path,
     logs: Path,
     env: dict[str, str],
     host: str,
+    children: list[_Child],
 ) -> list[_Child]:
-    children = []
-    counts: dict[str, int] = {}
-    for pool, zone, address in endpoints:
-        counts[zone] = counts.get(zone, 0) + 1
-        name = f"{'node' if zone == 'onprem' else 'cloud'}-{counts[zone]}"
+    """Start a node per plan and wait until each is ready. Each is appended to
+    `children` as soon as it is spawned, so whoever stops `children` stops it too when
+    a later one fails."""
+    started = []
+    for plan in plans:
         metrics = f"{host}:{_free_port(host)}"
-        identity = "node" if zone == "onprem" else "cloud"
+        identity = "node" if plan.zone == "onprem" else "cloud"
         args = [
             "node",
             "serve",
             "--models",
             str(models),
             "--listen",
-            address,
+            plan.address,
             "--cert",
             str(pki / f"{identity}.pem"),
             "--key",
@@ -182,21 +264,23 @@ def _start_nodes(
             "--metrics-listen",
             metrics,
         ]
-        if zone == "onprem":
+        if plan.zone == "onprem":
             args += ["--client-ca", str(pki / "ca.pem"), "--allow-client", "router"]
         else:
             args += ["--bearer-token-env", TOKEN_ENV]
-        proc, log = _spawn(name, args, logs, env)
-        children.append(
-            _Child(name, zone, address, proc, log, f"http://{metrics}/metrics", {"pool": pool})
-        )
-    for child in children:
+        proc, log = _spawn(plan.name, args, logs, env)
+        metrics_url = f"http://{metrics}/metrics"
+        child = _Child(plan.name, plan.zone, plan.address, proc, log, metrics_url)
+        child.extra["pool"] = plan.pool
+        children.append(child)
+        started.append(child)
+    for child in started:
         _wait_ready(child, "node ready on")
         _say(
             f"  {child.name:<8} {child.address} ({child.zone}, pool {child.extra['pool']}, "
             f"pid {child.proc.pid})"
         )
-    return children
+    return started
 
 
 def write_router_config(state: Path, pki: Path, policy: Path, listen: str, metrics: str) -> Path:
@@ -314,17 +398,21 @@ def run_stack(opts: StackOptions) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        children = _start_nodes(endpoints, pki, models, logs, env, opts.host)
-        port = opts.base_port if opts.base_port is not None else 8100
-        listen = f"{opts.host}:{port}"
-        metrics = f"{opts.host}:{_free_port(opts.host)}"
+        plans = _plan_nodes(endpoints)
+        port, metrics_port = _router_ports(opts, endpoints)
+        listen, metrics = f"{opts.host}:{port}", f"{opts.host}:{metrics_port}"
+        _check_ports(
+            [("router", listen), ("router metrics", metrics)]
+            + [(plan.name, plan.address) for plan in plans]
+        )
+        nodes = _start_nodes(plans, pki, models, logs, env, opts.host, children)
         config = write_router_config(state, pki, policy, listen, metrics)
         proc, log = _spawn("router", ["router", "serve", "--config", str(config)], logs, env)
         router = _Child("router", "", listen, proc, log, f"http://{metrics}/metrics")
         children.append(router)
         _wait_ready(router, "router ready on")
         _say(f"  router   {listen} (pid {proc.pid}, policy {policy})")
-        stack = _stack_json(state, router, config, children[:-1], pki, policy)
+        stack = _stack_json(state, router, config, nodes, pki, policy)
         path = state / "stack.json"
         path.write_text(json.dumps(stack, indent=2) + "\n")
         _say(_usage(stack, path))

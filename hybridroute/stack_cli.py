@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--base-port",
         type=int,
         metavar="N",
-        help="router on N, policy endpoints moved to N+1, N+2, ... "
-        "(default: the router on 8100 and the policy's own addresses)",
+        help="router on N, policy endpoints moved to N+1, N+2, ..., the router's metrics "
+        "on the port after them (default: the router on 8100 and the policy's own "
+        "addresses)",
     )
     up.set_defaults(handler=_up)
     _register_status(sub)

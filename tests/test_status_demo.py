@@ -232,3 +232,17 @@ def test_demo_against_a_stopped_router_exits_2(stack, tmp_path, capsys) -> None:
     code, _, err = _run(capsys, "demo", "--stack", str(path))
     assert code == 2
     assert "cannot reach the router" in err and info["router"]["address"] in err
+
+
+# ------------------------------------------------------------------------------- ports
+
+
+def test_the_router_metrics_port_is_fixed_by_the_base_port(stack) -> None:
+    """Router on N, endpoints on N+1.., its metrics on the port after them: the same at
+    every start, so a restarted stack's router config (hashed into the audit trail's
+    router.start record) is unchanged, not "CONFIG CHANGED" by a random port."""
+    router_port = int(stack.router_address.rpartition(":")[2])
+    metrics = f"http://127.0.0.1:{router_port + len(stack.info['nodes']) + 1}/metrics"
+    assert stack.info["router"]["metrics"] == metrics
+    config = Path(stack.info["router"]["config"]).read_text()
+    assert f"metrics_listen: 127.0.0.1:{router_port + len(stack.info['nodes']) + 1}" in config
