@@ -187,7 +187,10 @@ def test_tampering_is_named_with_its_first_affected_seq(
 def test_the_wrong_key_is_named(trail: Path, tmp_path: Path, pki: Path) -> None:
     report = _check(_copy(trail, tmp_path), pki / "audit-signing.pub")
     assert {p.kind for p in report.problems} == {"checkpoint"}
-    assert "signed by key" in report.problems[0].message
+    message = report.problems[0].message
+    assert "signed by key" in message and "not by a key given" in message
+    assert "invalid signature" not in message  # a missing key is not tampering
+    assert "--key OLD --key NEW" in message
 
 
 # ------------------------------------------------------------------ the CLI
