@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from hybridroute import __version__
 from hybridroute.protos import inference_pb2 as pb
@@ -48,6 +48,7 @@ from hybridroute.router.policy.store import PolicyStore
 from hybridroute.router.pools import Endpoint
 from hybridroute.router.rollout import Rollout
 from hybridroute.router.shadow import Reservation, Shadows
+from hybridroute.router.wire import hidden_data
 
 __all__ = ["SERVICE", "FrontDoor", "forwarded_metadata"]
 
@@ -301,7 +302,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             caller,
             model=model,
             model_version=version,
-            wire_size=len(raw) if request is not None else None,
+            wire_problem=hidden_data(_MESSAGES[method], raw),
             text_budget=policy.max_text_bytes,
         )
         event.model, event.model_version = facts.model, facts.model_version
@@ -438,6 +439,13 @@ def forwarded_metadata(
     ]
     forwarded.append(("x-hybridroute-request-id", request_id))
     return forwarded
+
+
+_MESSAGES: dict[str, type[Message]] = {
+    "ModelInfer": pb.ModelInferRequest,
+    "ModelMetadata": pb.ModelMetadataRequest,
+    "ModelReady": pb.ModelReadyRequest,
+}
 
 
 def _parse(method: str, raw: bytes) -> tuple[pb.ModelInferRequest | None, str, str]:

@@ -14,6 +14,7 @@ from hybridroute.protos.tensors import encode_bytes_elements
 from hybridroute.router.facts import MAX_TEXT_FIELDS, Caller, request_facts
 from hybridroute.router.policy.engine import Decision, decide
 from hybridroute.router.policy.schema import compile_policy
+from hybridroute.router.wire import hidden_data
 from hybridroute.stack import default_policy_path
 
 POLICY = compile_policy(default_policy_path())
@@ -29,12 +30,13 @@ def ticket(text: str = "the export button does nothing") -> pb.ModelInferRequest
 
 
 def decided(raw: bytes, metadata: dict[str, str] = PUBLIC) -> Decision:
+    """As the front door decides a ModelInfer: parsed, and its wire format checked."""
     request = pb.ModelInferRequest.FromString(raw)
     facts = request_facts(
         request,
         metadata,
         Caller("demo-app", "cert"),
-        wire_size=len(raw),
+        wire_problem=hidden_data(pb.ModelInferRequest, raw),
         text_budget=POLICY.max_text_bytes,
     )
     return decide(POLICY, facts)
@@ -125,11 +127,28 @@ def _repeated_map_key() -> bytes:
     return first.SerializeToString() + last.SerializeToString()
 
 
+def _padded_repeated_field() -> bytes:
+    # The id twice (parsing keeps the last), with empty map entries that re-encode two
+    # bytes larger each, so the parsed request re-encodes to exactly the wire size.
+    hidden, last, padding = ticket(), pb.ModelInferRequest(), b""
+    hidden.id, last.id = f"ssn {SSN}", "ok"
+    raw = hidden.SerializeToString() + last.SerializeToString()
+    for n in range(20):
+        entry = bytes([0x0A, 2]) + f"k{n}".encode()[:2]  # key only, no value
+        padding += bytes([4 << 3 | 2, len(entry)]) + entry  # parameters = field 4
+        if len(pb.ModelInferRequest.FromString(raw + padding).SerializeToString()) == len(
+            raw + padding
+        ):
+            break
+    return raw + padding
+
+
 UNREAD: dict[str, Callable[[], bytes]] = {
     "bytes_contents in a number tensor": _bytes_in_a_number_tensor,
     "typed contents beside raw contents": _typed_beside_raw,
     "an unknown field": _unknown_field,
     "a repeated map key": _repeated_map_key,
+    "a repeated field padded to re-encode to its wire size": _padded_repeated_field,
 }
 
 
@@ -140,15 +159,36 @@ def test_what_the_router_does_not_read_keeps_the_request_on_prem(what: str) -> N
     assert "unreadable" in decision.reasons
 
 
+def test_a_clean_request_from_a_canonical_encoder_has_nothing_hidden() -> None:
+    request = ticket()
+    request.id, request.parameters["sequence_id"].int64_param = "req-1", 7
+    request.outputs.add(name="label").parameters["class_count"].int64_param = 2
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    tensor.contents.fp32_contents.extend([1.0, 2.0])
+    assert hidden_data(pb.ModelInferRequest, request.SerializeToString()) is None
+
+
+def test_a_tritonclient_sequence_id_is_not_taken_for_a_card_number() -> None:
+    request = ticket()
+    request.parameters["sequence_id"].int64_param = CARD  # passes Luhn, as 1 in 10 ids do
+    decision = decided(request.SerializeToString())
+    assert (decision.zone, decision.sensitive) == ("cloud", False)
+
+
+def test_a_metadata_call_with_an_unknown_field_is_doubt() -> None:
+    text = f"ssn {SSN}".encode()
+    raw = pb.ModelMetadataRequest(name="iris").SerializeToString()
+    raw += bytes([9 << 3 | 2, len(text)]) + text
+    assert hidden_data(pb.ModelMetadataRequest, raw) == ("unknown field 9 in ModelMetadataRequest")
+
+
 def test_millions_of_tiny_texts_stop_at_the_budget() -> None:
     request = ticket()
     count = 4 * MAX_TEXT_FIELDS
     request.inputs[0].shape[0] = count
     request.raw_input_contents[0] = encode_bytes_elements([b""] * count)
     raw = request.SerializeToString()
-    facts = request_facts(
-        pb.ModelInferRequest.FromString(raw), PUBLIC, Caller("demo-app", "cert"), wire_size=len(raw)
-    )
+    facts = request_facts(pb.ModelInferRequest.FromString(raw), PUBLIC, Caller("demo-app", "cert"))
     # Collecting stopped at the budget instead of decoding all 400k elements ...
     assert facts.too_large and len(facts.texts) <= MAX_TEXT_FIELDS
     # ... and a request too large to scan is doubt: on-prem.
