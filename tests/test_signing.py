@@ -544,3 +544,38 @@ def test_pruning_the_trail_keeps_the_rollback_floor(tmp_path: Path) -> None:
         left = conn.execute("SELECT COUNT(*) FROM records WHERE kind = 'policy.load'")
         assert left.fetchone()[0] == 0
     assert newest_signed_policy(cfg.db) == floor
+
+
+def test_the_floor_is_the_newest_signature_not_the_last_one_accepted(tmp_path: Path) -> None:
+    """A router accepts an older signature of its live policy (the same bytes); written
+    after the newer one, it must not become the floor the next start reads."""
+    from hybridroute.router.audit.notes import newest_signed_policy, policy_note
+    from hybridroute.router.audit.store import AuditStore
+    from hybridroute.router.config import AuditConfig
+
+    cfg = AuditConfig.model_validate({"db": tmp_path / "audit.db"}).resolved(tmp_path)
+    now = time.time()
+
+    def load(signed_at: float) -> ReloadResult:
+        return ReloadResult(
+            True,
+            "b" * 64,
+            None,
+            now,
+            why="SIGHUP",
+            path="p.yaml",
+            signed_by="secteam",
+            signed_at=signed_at,
+            signing_key="cd" * 32,
+        )
+
+    async def trail() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        await store.note(policy_note(load(now - 60)))  # B re-signed: the floor
+        await store.note(policy_note(load(now - 7200)))  # B's old signature put back
+        await store.close()
+
+    asyncio.run(trail())
+    floor = newest_signed_policy(cfg.db)
+    assert floor is not None and floor.signed_at == pytest.approx(now - 60, abs=1e-3)

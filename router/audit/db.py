@@ -189,23 +189,19 @@ POLICY_FLOOR = "policy_floor"
 def newest_signed_policy_note(
     conn: sqlite3.Connection, through_seq: int | None = None
 ) -> dict[str, object] | None:
-    """The body of the newest accepted, signed `policy.load`/`policy.reload` record (up
-    to `through_seq`), else the one a prune kept in meta; the newer of the two."""
-    found: dict[str, object] | None = None
+    """The body of the accepted, signed `policy.load`/`policy.reload` record (up to
+    `through_seq`) with the newest signature, or the one a prune kept in meta if that is
+    newer. The newest by signing time, not the last written: a router also accepts an
+    older signature of its live policy (the same bytes), which must not lower the floor."""
     rows = conn.execute(
         "SELECT body FROM records WHERE kind != 'request' "
-        "AND kind IN ('policy.load', 'policy.reload') AND seq <= ? ORDER BY seq DESC",
+        "AND kind IN ('policy.load', 'policy.reload') AND seq <= ?",
         (through_seq if through_seq is not None else 1 << 62,),
     )
-    for (body,) in rows:
-        note = _signed_policy(body)
-        if note is not None:
-            found = note
-            break
-    kept = _signed_policy(meta(conn).get(POLICY_FLOOR))
-    if kept is not None and (found is None or _signed_at(kept) > _signed_at(found)):
-        return kept
-    return found
+    candidates = [_signed_policy(body) for (body,) in rows]
+    candidates.append(_signed_policy(meta(conn).get(POLICY_FLOOR)))
+    signed = [note for note in candidates if note is not None]
+    return max(signed, key=_signed_at) if signed else None
 
 
 def _signed_policy(body: str | None) -> dict[str, object] | None:
