@@ -27,7 +27,12 @@ from hybridroute.config import ConfigError
 from hybridroute.node.server import NodeOptions, NodeServer
 from hybridroute.protos import admin_pb2, admin_pb2_grpc
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
-from hybridroute.router.config import load_config
+from hybridroute.router.audit.codec import load_verify_key
+from hybridroute.router.audit.db import connect_writer
+from hybridroute.router.audit.notes import newest_signed_policy, policy_note
+from hybridroute.router.audit.store import AuditStore
+from hybridroute.router.audit.verify import prune
+from hybridroute.router.config import AuditConfig, load_config
 from hybridroute.router.policy.schema import Policy
 from hybridroute.router.policy.signing import (
     SignatureError,
@@ -504,44 +509,47 @@ def test_a_restarted_router_refuses_a_policy_older_than_its_trail_remembers(
     assert live.version_hash[:12] in str(info.value)
 
 
-def test_pruning_the_trail_keeps_the_rollback_floor(tmp_path: Path) -> None:
-    """`audit prune` removes the policy records the floor is read from; the newest signed
-    one is kept aside, so a prune never re-opens the door to an older policy."""
-    from hybridroute.router.audit.codec import load_verify_key
-    from hybridroute.router.audit.db import connect_writer
-    from hybridroute.router.audit.notes import newest_signed_policy, policy_note
-    from hybridroute.router.audit.store import AuditStore
-    from hybridroute.router.audit.verify import prune
-    from hybridroute.router.config import AuditConfig
-
-    cfg = AuditConfig.model_validate({"db": tmp_path / "audit.db"}).resolved(tmp_path)
-    signed_at = time.time() - 60
-    accepted = ReloadResult(
+def _accepted(signed_at: float, policy: str = "ab" * 32) -> ReloadResult:
+    """A signed policy load as the router records it."""
+    return ReloadResult(
         True,
-        "ab" * 32,
+        policy,
         None,
         time.time(),
-        why="start",
+        why="SIGHUP",
         path="p.yaml",
         signed_by="secteam",
         signed_at=signed_at,
         signing_key="cd" * 32,
     )
 
-    async def trail() -> None:
+
+def _trail_of(root: Path, *loads: ReloadResult) -> AuditConfig:
+    """A closed (sealed) audit trail in `root` holding these policy loads, in order."""
+    cfg = AuditConfig.model_validate({"db": root / "audit.db"}).resolved(root)
+
+    async def write() -> None:
         store = AuditStore(cfg)
         await store.start()
-        await store.note(policy_note(accepted))
-        await store.close()  # seals the chain with a checkpoint
+        for load in loads:
+            await store.note(policy_note(load))
+        await store.close()
 
-    asyncio.run(trail())
+    asyncio.run(write())
+    return cfg
+
+
+def test_pruning_the_trail_keeps_the_rollback_floor(tmp_path: Path) -> None:
+    """`audit prune` removes the policy records the floor is read from; the newest signed
+    one is kept aside, so a prune never re-opens the door to an older policy."""
+    cfg = _trail_of(tmp_path, _accepted(time.time() - 60))
     floor = newest_signed_policy(cfg.db)
     assert floor is not None and floor.policy_sha256 == "ab" * 32
     assert cfg.signing_key is not None
     key = load_verify_key(cfg.signing_key.with_suffix(".pub"))
     with contextlib.closing(connect_writer(cfg.db, 5)) as conn:
         assert prune(conn, key, time.time_ns() // 1000).removed > 0
-        left = conn.execute("SELECT COUNT(*) FROM records WHERE kind = 'policy.load'")
+        left = conn.execute("SELECT COUNT(*) FROM records WHERE kind = 'policy.reload'")
         assert left.fetchone()[0] == 0
     assert newest_signed_policy(cfg.db) == floor
 
@@ -549,33 +557,8 @@ def test_pruning_the_trail_keeps_the_rollback_floor(tmp_path: Path) -> None:
 def test_the_floor_is_the_newest_signature_not_the_last_one_accepted(tmp_path: Path) -> None:
     """A router accepts an older signature of its live policy (the same bytes); written
     after the newer one, it must not become the floor the next start reads."""
-    from hybridroute.router.audit.notes import newest_signed_policy, policy_note
-    from hybridroute.router.audit.store import AuditStore
-    from hybridroute.router.config import AuditConfig
-
-    cfg = AuditConfig.model_validate({"db": tmp_path / "audit.db"}).resolved(tmp_path)
     now = time.time()
-
-    def load(signed_at: float) -> ReloadResult:
-        return ReloadResult(
-            True,
-            "b" * 64,
-            None,
-            now,
-            why="SIGHUP",
-            path="p.yaml",
-            signed_by="secteam",
-            signed_at=signed_at,
-            signing_key="cd" * 32,
-        )
-
-    async def trail() -> None:
-        store = AuditStore(cfg)
-        await store.start()
-        await store.note(policy_note(load(now - 60)))  # B re-signed: the floor
-        await store.note(policy_note(load(now - 7200)))  # B's old signature put back
-        await store.close()
-
-    asyncio.run(trail())
+    # B re-signed (the floor), then B's old signature put back.
+    cfg = _trail_of(tmp_path, _accepted(now - 60), _accepted(now - 7200))
     floor = newest_signed_policy(cfg.db)
     assert floor is not None and floor.signed_at == pytest.approx(now - 60, abs=1e-3)
