@@ -186,6 +186,21 @@ def test_metadata_calls_are_routed_and_work_with_tritonclient(stack: Stack) -> N
         x.set_data_from_numpy(np.array([[6.7, 3.0, 5.2, 2.3]]))
         result = client.infer("iris", [x], headers={"x-data-classification": "public"})
         assert result.as_numpy("label").tolist() == [2]
+        # A clean public text as tritonclient encodes it, with the protocol's own
+        # parameters (a random 63-bit sequence id, priority, a request id), is read
+        # whole by the router and goes to the cloud.
+        text = triton.InferInput("text", [1], "BYTES")
+        text.set_data_from_numpy(np.array([CLEAN.encode()], dtype=object))
+        before = node_requests(stack, "cloud-1")
+        client.infer(
+            "ticket-triage",
+            [text],
+            headers={"x-data-classification": "public"},
+            request_id="order-17",
+            sequence_id=4111111111111111,  # passes the card check, as 1 id in 10 does
+            priority=1,
+        )
+        assert node_requests(stack, "cloud-1") == before + 1
     finally:
         client.close()
 
