@@ -48,7 +48,7 @@ from hybridroute.router.policy.store import PolicyStore
 from hybridroute.router.pools import Endpoint
 from hybridroute.router.rollout import Rollout
 from hybridroute.router.shadow import Reservation, Shadows
-from hybridroute.router.wire import hidden_data
+from hybridroute.router.wire import hidden_data, read_varint
 
 __all__ = ["SERVICE", "FrontDoor", "forwarded_metadata"]
 
@@ -495,27 +495,16 @@ def _served_version(reply: bytes) -> str:
     i = 0
     try:
         while i < len(reply):
-            tag, i = _varint(reply, i)
+            tag, i = read_varint(reply, i)
             if tag & 7 != 2 or tag >> 3 > 2:
                 return ""
-            size, i = _varint(reply, i)
+            size, i = read_varint(reply, i)
             if tag >> 3 == 2:
                 return reply[i : i + size].decode("utf-8", "replace")[:128]
             i += size
-    except IndexError:
+    except (IndexError, ValueError):
         return ""
     return ""
-
-
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[i]
-        value |= (byte & 0x7F) << shift
-        i += 1
-        if byte < 0x80 or shift > 28:
-            return value, i
-        shift += 7
 
 
 def _deadline(context: Context) -> float | None:

@@ -21,7 +21,7 @@ from typing import cast
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-__all__ = ["MAX_FIELDS", "hidden_data"]
+__all__ = ["MAX_FIELDS", "hidden_data", "read_varint"]
 
 MAX_FIELDS = 250_000  # field entries walked per request; more is doubt, not work
 _MAX_DEPTH = 8  # the OIP messages nest 3 deep (request, tensor, contents/parameter)
@@ -129,7 +129,9 @@ def _within(data: memoryview, end: int) -> int:
     return end
 
 
-def _varint(data: memoryview, i: int) -> tuple[int, int]:
+def read_varint(data: bytes | memoryview, i: int) -> tuple[int, int]:
+    """The varint at `i` and the index after it. IndexError when `data` ends inside it,
+    ValueError when it runs past the 10 bytes a 64-bit value takes."""
     value = shift = 0
     while True:
         byte = data[i]
@@ -139,7 +141,14 @@ def _varint(data: memoryview, i: int) -> tuple[int, int]:
             return value, i
         shift += 7
         if shift > 63:
-            raise _Hidden("a varint longer than 10 bytes")
+            raise ValueError("a varint longer than 10 bytes")
+
+
+def _varint(data: memoryview, i: int) -> tuple[int, int]:
+    try:
+        return read_varint(data, i)
+    except ValueError as exc:
+        raise _Hidden(str(exc)) from None
 
 
 def _map_key(entry: memoryview) -> bytes:
