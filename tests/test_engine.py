@@ -16,6 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hybridroute.config import ConfigError
+from hybridroute.protos import inference_pb2 as pb
+from hybridroute.protos.tensors import encode_bytes_elements
+from hybridroute.router.facts import Caller, request_facts
 from hybridroute.router.policy.cases import CaseRequest, facts_from_case
 from hybridroute.router.policy.engine import (
     Decision,
@@ -331,13 +334,16 @@ def test_facts_from_case_collects_the_same_texts_the_router_scans() -> None:
     )
     built = facts_from_case(request)
     assert (built.auth, built.label, built.session_id) == ("cert", "public", "s")
-    assert [(t.source, t.text) for t in built.texts] == [
-        ("input:text[0]", "a"),
-        ("input:text[1]", None),
-        ("input:text[2]", "ok"),
-        ("parameter:note", "n"),
-        ("metadata:x-session-id", "s"),
-    ]
+    # The same request as a client puts it on the wire, read by the router.
+    wire = pb.ModelInferRequest(model_name="m")
+    wire.inputs.add(name="text", datatype="BYTES", shape=[3])
+    wire.raw_input_contents.append(encode_bytes_elements([b"a", b"\xff", b"ok"]))
+    wire.parameters["note"].string_param = "n"
+    wire.parameters["top_k"].int64_param = 3
+    routed = request_facts(wire, dict(request.metadata), Caller("demo-app", "cert"))
+    assert [(t.source, t.text) for t in built.texts] == [(t.source, t.text) for t in routed.texts]
+    sources = {t.source for t in built.texts}
+    assert {"input:text[1]", "parameter:top_k", "names"} <= sources  # numbers and names too
     assert facts_from_case({"model": "m"}).auth == "none"
 
 

@@ -261,8 +261,8 @@ def test_explain_shows_rules_hits_verdict_and_decision_never_values(
     code, out, _ = run(capsys, "policy", "explain", DEFAULT, "--request", request)
     assert code == 0
     assert (
-        "texts scanned: input:text[0], input:text[1], parameter:note, metadata:x-requested-by"
-        in out
+        "texts scanned: metadata:x-requested-by, parameter:note, input:text[0], "
+        "input:text[1], names" in out
     )
     assert "SENSITIVE (detector:email, detector:employee_id, detector:us_ssn)" in out
     assert re.search(r"us_ssn\s+input:text\[0\]\s+chars 21-32", out)

@@ -13,6 +13,7 @@ none of it is on the request path, so it lives apart from `engine`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +21,10 @@ from pydantic import model_validator
 from pydantic_core import PydanticCustomError
 
 from hybridroute.config import Strict, load_model
-from hybridroute.router.policy.engine import Decision, RequestFacts, TextField, metadata_text_fields
+from hybridroute.protos import inference_pb2 as pb
+from hybridroute.protos.tensors import encode_bytes_elements
+from hybridroute.router.facts import Caller, request_facts
+from hybridroute.router.policy.engine import Decision, RequestFacts
 
 __all__ = [
     "Case",
@@ -80,44 +84,49 @@ def load_cases(path: str | Path) -> CaseFile:
     return load_model(path, CaseFile)
 
 
-def _decode(item: str | bytes | None) -> str | None:
-    if isinstance(item, bytes):
-        try:
-            return item.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
-    return item
+_INT64_MAX = (1 << 63) - 1
+_UNREADABLE = b"\xff\xfe"  # not UTF-8: the router reads such an element as unreadable
 
 
 def facts_from_case(request: CaseRequest | Mapping[str, object]) -> RequestFacts:
-    """The facts the router would collect for this request (same text sources).
+    """The facts the router collects for this request: the case is written out as the
+    ModelInferRequest a client would send and read by the router's own
+    `request_facts`, so a case sees every text source the router scans (parameters of
+    every type, names, the model name) and nothing else.
 
     Takes a case's `request:` (validated, or as a plain mapping), as written in a
     cases file or a `policy explain --request` file.
     """
     if not isinstance(request, CaseRequest):
         request = CaseRequest.model_validate(request)
-    texts = [
-        TextField(f"input:{name}[{i}]", _decode(item))
-        for name, items in request.inputs.items()
-        for i, item in enumerate(items)
-    ]
-    texts += [
-        TextField(f"parameter:{k}", v) for k, v in request.parameters.items() if isinstance(v, str)
-    ]
-    texts += metadata_text_fields(request.metadata)
-    return RequestFacts(
-        caller=request.caller,
-        auth=request.auth or ("cert" if request.caller is not None else "none"),
-        model=request.model,
-        model_version=request.model_version,
-        label=request.metadata.get("x-data-classification"),
-        session_id=request.session or request.metadata.get("x-session-id"),
-        metadata=dict(request.metadata),
-        parameters=dict(request.parameters),
-        texts=tuple(texts),
-        problems=tuple(request.problems),
-    )
+    wire = pb.ModelInferRequest(model_name=request.model, model_version=request.model_version)
+    for name, items in request.inputs.items():
+        wire.inputs.add(name=name, datatype="BYTES", shape=[len(items)])
+        wire.raw_input_contents.append(
+            encode_bytes_elements([_UNREADABLE if item is None else item for item in items])
+        )
+    for key, value in request.parameters.items():
+        _set_parameter(wire.parameters[key], value)
+    metadata = dict(request.metadata)
+    if request.session is not None:
+        metadata["x-session-id"] = request.session
+    auth = request.auth or ("cert" if request.caller is not None else "none")
+    facts = request_facts(wire, metadata, Caller(request.caller, auth))
+    return replace(facts, problems=(*facts.problems, *request.problems))
+
+
+def _set_parameter(param: pb.InferParameter, value: str | int | float | bool) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        if value > _INT64_MAX:
+            param.uint64_param = value
+        else:
+            param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = value
 
 
 def check_expectations(decision: Decision, expect: CaseExpect) -> list[str]:
