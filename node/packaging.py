@@ -223,12 +223,25 @@ def _features(estimator: Any, features: Sequence[str] | None, datatype: str) -> 
         if features:
             raise PackagingError("features name numeric columns; a BYTES input has none")
         return None
-    if features:
-        return tuple(features)
     names = getattr(estimator, "feature_names_in_", None)
-    if names is None:
+    trained = None if names is None else tuple(str(n) for n in names)
+    if features:
+        given = tuple(features)
+        # The node feeds each row's columns to the estimator in the order model.yaml
+        # declares, so names that differ from the ones the estimator was fitted on
+        # (even only in order) would silently swap columns. Refuse rather than reorder:
+        # a mismatch means the sample (or --features) and the estimator disagree about
+        # what the columns are, and guessing which one is right is the engineer's call.
+        if trained is not None and given != trained:
+            raise PackagingError(
+                f"feature names {', '.join(given)} differ from those the estimator was "
+                f"fitted on: expected {', '.join(trained)} (in this order); put the "
+                "sample's columns in the estimator's order or drop --features"
+            )
+        return given
+    if trained is None:
         raise PackagingError("features are required for a numeric input (one name per column)")
-    return tuple(str(n) for n in names)
+    return trained
 
 
 def _classes(estimator: Any) -> tuple[str | int, ...] | None:

@@ -478,3 +478,30 @@ def test_cli_models_package_text_model_from_txt(
     assert model.config.input.shape == (-1,) and model.config.features is None
     assert model.config.output("label") is not None
     assert model.run(np.array([b"my parcel never arrived"], dtype=object))["label"].dtype == object
+
+
+def test_package_refuses_feature_names_in_another_order_than_the_estimators(
+    tmp_path: Path,
+) -> None:
+    estimator = LogisticRegression(max_iter=500).fit(IRIS_X, IRIS_Y)
+    estimator.feature_names_in_ = np.array(["sl", "sw", "pl", "pw"], dtype=object)
+    kwargs: dict[str, Any] = {
+        "name": "named",
+        "repo": tmp_path,
+        "input_name": "input",
+        "input_datatype": "FP64",
+    }
+    swapped = IRIS_X[:, [1, 0, 2, 3]]  # a CSV whose header puts sw first
+    with pytest.raises(PackagingError, match="expected sl, sw, pl, pw") as info:
+        package_model(
+            estimator, version=1, features=["sw", "sl", "pl", "pw"], baseline_sample=swapped,
+            **kwargs,
+        )  # fmt: skip
+    assert "sw, sl, pl, pw" in str(info.value)
+    assert not (tmp_path / "named" / "1").exists()
+    path = package_model(
+        estimator, version=1, features=["sl", "sw", "pl", "pw"], baseline_sample=IRIS_X, **kwargs
+    )
+    assert load_version(path).config.features == ("sl", "sw", "pl", "pw")
+    path = package_model(estimator, version=2, baseline_sample=IRIS_X, **kwargs)
+    assert load_version(path).config.features == ("sl", "sw", "pl", "pw")
