@@ -35,6 +35,7 @@ from hybridroute.router.audit.verify import prune
 from hybridroute.router.config import AuditConfig, load_config
 from hybridroute.router.policy.schema import Policy
 from hybridroute.router.policy.signing import (
+    PolicySignature,
     SignatureError,
     generate_keypair,
     load_signing_key,
@@ -166,6 +167,11 @@ def test_keygen_sign_verify_commands(tmp_path: Path, capsys: pytest.CaptureFixtu
     policy.write_bytes(POLICY.replace(b"pin_ttl: 30m", b"pin_ttl: 40m"))
     code, out, _ = run(capsys, "policy", "verify", policy, "--key", pub)
     assert code == 1 and "NOT VERIFIED: the policy changed after it was signed" in out
+    future = sign_policy(POLICY, load_signing_key(key), now=time.time() + 3600)
+    policy.write_bytes(POLICY)
+    policy.with_name("policy.yaml.sig").write_bytes(future)
+    code, out, _ = run(capsys, "policy", "verify", policy, "--key", pub)
+    assert code == 1 and "NOT VERIFIED: signed at " in out and "60 minutes ahead" in out
     code, out, _ = run(capsys, "policy", "verify", tmp_path / "k" / "secteam.pub", "--key", pub)
     assert code == 1 and "NOT VERIFIED: not signed: no signature file" in out
     code, _, err = run(capsys, "policy", "verify", policy, "--key", key)
@@ -321,6 +327,52 @@ def test_an_older_signed_policy_is_refused_as_a_rollback(tmp_path: Path, keys: P
     sig.write_bytes(sign_policy(new, key, now=now - 60))
     with pytest.raises(ConfigError, match="refused as a rollback"):
         _store(policy, keys, [], newest_signed=store.newest_signed)
+
+
+def test_a_signature_from_the_future_is_refused_and_never_becomes_the_floor(
+    tmp_path: Path, keys: Path
+) -> None:
+    """Accepted, a signature dated tomorrow would be the rollback floor: every policy
+    signed before tomorrow would then be refused. A few minutes of skew are fine."""
+    key = load_signing_key(keys / "secteam.key")
+    policy, sig = tmp_path / "policy.yaml", tmp_path / "policy.yaml.sig"
+    v1, v2, v3 = (POLICY + f"\n# v{n}\n".encode() for n in (1, 2, 3))
+    policy.write_bytes(v1)
+    sig.write_bytes(sign_policy(v1, key, now=time.time() + 3600))
+    results: list[ReloadResult] = []
+    with pytest.raises(ConfigError, match=r"signed at \S+, 60 minutes ahead of this machine's"):
+        _store(policy, keys, results)
+    assert [(r.accepted, r.why) for r in results] == [(False, "start")]
+    assert "sign the policy again" in (results[0].error or "")
+    sig.write_bytes(sign_policy(v1, key, now=time.time() + 60))  # within the skew
+    store = _store(policy, keys, results)
+
+    async def deploy(data: bytes, envelope: bytes) -> ReloadResult:
+        policy.write_bytes(data)
+        sig.write_bytes(envelope)
+        return await store.reload("test")
+
+    future = asyncio.run(deploy(v2, sign_policy(v2, key, now=time.time() + 86400)))
+    assert not future.accepted and "24.0 hours ahead" in (future.error or "")
+    assert results[-1] == future and store.last_refused == future
+    assert store.current.version_hash == hashlib.sha256(v1).hexdigest()
+    assert store.newest_signed is not None and store.newest_signed.signed_at < time.time() + 300
+    assert asyncio.run(deploy(v3, sign_policy(v3, key, now=time.time() + 120))).accepted
+
+
+def test_a_future_floor_from_the_trail_is_pulled_back_to_now(tmp_path: Path, keys: Path) -> None:
+    """A trail written before future signatures were refused may remember one: it must
+    not refuse every policy for a year, nor let an older policy back in."""
+    key = load_signing_key(keys / "secteam.key")
+    policy, sig = tmp_path / "policy.yaml", tmp_path / "policy.yaml.sig"
+    policy.write_bytes(POLICY)
+    sig.write_bytes(sign_policy(POLICY, key, now=time.time() - 60))
+    future = PolicySignature("secteam", key.key_id, time.time() + 365 * 86400, "ab" * 32)
+    with pytest.raises(ConfigError, match="refused as a rollback"):
+        _store(policy, keys, [], newest_signed=future)
+    sig.write_bytes(sign_policy(POLICY, key, now=time.time() + 1))  # signed again
+    store = _store(policy, keys, [], newest_signed=future)
+    assert store.newest_signed is not None and store.newest_signed.signed_at < time.time() + 300
 
 
 # --- a real router --------------------------------------------------------------------

@@ -3,7 +3,8 @@
 `sign` compiles the policy first and refuses to sign one with errors: a signature
 says "reviewed and approved", and a router would refuse that file anyway. Exit codes
 are `policy.cli`'s: 1 when the answer is no (invalid policy, signature does not
-verify), 2 when the command cannot run (unreadable key, existing key files).
+verify or is dated in the future), 2 when the command cannot run (unreadable key,
+existing key files).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hybridroute.router.policy.cli import EXIT_FAILED, EXIT_OK, load_policy_or_r
 from hybridroute.router.policy.signing import (
     KeyFileError,
     SignatureError,
+    check_not_future,
     generate_keypair,
     load_signing_key,
     load_trusted_key,
@@ -96,6 +98,7 @@ def run_verify(args: argparse.Namespace) -> int:
     sig = args.signature or signature_path(args.policy)
     try:
         found = verify_policy_file(args.policy, trusted, args.signature)
+        check_not_future(found, time.time())
     except SignatureError as exc:
         print(f"{args.policy}: NOT VERIFIED: {exc}")
         return EXIT_FAILED

@@ -48,12 +48,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 __all__ = [
+    "CLOCK_SKEW",
     "SIGNATURE_FORMAT",
     "KeyFileError",
     "PolicySignature",
     "SignatureError",
     "SigningKey",
     "TrustedKey",
+    "check_not_future",
     "generate_keypair",
     "key_id",
     "load_signing_key",
@@ -72,6 +74,9 @@ _SIGNED_FIELDS = ("format", "policy_sha256", "signer", "key_id", "signed_at")
 _SIGNER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _SIGNER_LINE = re.compile(r"^#\s*signer:\s*(\S+)\s*$", re.M)
 _MAX_ENVELOPE = 16 * 1024
+# How far in the future a signing time may be before it is refused: clocks of the
+# signing machine and the router disagree a little, never by hours.
+CLOCK_SKEW = 300.0
 
 
 class SignatureError(Exception):
@@ -327,6 +332,32 @@ def verify_envelope(envelope: bytes, key: TrustedKey, policy_sha256: str) -> Pol
     return PolicySignature(
         fields["signer"], fields["key_id"], _signed_at(fields["signed_at"]), policy_sha256
     )
+
+
+def check_not_future(signature: PolicySignature, now: float, skew: float = CLOCK_SKEW) -> None:
+    """Refuse a signature dated more than `skew` seconds after `now`.
+
+    The signing time is the rollback floor (a router refuses policies signed before the
+    newest it accepted), so a signature from the future, made on a machine whose clock
+    is wrong, would make a router refuse every policy signed until that time comes.
+    """
+    ahead = signature.signed_at - now
+    if ahead > skew:
+        raise SignatureError(
+            f"signed at {rfc3339(signature.signed_at)}, {_span(ahead)} ahead of this "
+            f"machine's clock ({rfc3339(now)}; {_span(skew)} of clock skew allowed): "
+            "refused, since as a router's rollback floor it would refuse every policy "
+            "signed before then; check the signing machine's clock and sign the policy again"
+        )
+
+
+def _span(seconds: float) -> str:
+    """A duration for humans: `5 minutes`, `3.0 hours`, `12.5 days`."""
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} minutes"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 86400:.1f} days"
 
 
 def verify_policy_file(

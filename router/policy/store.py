@@ -20,6 +20,10 @@ a now-restricted model to the cloud) without the signing key, as TUF's rollback 
 does. The newest is the live policy, or across restarts the last accepted one that
 the audit trail recorded (`newest_signed`, given by the router). Going back on purpose
 is a new decision: sign the old file again.
+
+A signature dated in the future (beyond `signing.CLOCK_SKEW`, from a signing machine
+whose clock is wrong) is refused: accepted, it would become that floor and refuse
+every policy signed before its date.
 """
 
 from __future__ import annotations
@@ -29,17 +33,19 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybridroute.config import ConfigError
 from hybridroute.router.policy.schema import Policy, compile_policy
 from hybridroute.router.policy.signing import (
+    CLOCK_SKEW,
     KeyFileError,
     PolicySignature,
     SignatureError,
     TrustedKey,
+    check_not_future,
     load_trusted_key,
     rfc3339,
     signature_path,
@@ -107,7 +113,8 @@ class PolicyStore:
     ) -> None:
         self.path = path
         self.require_signed = require_signed
-        self.newest_signed = newest_signed  # updated as signed policies are accepted
+        # updated as signed policies are accepted
+        self.newest_signed = _sane_floor(newest_signed, time.time())
         self.on_result = on_result
         self._apply = apply
         self._lock = asyncio.Lock()
@@ -233,6 +240,7 @@ class PolicyStore:
             raise SignatureError(f"cannot read {sig_path}: {exc.strerror or exc}") from None
         try:
             signature = verify_envelope(envelope, self._trusted, policy.version_hash)
+            check_not_future(signature, time.time())
         except SignatureError as exc:
             raise SignatureError(f"signature {sig_path} refused: {exc}") from None
         newest = self.newest_signed
@@ -284,6 +292,23 @@ class PolicyStore:
             self.on_result(result)
         except Exception:  # a failing hook must not leave the store half-updated
             log.exception("policy store: on_result hook failed for %s", result)
+
+
+def _sane_floor(newest: PolicySignature | None, now: float) -> PolicySignature | None:
+    """The rollback floor the trail remembers, pulled back to `now` if it lies in the
+    future: a trail written before such signatures were refused may hold one, and it
+    would refuse every policy signed until then. Pulled back, not dropped, so a policy
+    signed before this start is still refused as a rollback (unless it is that one)."""
+    if newest is None or newest.signed_at <= now + CLOCK_SKEW:
+        return newest
+    log.warning(
+        "the newest signed policy the audit trail remembers (%s) is signed at %s, in the "
+        "future; policies signed before now (%s) count as rollbacks instead",
+        newest.policy_sha256[:12],
+        rfc3339(newest.signed_at),
+        rfc3339(now),
+    )
+    return replace(newest, signed_at=now)
 
 
 def _by(result: ReloadResult) -> str:
