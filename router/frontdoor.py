@@ -472,6 +472,7 @@ def _describe(event: AuditEvent, decision: Decision, policy: Policy) -> None:
         decision.zone or "",
         (decision.pool or ""),
     )
+    event.decided_route, event.decided_zone = event.route, event.zone
     event.trace, event.hits = decision.trace, decision.detector_hits
     route = policy.routes.get(decision.route) if decision.route else None
     if route is not None:

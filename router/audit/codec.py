@@ -230,8 +230,9 @@ def event_body(event: AuditEvent, hasher: KeyedHasher, full: bool) -> dict[str, 
     """A decision's record body, without `seq` (the writer numbers it). Empty values are
     left out; everything the caller chose freely is hashed or vetted by `name`. A request
     mirrored to a rollout's candidate has `shadow` ({pool, zone, version}), and one that
-    was retried `earlier` (the endpoints tried before the last); others have no such
-    keys, so records written before they existed encode (and verify) as they did."""
+    was retried `earlier` (the endpoints tried before the last), and one served other
+    than decided (a fallback) `decided` ({route, zone}); others have no such keys, so
+    records written before they existed encode (and verify) as they did."""
     body: dict[str, object] = {
         "kind": "request",
         "time_us": _us(event.time),
@@ -266,6 +267,9 @@ def event_body(event: AuditEvent, hasher: KeyedHasher, full: bool) -> dict[str, 
         ),
         "detail": "full" if full else "decisions",
     }
+    decided = (event.decided_route, event.decided_zone)
+    if event.decided_route and decided != (event.route, event.zone):  # a fallback served
+        body["decided"] = {"route": event.decided_route, "zone": event.decided_zone}
     if event.earlier:  # only after a retry: older records are unchanged
         body["earlier"] = [
             {"zone": zone, "pool": pool, "endpoint": endpoint}

@@ -64,10 +64,14 @@ class AuditEvent:
     sensitive: bool | None = None
     reasons: tuple[str, ...] = ()
     findings: Mapping[str, int] = field(default_factory=dict)
-    route: str = ""
-    zone: str = ""
+    route: str = ""  # the route that served (a fallback's, if one did)
+    zone: str = ""  # the zone of the last endpoint the request reached
     pool: str = ""
     endpoint: str = ""
+    # What the policy decided, when it differs from what served (a fallback route, an
+    # endpoint of another zone): `policy replay` compares decisions with decisions.
+    decided_route: str = ""
+    decided_zone: str = ""
     attempts: int = 0
     # Attempts before the last, as (zone, pool, endpoint): a retry's first endpoint got
     # the request's data too, and the trail says so.

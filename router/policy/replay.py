@@ -73,10 +73,11 @@ class RecordedDecision:
     doubts: tuple[str, ...]  # of _DOUBTS
     session_pinned: bool
     outcome: str  # routed | denied | rejected
-    route: str | None
-    zone: str | None
+    route: str | None  # as decided (not a fallback that served it)
+    zone: str | None  # as decided
     rule: str
     policy_hash: str
+    reached_cloud: bool = False  # any attempt (a fallback, a retry) went to the cloud
 
 
 class DecisionSource(Protocol):
@@ -126,6 +127,10 @@ def _from_body(seq: int, body: dict[str, Any]) -> RecordedDecision | None:
     if not body.get("rule") or not body.get("policy"):
         return None  # refused before the policy decided anything
     reasons = [str(r) for r in body.get("reasons", [])]
+    decided: dict[str, Any] = body["decided"] if isinstance(body.get("decided"), dict) else {}
+    earlier: list[Any] = body["earlier"] if isinstance(body.get("earlier"), list) else []
+    zones = {body.get("zone"), decided.get("zone")}
+    zones |= {e.get("zone") for e in earlier if isinstance(e, dict)}
     return RecordedDecision(
         ref=f"seq {seq}",
         time=int(body.get("time_us", 0)) / 1e6,
@@ -138,10 +143,11 @@ def _from_body(seq: int, body: dict[str, Any]) -> RecordedDecision | None:
         doubts=tuple(d for d in _DOUBTS if d in reasons),
         session_pinned="session-pinned" in reasons,
         outcome=str(body.get("outcome", "")),
-        route=body.get("route"),
-        zone=body.get("zone"),
+        route=decided.get("route", body.get("route")),
+        zone=decided.get("zone", body.get("zone")),
         rule=str(body["rule"]),
         policy_hash=str(body["policy"]),
+        reached_cloud="cloud" in zones,
     )
 
 
@@ -220,7 +226,12 @@ class Move:
 
     @property
     def newly_cloud(self) -> bool:
-        return self.new.zone == "cloud" and self.record.zone != "cloud"
+        """The new policy sends it to the cloud, and nothing of it went there before."""
+        return (
+            self.new.zone == "cloud"
+            and self.record.zone != "cloud"
+            and not self.record.reached_cloud
+        )
 
 
 @dataclass
