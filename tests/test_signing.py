@@ -191,6 +191,30 @@ def test_sign_refuses_an_invalid_policy(tmp_path: Path, keys: Path, capsys) -> N
     assert code == 2 and "belongs to signer 'secteam'" in err
 
 
+def test_sign_never_writes_over_the_policy_or_the_key(
+    tmp_path: Path, keys: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_bytes(POLICY)
+    key = tmp_path / "secteam.key"
+    shutil.copy(keys / "secteam.key", key)
+    (tmp_path / "sub").mkdir()
+    os.symlink(policy, tmp_path / "link.yaml")
+    for out in (policy, tmp_path / "sub" / ".." / "policy.yaml", tmp_path / "link.yaml"):
+        code, _, err = run(capsys, "policy", "sign", policy, "--key", key, "--out", out)
+        assert code == 2 and f"--out {out} is the policy ({policy})" in err
+    code, _, err = run(capsys, "policy", "sign", policy, "--key", key, "--out", key)
+    assert code == 2 and "is the signing key" in err
+    assert policy.read_bytes() == POLICY
+    assert key.read_bytes() == (keys / "secteam.key").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "link.yaml",
+        "policy.yaml",
+        "secteam.key",
+        "sub",
+    ]
+
+
 def test_router_config_needs_a_key_to_require_signatures(tmp_path: Path) -> None:
     base = "listen: 127.0.0.1:1\ninsecure: true\npolicy: p.yaml\n"
     base += "upstream: {ca: ca.pem, cert: r.pem, key: r.key}\n"

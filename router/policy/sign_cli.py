@@ -14,6 +14,7 @@ import hashlib
 import os
 import sys
 import time
+from pathlib import Path
 
 from hybridroute.cli import UsageError
 from hybridroute.router.policy.cli import EXIT_FAILED, EXIT_OK, load_policy_or_report
@@ -62,7 +63,28 @@ def _warn_if_readable(path: os.PathLike[str]) -> None:
         )
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file (through links, `..` or a hard link)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet): compare where they would be
+        return a.resolve() == b.resolve()
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """The signature replaces whatever --out names: never the policy or the key."""
+    out = args.out or signature_path(args.policy)
+    for what, path in (("the policy", args.policy), ("the signing key", args.key)):
+        if _same_file(out, path):
+            raise UsageError(
+                f"--out {out} is {what} ({path}): writing the signature there would "
+                f"replace it; drop --out (the default is {signature_path(args.policy)}) "
+                "or name another file"
+            )
+
+
 def run_sign(args: argparse.Namespace) -> int:
+    _check_out(args)
     try:
         key = load_signing_key(args.key)
     except KeyFileError as exc:
