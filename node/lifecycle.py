@@ -10,7 +10,9 @@ What a rollout needs from a node, and how it is met:
 * A broken version changes nothing that serves. A version that fails to load becomes
   an UNAVAILABLE entry with its reason (RepositoryIndex shows it) and the call fails
   with FAILED_PRECONDITION and that reason; a failed reload of a READY version keeps
-  the files loaded before. The version policy is only applied after a success.
+  the files loaded before. The version policy is only applied after a success, and is
+  only ever taken from a version that loaded: a broken new version cannot declare a
+  policy that unloads the working ones or refuses a rollback to them.
 * No accidental outage. Unloading the last READY version of a model is refused
   unless forced: the node cannot know whether a route still sends that model traffic.
 
@@ -88,18 +90,23 @@ class IndexRow:
     reason: str = ""
 
 
-def policy_for(dirs: dict[int, Path], default: VersionPolicy) -> tuple[VersionPolicy, str]:
-    """The policy of a model: its newest version's declaration, else `default`; and
-    where it came from (for messages)."""
+def policy_for(
+    dirs: dict[int, Path], default: VersionPolicy
+) -> tuple[VersionPolicy, str, int | None]:
+    """The policy of a model: the declaration of the newest version in `dirs` whose
+    model.yaml parses, else `default`; where it came from (for messages); and that
+    deciding version (None when there is none). Callers pass only versions that loaded
+    (or are about to be loaded, and are dropped from `dirs` if they fail)."""
     for version in sorted(dirs, reverse=True):
         try:
             config = load_model(dirs[version] / CONFIG_FILE, ModelConfig)
         except (ConfigError, OSError):
             continue  # a broken newest version does not get to decide
         if config.version_policy is not None:
-            return config.version_policy, f"{dirs[version].parent.name}/{version}/{CONFIG_FILE}"
-        return default, "the node's --version-policy"
-    return default, "the node's --version-policy"
+            where = f"{dirs[version].parent.name}/{version}/{CONFIG_FILE}"
+            return config.version_policy, where, version
+        return default, "the node's --version-policy", version
+    return default, "the node's --version-policy", None
 
 
 def _candidates(policy: VersionPolicy, dirs: dict[int, Path]) -> list[int]:
@@ -125,15 +132,26 @@ def scan_with_policy(
         dirs = version_dirs(model_dir)
         if not dirs:
             log.warning("model directory %s holds no version directories", model_dir)
-        policy, _ = policy_for(dirs, default)
+        # The policy comes from the newest version that loads: try each deciding
+        # version first, and if it fails, let the next one decide.
+        mine: dict[int, VersionEntry] = {}
+        while True:
+            usable = {v: p for v, p in dirs.items() if v not in mine or mine[v].ready}
+            policy, _, decider = policy_for(usable, default)
+            if decider is None or decider in mine or not policy.allows(decider):
+                break
+            mine[decider] = load_entry(model_dir.name, decider, dirs[decider])
+            if mine[decider].ready:
+                break
         ready = 0
         for version in _candidates(policy, dirs):
             if policy.latest is not None and ready >= policy.latest:
                 break
-            entry = load_entry(model_dir.name, version, dirs[version])
-            entries.append(entry)
-            ready += entry.ready
-        loaded = {e.version for e in entries if e.name == model_dir.name}
+            if version not in mine:
+                mine[version] = load_entry(model_dir.name, version, dirs[version])
+            ready += mine[version].ready
+        entries.extend(mine.values())
+        loaded = set(mine)
         for version in set(dirs) - loaded:
             notes[(model_dir.name, version)] = (
                 f"{NOT_LOADED}: outside version policy {policy.describe()}"
@@ -206,14 +224,19 @@ class ModelLifecycle:
         self._model_dirs(name)  # a bad or unknown name fails here, before it gets a lock
         async with self._lock(name):
             dirs = self._model_dirs(name)  # again: the disk may have changed meanwhile
-            policy, source = policy_for(dirs, self.default_policy)
             if version is None:
-                return await self._load_by_policy(name, dirs, policy)
+                return await self._load_by_policy(name, dirs)
             if version not in dirs:
                 on_disk = ", ".join(str(v) for v in sorted(dirs))
                 raise ModelNotFound(
                     f"model {name!r} has no version directory {version} (on disk: {on_disk})"
                 )
+            # Only versions that loaded (and this one, which must load before the policy
+            # is applied) decide the policy: never a newer version that failed.
+            deciders = set(self._ready(name)) | {version}
+            policy, source, _ = policy_for(
+                {v: p for v, p in dirs.items() if v in deciders}, self.default_policy
+            )
             if not policy.allows(version):
                 raise Refused(
                     f"the version policy of {name!r} ({policy.describe()}, from {source}) "
@@ -246,39 +269,53 @@ class ModelLifecycle:
         log.info("model %s/%s loaded%s", name, version, f" (by {by})" if by else "")
         await self._changed()
 
-    async def _load_by_policy(
-        self, name: str, dirs: dict[int, Path], policy: VersionPolicy
-    ) -> list[int]:
-        failures: list[str] = []
-        ready = (
-            set(self.repository.versions(name, ready_only=True))
-            if self.repository.knows(name)
-            else set()
+    def _ready(self, name: str) -> list[int]:
+        return (
+            self.repository.versions(name, ready_only=True) if self.repository.knows(name) else []
         )
+
+    async def _load_by_policy(self, name: str, dirs: dict[int, Path]) -> list[int]:
+        failures: list[str] = []
+        failed: set[int] = set()
+        ready = set(self._ready(name))
+
+        async def attempt(version: int) -> bool:
+            try:
+                await self._load_one(name, version, dirs[version], by="")
+            except LoadFailed as exc:
+                failures.append(str(exc))
+                failed.add(version)
+                return False
+            ready.add(version)
+            return True
+
+        # The policy comes from the newest version that loads: load each deciding
+        # version first; if it fails, the next one decides.
+        while True:
+            usable = {v: p for v, p in dirs.items() if v not in failed}
+            policy, _, decider = policy_for(usable, self.default_policy)
+            if decider is None or decider in ready or not policy.allows(decider):
+                break
+            if await attempt(decider):
+                break
         kept = 0  # newest-first versions the policy keeps that are READY
         for version in _candidates(policy, dirs):
             if policy.latest is not None and kept >= policy.latest:
                 break
-            if version not in ready:
-                try:
-                    await self._load_one(name, version, dirs[version], by="")
-                except LoadFailed as exc:
-                    failures.append(str(exc))
-                    continue
-                ready.add(version)
+            if version in failed or (version not in ready and not await attempt(version)):
+                continue
             kept += 1
-        unloaded = await self._apply_policy(name, policy, pinned=None)
-        if failures:
-            serving = ", ".join(str(v) for v in sorted(ready)) or "none"
-            raise LoadFailed("; ".join(failures) + f" (serving versions: {serving})")
-        return unloaded
+        if failures:  # a failed load unloads nothing: the versions serving stay
+            serving = ", ".join(str(v) for v in self._ready(name)) or "none"
+            raise LoadFailed(
+                "; ".join(failures) + f" (nothing unloaded; serving versions: {serving})"
+            )
+        return await self._apply_policy(name, policy, pinned=None)
 
     async def _apply_policy(
         self, name: str, policy: VersionPolicy, *, pinned: int | None
     ) -> list[int]:
-        ready = (
-            self.repository.versions(name, ready_only=True) if self.repository.knows(name) else []
-        )
+        ready = self._ready(name)
         drop = sorted(set(ready) - to_keep(policy, ready, pinned=pinned))
         for version in drop:
             note = f"{NOT_LOADED}: unloaded by version policy {policy.describe()}"

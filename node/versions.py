@@ -11,8 +11,9 @@ Why "newest N that load" rather than "the N highest numbers": a version that fai
 load must never push a serving version out (the rollout rule of this project), so a
 broken v3 under `latest: 2` leaves v2 and v1 serving.
 
-The policy of a model is the one declared by its newest version whose model.yaml
-parses (a new version can change it), else the node's default. It is applied when
+The policy of a model is the one declared by its newest version that loaded (a new
+version can change it, but only once it loads: a broken one never decides), else the
+node's default. It is applied when
 the node starts and after every successful load; an explicit unload is never undone
 by it, and the version an operator has just loaded is never unloaded by it.
 """

@@ -168,6 +168,33 @@ def test_a_version_that_fails_to_load_leaves_serving_versions_and_says_why(
         assert infer(stub, "1").model_version == "1"
 
 
+def test_a_broken_version_declaring_a_policy_unloads_nothing_and_allows_rollback(
+    repo: Path, model_repo: Path, pki: Path
+) -> None:
+    """A new version that fails to load must not decide the policy: its `specific: [2]`
+    would unload v1 and refuse a load of v1 (the rollback)."""
+    with running_node(repo, pki) as node, router_channel(node, pki) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        break_version(add_version(repo, 2, source=model_repo, policy="{specific: [2]}"))
+        with pytest.raises(grpc.RpcError) as info:
+            load(stub)  # what the policy selects
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "iris/2 did not load" in info.value.details()
+        assert "nothing unloaded; serving versions: 1" in info.value.details()
+        assert index(stub)["iris/1"] == ("READY", "")
+        assert infer(stub).model_version == "1"
+        load(stub, 1)  # a rollback to the working version is not refused
+        assert infer(stub, "1").model_version == "1"
+        with pytest.raises(grpc.RpcError) as info:
+            load(stub, 2)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert index(stub)["iris/1"] == ("READY", "")
+        assert infer(stub).model_version == "1"
+    # At startup, too, the broken v2 does not decide: v1 loads under the node default.
+    entries, _ = scan_with_policy(repo, VersionPolicy(latest=2))
+    assert {e.version: e.state for e in entries} == {1: "READY", 2: "UNAVAILABLE"}
+
+
 def test_unloading_the_last_ready_version_is_refused_unless_forced(
     repo: Path, model_repo: Path, pki: Path
 ) -> None:
