@@ -278,6 +278,22 @@ def test_explain_shows_rules_hits_verdict_and_decision_never_values(
         assert secret not in out
 
 
+def test_explain_shows_the_label_as_the_engine_reads_it_never_the_header(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    request = tmp_path / "req.yaml"
+    for header, shown in [
+        (f'"SSN {SSN}"', "invalid (not a known label)"),
+        ('" Public "', "public"),
+        (None, "none (no header)"),
+    ]:
+        metadata = f"metadata: {{x-data-classification: {header}}}\n" if header else ""
+        request.write_text(f"caller: demo-app\nmodel: m\n{metadata}")
+        code, out, _ = run(capsys, "policy", "explain", DEFAULT, "--request", request)
+        assert code == 0 and f"  x-data-classification: {shown}; session: none" in out
+        assert SSN not in out and "Public" not in out
+
+
 def test_explain_json_session_pin_and_expectations(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

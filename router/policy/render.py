@@ -4,14 +4,15 @@ Shared by `policy test` (the trace of a failed case), `policy explain` and `poli
 diff`, so a reviewer reads every decision the same way. Like the engine, nothing here
 ever shows a value taken from a request: detector hits are a name, a source ("which
 input") and character offsets; the rules' "why not" texts are built from the policy
-at load time; labels and auth kinds come from closed vocabularies.
+at load time; labels (normalised, as rules see them) and auth kinds come from closed
+vocabularies.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from hybridroute.router.policy.engine import Decision, RequestFacts
+from hybridroute.router.policy.engine import Decision, RequestFacts, label_key
 from hybridroute.router.policy.schema import Policy
 
 __all__ = [
@@ -96,12 +97,18 @@ def _decision_lines(policy: Policy, decision: Decision, indent: str) -> list[str
     return lines
 
 
+# The label as the engine reads it (`label_key`), never the header's raw value: a
+# value that is not a known label may be anything a caller put there, personal data
+# included.
+_LABEL_SHOWN = {"none": "none (no header)", "invalid": "invalid (not a known label)"}
+
+
 def request_lines(facts: RequestFacts, pinned: bool) -> list[str]:
-    """What the engine was told, by name and kind: caller, model, label, the sources of
-    the scanned texts (never their content)."""
+    """What the engine was told, by name and kind: caller, model, the label as the
+    engine reads it, the sources of the scanned texts (never their content)."""
     sources = [t.source for t in facts.texts]
     unreadable = [t.source for t in facts.texts if t.text is None]
-    label = facts.label if facts.label is not None else "(none)"
+    label = _LABEL_SHOWN.get(key := label_key(facts.label), key)
     lines = [
         f"  caller: {facts.caller or '(none)'} ({facts.auth}); model: {facts.model}"
         + (f" version {facts.model_version}" if facts.model_version else ""),
