@@ -16,6 +16,15 @@ p-values drift when below `alpha / n_features` (Bonferroni, as alibi-detect does
 the family-wise false-alarm rate of a model stays at or below `alpha`); distances
 drift at or above 0.1 (Evidently's defaults; no correction applies to distances).
 
+Missing values (NaN, and other non-finite values) are not part of the value tests
+above; a column where upstream starts losing values must still raise an alarm. So
+when either sample has missing values in a feature, its missing share is tested
+against the reference's too, as a result of its own (`<feature> missing`, test
+`missing`: Fisher's exact test on the 2 x 2 table of present and missing counts, a
+two-proportion test that holds for the small counts a rare missing value gives).
+These p-values count in the Bonferroni correction. A live column that is entirely
+missing is drift whatever the test says (its values cannot be tested at all).
+
 Why these and not one test for all: KS is exact and sensitive on small references
 but flags negligible shifts once both samples are large, so large references use an
 effect size (a normalised distance) instead; few-valued features are categories,
@@ -40,6 +49,7 @@ from scipy.spatial import distance
 __all__ = [
     "ALPHA",
     "DISTANCE_THRESHOLD",
+    "MISSING_SUFFIX",
     "FeatureResult",
     "choose_test",
     "compare",
@@ -61,7 +71,9 @@ _KINDS: dict[str, ScoreKind] = {
     "z": "p_value",
     "wasserstein": "distance",
     "jensenshannon": "distance",
+    "missing": "p_value",
 }
+MISSING_SUFFIX = " missing"
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,47 @@ class FeatureResult:
 def _finite(values: Any) -> Floats:
     array = np.asarray(values, dtype=np.float64).ravel()
     return array[np.isfinite(array)]
+
+
+def _missing(values: Any) -> int:
+    """How many of `values` are missing (NaN or otherwise not finite)."""
+    return int((~np.isfinite(np.asarray(values, dtype=np.float64).ravel())).sum())
+
+
+def _missing_p(ref_missing: int, ref_rows: int, cur_missing: int, cur_rows: int) -> float:
+    """Fisher's exact test: is the live missing share the reference's?"""
+    table = [[ref_missing, ref_rows - ref_missing], [cur_missing, cur_rows - cur_missing]]
+    return float(stats.fisher_exact(table).pvalue)
+
+
+def _missing_result(
+    name: str, threshold: float, missing: tuple[int, int], rows: tuple[int, int], *, score: bool
+) -> FeatureResult:
+    """The missing-share verdict of feature `name` (no verdict when not `score`).
+    Chart: category 0 = present, 1 = missing."""
+    (ref_missing, cur_missing), (ref_rows, cur_rows) = missing, rows
+    p = math.nan
+    drift = False
+    if score and ref_rows and cur_rows:
+        p = _missing_p(ref_missing, ref_rows, cur_missing, cur_rows)
+        all_missing = cur_missing == cur_rows and ref_missing < ref_rows
+        drift = all_missing or p < threshold
+
+    def shares(missing: int, total: int) -> tuple[float, ...]:
+        return (1 - missing / total, missing / total, 0.0) if total else ()
+
+    return FeatureResult(
+        feature=name + MISSING_SUFFIX,
+        test="missing",
+        score_kind="p_value",
+        statistic=p,
+        threshold=threshold,
+        drift=drift,
+        bin_edges=(0.0, 1.0),
+        reference_shares=shares(ref_missing, ref_rows),
+        current_shares=shares(cur_missing, cur_rows) if score else (),
+        categorical=True,
+    )
 
 
 def choose_test(reference: Floats, current: Floats) -> str:
@@ -195,8 +248,8 @@ def _result(
     )
 
 
-def _threshold(test: str, n_features: int, alpha: float) -> float:
-    return alpha / max(1, n_features) if _KINDS[test] == "p_value" else DISTANCE_THRESHOLD
+def _threshold(test: str, n_tests: int, alpha: float) -> float:
+    return alpha / max(1, n_tests) if _KINDS[test] == "p_value" else DISTANCE_THRESHOLD
 
 
 def compare(
@@ -206,14 +259,22 @@ def compare(
     *,
     alpha: float = ALPHA,
 ) -> list[FeatureResult]:
-    """Test every column of `current` against the same column of `reference`."""
+    """Test every column of `current` against the same column of `reference`, and the
+    missing share of every column where either has missing values (see the module
+    docstring); each missing-share result follows its feature's."""
+    rows = (len(reference), len(current))
+    missing = [(_missing(reference[:, i]), _missing(current[:, i])) for i in range(len(features))]
+    n_tests = len(features) + sum(1 for m in missing if any(m))
     results = []
     for i, name in enumerate(features):
         ref, cur = _finite(reference[:, i]), _finite(current[:, i])
         test = choose_test(ref, cur)
-        threshold = _threshold(test, len(features), alpha)
+        threshold = _threshold(test, n_tests, alpha)
         score = _score(test, ref, cur) if len(ref) and len(cur) else math.nan
         results.append(_result(name, test, score, threshold, ref, cur))
+        if any(missing[i]):
+            limit = _threshold("missing", n_tests, alpha)
+            results.append(_missing_result(name, limit, missing[i], rows, score=True))
     return results
 
 
@@ -225,11 +286,19 @@ def untested(
     alpha: float = ALPHA,
 ) -> list[FeatureResult]:
     """What `compare` would test, without a verdict (the window is below its minimum):
-    statistic NaN, drift False, histograms of what there is."""
+    statistic NaN, drift False, histograms of what there is. Missing-share results
+    appear only for features whose reference has missing values: which features the
+    live rows lack must not show either."""
+    rows = (len(reference), len(current))
+    missing = [_missing(reference[:, i]) for i in range(len(features))]
+    n_tests = len(features) + sum(1 for m in missing if m)
     results = []
     for i, name in enumerate(features):
         ref, cur = _finite(reference[:, i]), _finite(current[:, i])
         test = choose_test(ref, cur)
-        threshold = _threshold(test, len(features), alpha)
+        threshold = _threshold(test, n_tests, alpha)
         results.append(_result(name, test, math.nan, threshold, ref, cur))
+        if missing[i]:
+            limit = _threshold("missing", n_tests, alpha)
+            results.append(_missing_result(name, limit, (missing[i], 0), rows, score=False))
     return results

@@ -121,6 +121,34 @@ def test_tests_follow_evidently_defaults() -> None:
     assert ks.threshold == pytest.approx(0.05 / 6)  # Bonferroni
 
 
+def test_missing_values_raise_an_alarm(loans: LoadedModel) -> None:
+    """NaN is not a value the value tests can see: its share is tested on its own."""
+    live = draw(np.random.default_rng(8), 500)
+    live[:, 1] = np.nan  # upstream lost income entirely
+    monitor = DriftMonitor(window=500, min_window=100)
+    monitor.track(loans)
+    monitor.observe("loans", 1, live)
+    (report,) = monitor.report()
+    assert report.status == "drift" and report.drift
+    found = {f.feature: f for f in report.features}
+    assert found["income missing"].drift and found["income missing"].test == "missing"
+    assert found["income missing"].current_shares[:2] == (0.0, 1.0)
+    assert not any(f.drift for name, f in found.items() if name != "income missing")
+    # A share of missing values the reference also has is no alarm; a new one is, and
+    # these tests count in the Bonferroni correction.
+    rng = np.random.default_rng(9)
+    reference, current = draw(rng, 800), draw(rng, 400)
+    reference[rng.uniform(size=800) < 0.1, 0] = np.nan
+    current[rng.uniform(size=400) < 0.1, 0] = np.nan
+    results = {r.feature: r for r in compare(FEATURES, reference, current)}
+    assert not results["age missing"].drift and "score missing" not in results
+    assert results["age"].threshold == pytest.approx(0.05 / 7)
+    current[rng.uniform(size=400) < 0.2, 3] = np.nan
+    results = {r.feature: r for r in compare(FEATURES, reference, current)}
+    assert results["score missing"].drift and not results["score"].drift
+    assert results["score missing"].threshold == pytest.approx(0.05 / 8)
+
+
 def test_not_enough_data_below_the_minimum_window(loans: LoadedModel) -> None:
     monitor = DriftMonitor(window=500, min_window=100)
     monitor.track(loans)
