@@ -183,6 +183,12 @@ def _print_table(answers: list[NodeDrift]) -> None:
     print_table(headers, rows)
     for answer in answers:
         for m in answer.models:
+            if m.status == "not enough data":
+                print(
+                    f"{answer.target.name} {m.model}/{m.version}: window too small "
+                    f"({m.window} of at least {m.min_window} live rows): no verdict, "
+                    "and no live histograms (they would reveal single requests)"
+                )
             if m.status in {"ok", "drift"}:
                 shifted = [f.feature for f in m.features if f.drift]
                 verdict = "drift in " + ", ".join(shifted) if shifted else "no drift"

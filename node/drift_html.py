@@ -88,8 +88,11 @@ def _axis_labels(feature: Any, slot: float) -> list[str]:
 def _caption(model: Any, feature: Any) -> str:
     name = html.escape(feature.feature)
     test = html.escape(feature.test)
-    if math.isnan(feature.statistic):
-        verdict = '<span class="muted">no verdict: not enough data</span>'
+    if model.status == "not enough data":
+        verdict = '<span class="muted">no verdict, no live bars: window too small</span>'
+        score = "-"
+    elif math.isnan(feature.statistic):
+        verdict = '<span class="muted">no verdict: no live values to test</span>'
         score = "-"
     else:
         verdict = '<span class="drift">drift</span>' if feature.drift else "no drift"

@@ -31,7 +31,9 @@ effect size (a normalised distance) instead; few-valued features are categories,
 where KS's continuity assumption does not hold.
 
 Charts get histograms whose bins come from the reference only, so a chart never
-reveals an individual live value (a live outlier lands in the outermost bin).
+reveals an individual live value (a live outlier lands in the outermost bin). Below
+the minimum window there are no live histograms at all (`untested`): shares of a
+handful of rows would pin the values of single requests.
 """
 
 from __future__ import annotations
@@ -227,7 +229,14 @@ def _histogram(reference: Floats, current: Floats) -> tuple[Floats, Floats, Floa
 
 
 def _result(
-    name: str, test: str, score: float, threshold: float, reference: Floats, current: Floats
+    name: str,
+    test: str,
+    score: float,
+    threshold: float,
+    reference: Floats,
+    current: Floats,
+    *,
+    live: bool = True,
 ) -> FeatureResult:
     kind = _KINDS[test]
     drift = not math.isnan(score) and (
@@ -243,7 +252,7 @@ def _result(
         drift=bool(drift),
         bin_edges=tuple(float(e) for e in edges),
         reference_shares=tuple(float(v) for v in ref),
-        current_shares=tuple(float(v) for v in cur),
+        current_shares=tuple(float(v) for v in cur) if live else (),
         categorical=categorical,
     )
 
@@ -286,18 +295,19 @@ def untested(
     alpha: float = ALPHA,
 ) -> list[FeatureResult]:
     """What `compare` would test, without a verdict (the window is below its minimum):
-    statistic NaN, drift False, histograms of what there is. Missing-share results
-    appear only for features whose reference has missing values: which features the
-    live rows lack must not show either."""
+    statistic NaN, drift False, reference histograms only. Nothing here depends on the
+    live rows: with a handful of them, live shares (or a test chosen by their distinct
+    values) would pin individual request values. Missing-share results appear only
+    for features whose reference has missing values, for the same reason."""
     rows = (len(reference), len(current))
     missing = [_missing(reference[:, i]) for i in range(len(features))]
     n_tests = len(features) + sum(1 for m in missing if m)
     results = []
     for i, name in enumerate(features):
-        ref, cur = _finite(reference[:, i]), _finite(current[:, i])
-        test = choose_test(ref, cur)
+        ref = _finite(reference[:, i])
+        test = choose_test(ref, ref[:0])
         threshold = _threshold(test, n_tests, alpha)
-        results.append(_result(name, test, math.nan, threshold, ref, cur))
+        results.append(_result(name, test, math.nan, threshold, ref, ref[:0], live=False))
         if missing[i]:
             limit = _threshold("missing", n_tests, alpha)
             results.append(_missing_result(name, limit, (missing[i], 0), rows, score=False))

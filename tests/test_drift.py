@@ -156,8 +156,24 @@ def test_not_enough_data_below_the_minimum_window(loans: LoadedModel) -> None:
     (report,) = monitor.report()
     assert report.status == "not enough data" and report.window == 99 and not report.drift
     assert all(math.isnan(f.statistic) and not f.drift for f in report.features)
+    assert all(f.current_shares == () and f.reference_shares for f in report.features)
     monitor.observe("loans", 1, draw(np.random.default_rng(4), 1, shifted=True))
     assert monitor.report()[0].status in {"ok", "drift"}
+
+
+def test_a_small_window_reveals_no_request_values(loans: LoadedModel) -> None:
+    """One request below the minimum window: its histogram shares would pin its values;
+    nothing in the report may depend on them (not even the test chosen)."""
+    reports = []
+    for row in ([[39.0, 51.0, 0.7, 0.5, 2.0, 1.0]], [[20.0, 99.0, 3.0, 0.1, 0.0, 0.0]]):
+        monitor = DriftMonitor(window=500, min_window=100)
+        monitor.track(loans)
+        monitor.observe("loans", 1, np.array(row))
+        (report,) = monitor.report()
+        assert report.status == "not enough data" and report.window == 1
+        reports.append([(f.feature, f.test, f.current_shares) for f in report.features])
+    assert reports[0] == reports[1]
+    assert all(shares == () for _, _, shares in reports[0])
 
 
 def test_the_window_slides(loans: LoadedModel) -> None:
@@ -284,6 +300,8 @@ def test_node_reports_drift_in_metrics_logs_cli_and_html(
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {ln["status"] for ln in lines} == {"not enough data"}
     assert all(ln["statistic"] is None and ln["drift"] is False for ln in lines)
+    assert main(["drift", "report", *cli_args(node, pki)]) == 0
+    assert "loans/1: window too small (0 of at least 100 live rows)" in capsys.readouterr().out
     live = draw(np.random.default_rng(42), 400, shifted=True)
     with caplog.at_level(logging.INFO, logger="hybridroute.node.drift"):
         send(node, pki, live)
