@@ -96,29 +96,66 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
 
 
-def _construct(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], loader: Any) -> Any:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if not isinstance(key, str | int | float | bool) and key is not None:
-                raise _Problem(key_node.start_mark.line + 1, path, "mapping keys must be scalars")
-            if key in out:
-                raise _Problem(key_node.start_mark.line + 1, path, f"duplicate key {key!r}")
-            child = (*path, key)
-            lines[child] = key_node.start_mark.line + 1
-            out[key] = _construct(value_node, child, lines, loader)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        items = []
-        for i, item in enumerate(node.value):
-            child = (*path, i)
-            lines[child] = item.start_mark.line + 1
-            items.append(_construct(item, child, lines, loader))
-        return items
-    return loader.construct_object(node, deep=True)
+# Deeper than any configuration needs; far enough from Python's recursion limit that
+# validating the data cannot hit it either.
+_MAX_DEPTH = 100
+
+
+def _construct(
+    node: yaml.Node, path: PathKey, lines: dict[PathKey, int], loader: Any, active: set[int]
+) -> Any:
+    """`node` as Python data, recording the line of every key and item below `path`.
+
+    `active` holds the nodes being built around this one: an alias to one of them
+    (`a: &x [*x]`) would make the data contain itself, which no configuration means
+    and which would recurse without end here and in validation.
+    """
+    line = lines.setdefault(path, node.start_mark.line + 1)  # of its key, for an alias
+    if isinstance(node, yaml.ScalarNode):
+        return loader.construct_object(node, deep=True)
+    if id(node) in active:
+        message = "recursive alias: it refers to a node that contains it, so the data "
+        raise _Problem(line, path, message + "would contain itself; write the values out")
+    if len(path) >= _MAX_DEPTH:
+        raise _Problem(line, (), f"nested more than {_MAX_DEPTH} levels deep")
+    active.add(id(node))
+    try:
+        if isinstance(node, yaml.MappingNode):
+            return _construct_mapping(node, path, lines, loader, active)
+        if isinstance(node, yaml.SequenceNode):
+            return [
+                _construct_item(item, (*path, i), lines, loader, active)
+                for i, item in enumerate(node.value)
+            ]
+        return loader.construct_object(node, deep=True)
+    finally:
+        active.discard(id(node))
+
+
+def _construct_item(
+    node: yaml.Node, path: PathKey, lines: dict[PathKey, int], loader: Any, active: set[int]
+) -> Any:
+    lines[path] = node.start_mark.line + 1
+    return _construct(node, path, lines, loader, active)
+
+
+def _construct_mapping(
+    node: yaml.MappingNode, path: PathKey, lines: dict[PathKey, int], loader: Any, active: set[int]
+) -> dict[Any, Any]:
+    loader.flatten_mapping(node)  # merges `<<: *base` keys into this mapping
+    out: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise _Problem(key_node.start_mark.line + 1, path, "mapping keys must be scalars")
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | float | bool) and key is not None:
+            raise _Problem(key_node.start_mark.line + 1, path, "mapping keys must be scalars")
+        if key in out:
+            raise _Problem(key_node.start_mark.line + 1, path, f"duplicate key {key!r}")
+        child = (*path, key)
+        lines[child] = key_node.start_mark.line + 1
+        out[key] = _construct(value_node, child, lines, loader, active)
+    return out
 
 
 class _Problem(Exception):
@@ -144,7 +181,9 @@ def render_path(path: PathKey) -> str:
 
 
 def load_yaml(path: str | Path, *, text: str | None = None) -> Located:
-    """Parse one YAML document, recording lines. Syntax errors become `ConfigError`."""
+    """Parse one YAML document, recording lines. Syntax errors become `ConfigError`, and
+    so does what no configuration is: data that contains itself through an alias, or
+    nesting deeper than `_MAX_DEPTH` (either would otherwise be a `RecursionError`)."""
     source = str(path)
     try:
         content = Path(path).read_text(encoding="utf-8") if text is None else text
@@ -156,9 +195,15 @@ def load_yaml(path: str | Path, *, text: str | None = None) -> Located:
     lines: dict[PathKey, int] = {}
     try:
         node = loader.get_single_node()
-        data = {} if node is None else _construct(node, (), lines, loader)
+        data = {} if node is None else _construct(node, (), lines, loader, set())
     except _Problem as exc:
         raise ConfigError(source, [(exc.line, render_path(exc.path), exc.message)]) from None
+    except RecursionError:  # PyYAML's composer recurses once per level of nesting
+        # (deeper than _MAX_DEPTH, which `_construct` refuses with the line of the node)
+        where = loader.get_mark().line + 1
+        raise ConfigError(
+            source, [(where, "", f"nested more than {_MAX_DEPTH} levels deep")]
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None

@@ -73,6 +73,27 @@ def test_syntax_errors_and_missing_files_say_where(tmp_path: Path) -> None:
         load_model(tmp_path / "nope.yaml", Doc)
 
 
+def test_self_containing_or_absurdly_deep_yaml_is_an_error_with_its_line(
+    tmp_path: Path,
+) -> None:
+    """Either would recurse without end (a RecursionError traceback, no file:line)."""
+    nested = "routes:\n  - &r\n    name: a\n    limits: {max_rows: *r}\n"
+    for text, line, where in [
+        ("a: &x [*x]\n", 1, r"a\[0\]"),
+        (nested, 4, r"routes\[0\]\.limits\.max_rows"),  # the line of the alias
+        ("a: &m\n  <<: {b: *m}\n", 2, "a.b"),  # through a merge key
+    ]:
+        with pytest.raises(ConfigError, match=rf"conf.yaml:{line}: {where}: recursive alias"):
+            load_model(_write(tmp_path, text), Doc)
+    for depth in (150, 10_000):  # PyYAML can read the first, not the second
+        text = "routes: []\nx: " + "[" * depth + "]" * depth + "\n"
+        with pytest.raises(ConfigError, match=r"conf.yaml:2: nested more than 100 levels"):
+            load_model(_write(tmp_path, text), Doc)
+    # An anchor used beside itself, not inside, is just shared data.
+    text = "routes:\n  - &a {name: a, zone: onprem}\n  - *a\n"
+    assert [r.name for r in load_model(_write(tmp_path, text), Doc).routes] == ["a", "a"]
+
+
 # --- key paths inside mappings of user-named entries ------------------------------------
 
 

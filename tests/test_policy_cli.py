@@ -148,6 +148,21 @@ def test_check_schema_syntax_and_missing_files(
     assert "default.yaml: OK" in out  # every file is reported, not just up to the first bad one
 
 
+def test_self_containing_or_too_deep_yaml_is_an_error_with_its_line_in_every_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recursive, deep = tmp_path / "rec.yaml", tmp_path / "deep.yaml"
+    recursive.write_text("version: 1\ncallers: &x [*x]\n")
+    deep.write_text("version: 1\ncases: " + "[" * 10_000 + "]" * 10_000 + "\n")
+    code, out, _ = run(capsys, "policy", "check", recursive, deep)
+    assert code == 1 and f"{recursive}:2: callers[0]: error: recursive alias" in out
+    assert f"{deep}:2: error: nested more than 100 levels deep" in out
+    code, _, err = run(capsys, "policy", "test", DEFAULT, deep)
+    assert code == 1 and f"{deep}:2: nested more than 100 levels deep" in err
+    code, _, err = run(capsys, "policy", "explain", DEFAULT, "--request", recursive)
+    assert code == 1 and f"{recursive}:2: callers[0]: recursive alias" in err
+
+
 def test_check_strict_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     catch_all = "  - id: all\n    match: {sensitive: false}\n    route: onprem\n\n"
     last = "  - id: public-clean-to-cloud\n"
