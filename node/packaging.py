@@ -213,9 +213,39 @@ def _check_sample(sample: Any, input_datatype: str, features: Sequence[str] | No
             f"the sample has {array.shape[1]} columns; name each of them with features"
         )
     try:
-        return array.astype(numpy_dtype(input_datatype))
+        with np.errstate(invalid="ignore", over="ignore"):
+            converted = array.astype(numpy_dtype(input_datatype))
     except (TypeError, ValueError) as exc:
         raise PackagingError(f"the sample does not convert to {input_datatype}: {exc}") from None
+    _check_lossless(array, converted, input_datatype, features)
+    return converted
+
+
+def _check_lossless(
+    original: npt.NDArray[Any], converted: npt.NDArray[Any], datatype: str, features: Sequence[str]
+) -> None:
+    """Refuse a datatype that changes the training values: an integer type that wraps
+    (INT16 and an income of 87000) or truncates (1.5 -> 1), BOOL from other numbers, or
+    a float type that overflows to infinity. The node would serve (and watch drift on)
+    inputs the estimator never saw, silently. A float type may round to its precision
+    (FP64 training data served as FP32 is the usual, intended narrowing)."""
+    if original.dtype.kind not in "biuf":
+        return  # e.g. numeric text: astype parsed it, nothing to compare with
+    with np.errstate(invalid="ignore", over="ignore"):
+        if converted.dtype.kind == "f":
+            a, b = original.astype(np.float64), converted.astype(np.float64)
+            eps = float(np.finfo(converted.dtype).eps)
+            same = np.isclose(b, a, rtol=eps, atol=0.0, equal_nan=True) | (a == b)
+        else:
+            same = converted.astype(original.dtype) == original
+    if bool(same.all()):
+        return
+    row, column = (int(i) for i in np.argwhere(~same)[0])
+    raise PackagingError(
+        f"the sample does not fit {datatype}: column {features[column]!r} holds "
+        f"{original[row, column].item()!r} (row {row}), which {datatype} stores as "
+        f"{converted[row, column].item()!r}; choose a datatype that holds the training values"
+    )
 
 
 def _features(estimator: Any, features: Sequence[str] | None, datatype: str) -> Any:

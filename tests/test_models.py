@@ -505,3 +505,32 @@ def test_package_refuses_feature_names_in_another_order_than_the_estimators(
     assert load_version(path).config.features == ("sl", "sw", "pl", "pw")
     path = package_model(estimator, version=2, baseline_sample=IRIS_X, **kwargs)
     assert load_version(path).config.features == ("sl", "sw", "pl", "pw")
+
+
+def test_package_refuses_a_datatype_that_changes_the_sample(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.integers(20, 70, 200), rng.integers(30_000, 120_000, 200)])
+    y = (x[:, 1] > 75_000).astype(int)
+    estimator_file = tmp_path / "lr.joblib"
+    joblib.dump(LogisticRegression(max_iter=500).fit(x, y), estimator_file)
+    sample = tmp_path / "train.csv"
+    sample.write_text("age,income\n" + "\n".join(f"{a},{b}" for a, b in x) + "\n")
+    args = [
+        "models", "package", "--estimator", str(estimator_file), "--allow-unsafe-pickle",
+        "--name", "loans", "--out", str(tmp_path / "repo"), "--sample-data", str(sample),
+    ]  # fmt: skip
+    assert main([*args, "--version", "1", "--datatype", "INT16"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit INT16: column 'income' holds" in err and "stores as" in err
+    assert not (tmp_path / "repo" / "loans" / "1").exists()
+    assert main([*args, "--version", "1", "--datatype", "INT64"]) == 0
+    assert main([*args, "--version", "2", "--datatype", "FP32"]) == 0  # rounding is no loss
+    halves = np.column_stack([x[:, 0] + 0.5, x[:, 1]])
+    with pytest.raises(PackagingError, match=r"column 'age' holds \d+\.5 \(row 0\)"):
+        package_model(
+            LogisticRegression().fit(halves, y), name="loans", version=3, repo=tmp_path,
+            input_name="input", input_datatype="INT32", features=["age", "income"],
+            baseline_sample=halves,
+        )  # fmt: skip
