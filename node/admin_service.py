@@ -66,6 +66,11 @@ class NodeAdminServicer(pb_grpc.NodeAdminServicer):
         reports = await loop.run_in_executor(
             self._executor, self._monitor.report, request.model, number
         )
+        if number is not None and not reports:  # not an empty "everything is fine" answer
+            which = f"model {request.model!r}" if request.model else "any model"
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no loaded version {number} of {which} on this node"
+            )
         return pb.DriftResponse(models=[report_message(r) for r in reports])
 
 

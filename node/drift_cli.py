@@ -147,7 +147,8 @@ def _print_table(answers: list[NodeDrift]) -> None:
     rows: list[tuple[object, ...]] = []
     for answer in answers:
         if answer.code != "OK":
-            rows.append((answer.target.name, "-", "-", "-", "-", "-", "-", "-", answer.code))
+            error = f"{answer.code}: {answer.message}" if answer.message else answer.code
+            rows.append((answer.target.name, "-", "-", "-", "-", "-", "-", "-", error))
             continue
         for m in answer.models:
             if not m.features:

@@ -353,6 +353,17 @@ def test_drift_report_is_for_admins_only(node: NodeServer, pki: Path, capsys) ->
     assert json.loads(capsys.readouterr().out)["error"] == "PERMISSION_DENIED"
 
 
+def test_drift_report_of_a_version_not_loaded_is_an_error_with_its_message(
+    node: NodeServer, pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["drift", "report", *cli_args(node, pki), "--model", "loans", "--version", "5"]) == 1
+    out = capsys.readouterr().out
+    assert "NOT_FOUND: no loaded version 5 of model 'loans' on this node" in out
+    assert main(["drift", "report", *cli_args(node, pki), "--model", "nope"]) == 1
+    assert "NOT_FOUND: unknown model 'nope'" in capsys.readouterr().out
+    assert main(["drift", "report", *cli_args(node, pki), "--version", "1"]) == 0
+
+
 def test_drift_report_json_names_the_oov_feature(
     model_repo: Path, pki: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
