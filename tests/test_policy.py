@@ -265,6 +265,29 @@ def test_every_meaning_error_is_reported_with_its_line(tmp_path: Path) -> None:
     assert message.count("\n") + 1 == len(expected)
 
 
+def test_an_endpoint_in_both_zones_is_found_however_it_is_spelled(tmp_path: Path) -> None:
+    """An on-prem pool naming the cloud endpoint in other words would send sensitive
+    requests to the cloud: compare addresses, not text."""
+    for onprem, cloud, why in [
+        ("Cloud.Example.com:443", "cloud.example.com.:443", "host names are compared without case"),
+        ("localhost:8201", "127.0.0.1:8201", "localhost, 127.0.0.1 and [::1] are all this"),
+        ("127.0.0.1:8201", "[::1]:8201", "localhost, 127.0.0.1 and [::1] are all this"),
+        ("[::ffff:127.0.0.1]:8201", "LOCALHOST:08201", "localhost, 127.0.0.1 and [::1] are"),
+        ("[2001:DB8::1]:443", "[2001:db8:0:0::1]:443", "the same address"),
+    ]:
+        text = HEAD.replace('"127.0.0.1:8201"', f'"{cloud}"')
+        text = text.replace('"127.0.0.1:8101"', f'"{onprem}"')
+        message = errors_of(tmp_path, text)
+        assert message.startswith(
+            f"{tmp_path / 'policy.yaml'}:4: pools.cloud.endpoints[0]: endpoint '{cloud}' is "
+            f"also in onprem pool 'onprem' (as '{onprem}': {why}"
+        ), message
+        assert message.endswith("; an endpoint belongs to exactly one zone")
+    # Different machines or ports stay apart.
+    text = HEAD.replace('"127.0.0.1:8101"', '"127.0.0.2:8201", "localhost:8101"')
+    assert compiled(tmp_path, text).pools["onprem"].endpoints
+
+
 def test_the_guard_rejects_a_cloud_rule_without_sensitive_false(tmp_path: Path) -> None:
     text = HEAD + "rules:\n  - id: to-cloud\n    match: {label: [public]}\n    route: cloud\n"
     line = line_of(text, "route: cloud", after="to-cloud")

@@ -1,13 +1,14 @@
 """The load-time checks of a routing policy, THE GUARD among them.
 
 `compile_policy` refuses a policy for any problem `find_problems` lists: pools whose
-endpoints straddle zones, unknown pools, routes and detectors, fallback cycles, unsafe
-custom patterns, duplicate rule ids, and the guard's findings. The guard: a rule whose
-route (or any route on its fallback chain) is in a cloud pool must match only
-`sensitive: false` requests and must not mark them sensitive itself, no on-prem
-route may fall back to a cloud one, and no on-prem route may mirror (shadow) a
-model's requests to a cloud pool. (Canary versions are served by the route's own
-pool, so they cannot leave its zone.)
+endpoints straddle zones (compared as addresses: `Cloud.example.com` is
+`cloud.example.com`, `localhost` is 127.0.0.1), unknown pools, routes and detectors,
+fallback cycles, unsafe custom patterns, duplicate rule ids, and the guard's findings.
+The guard: a rule whose route (or any route on its fallback chain) is in a cloud pool
+must match only `sensitive: false` requests and must not mark them sensitive itself,
+no on-prem route may fall back to a cloud one, and no on-prem route may mirror
+(shadow) a model's requests to a cloud pool. (Canary versions are served by the
+route's own pool, so they cannot leave its zone.)
 
 `find_warnings` lists what is odd but safe: unused pools and routes, audit settings
 that do nothing, no callers, and rules that can never match or are shadowed by earlier
@@ -21,6 +22,7 @@ schema reads on its own and the guard can be reviewed on its own.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import itertools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -85,15 +87,51 @@ def _chain(spec: PolicySpec, route: str) -> list[str]:
 
 
 def _pool_problems(spec: PolicySpec, located: Located) -> Iterator[Problem]:
-    """An endpoint listed in pools of both zones would make its zone ambiguous."""
-    seen: dict[str, tuple[str, str]] = {}
+    """An endpoint listed in pools of both zones would make its zone ambiguous: an
+    on-prem pool naming a cloud endpoint sends sensitive requests to the cloud. The
+    endpoints are compared as addresses, not as text (see `_same_endpoint`)."""
+    seen: dict[str, tuple[str, str, str]] = {}
     for name, pool in spec.pools.items():
         for i, endpoint in enumerate(pool.endpoints):
-            zone, first = seen.setdefault(endpoint, (pool.zone, name))
+            zone, first, written = seen.setdefault(
+                _same_endpoint(endpoint), (pool.zone, name, endpoint)
+            )
             if zone != pool.zone:
-                message = f"endpoint '{endpoint}' is also in {zone} pool '{first}'; "
-                message += "an endpoint belongs to exactly one zone"
+                message = f"endpoint '{endpoint}' is also in {zone} pool '{first}'"
+                if written != endpoint:
+                    message += f" (as '{written}': {_why_same(endpoint, written)})"
+                message += "; an endpoint belongs to exactly one zone"
                 yield _problem(located, message, "pools", name, "endpoints", i)
+
+
+_LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
+def _same_endpoint(endpoint: str) -> str:
+    """`endpoint` (host:port, as the schema checked it) in one spelling per address:
+    host names in lower case without a trailing dot, IP addresses in their canonical
+    form, the port without leading zeros, and `localhost`, 127.0.0.1 and [::1] all as
+    `localhost`: each of them is this machine, and gRPC resolves `localhost` to both."""
+    host, _, port = endpoint.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]").rstrip(".").lower()
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        ip = mapped or ip
+        host = "localhost" if ip in _LOOPBACK else f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"{host}:{int(port)}"
+
+
+def _why_same(a: str, b: str) -> str:
+    """Why two different spellings are one endpoint, for the message."""
+    if _same_endpoint(a).startswith("localhost:"):
+        return "localhost, 127.0.0.1 and [::1] are all this machine"
+    if a.lower().replace(".:", ":") == b.lower().replace(".:", ":"):
+        return "host names are compared without case or a trailing dot"
+    return "the same address"
 
 
 def _route_problems(spec: PolicySpec, located: Located) -> Iterator[Problem]:
