@@ -356,7 +356,8 @@ def test_drift_report_is_for_admins_only(node: NodeServer, pki: Path, capsys) ->
 def test_drift_report_of_a_version_not_loaded_is_an_error_with_its_message(
     node: NodeServer, pki: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["drift", "report", *cli_args(node, pki), "--model", "loans", "--version", "5"]) == 1
+    args = ["drift", "report", *cli_args(node, pki)]
+    assert main([*args, "--model", "loans", "--version", "5"]) == 1
     out = capsys.readouterr().out
     assert "NOT_FOUND: no loaded version 5 of model 'loans' on this node" in out
     assert main(["drift", "report", *cli_args(node, pki), "--model", "nope"]) == 1
