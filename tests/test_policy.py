@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from hybridroute.config import ConfigError
+from hybridroute.config import ConfigError, load_yaml
 from hybridroute.router.policy.cases import check_expectations, facts_from_case, load_cases
+from hybridroute.router.policy.checks import find_environment_warnings
 from hybridroute.router.policy.engine import decide
 from hybridroute.router.policy.schema import Policy, compile_policy
 from hybridroute.router.policy.sessions import SessionPins
@@ -196,11 +197,71 @@ def test_durations_and_relative_paths_are_normalised(tmp_path: Path) -> None:
         + "sessions: {pin_ttl: 2h}\nrules:\n"
         + CLOUD_RULE
     )
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.pem").write_text("a CA\n")  # must exist, see below
     policy = compiled(tmp_path, text)
     cloud = policy.pools["cloud"]
     assert (cloud.health.interval, cloud.health.timeout) == (1.5, 0.5)
     assert policy.sessions.pin_ttl == 7200.0
     assert cloud.ca == str(tmp_path / "certs" / "ca.pem") and cloud.bearer_token_file == "/t"
+
+
+def test_a_pool_file_that_is_not_there_is_an_error_or_a_warning(tmp_path: Path) -> None:
+    """A router reads a pool's `ca` and `bearer_token_file` at load and refuses the
+    policy without them. A relative path travels with the policy: missing, an error.
+    An absolute one is on the router's host, maybe not this machine: a warning."""
+    text = HEAD.replace(
+        '  cloud: {zone: cloud, endpoints: ["127.0.0.1:8201"]}\n',
+        '  cloud:\n    zone: cloud\n    endpoints: ["127.0.0.1:8201"]\n'
+        "    ca: certs\n    bearer_token_file: token\n",
+    )
+    text += "rules:\n" + CLOUD_RULE
+    (tmp_path / "certs").mkdir()
+    message = errors_of(tmp_path, text)
+    path = tmp_path / "policy.yaml"
+    assert message.splitlines() == [
+        f"{path}:7: pools.cloud.ca: ca certs: {tmp_path / 'certs'} is not a file (paths are "
+        "relative to the policy file); a router would refuse this policy: create the file "
+        "or fix the path",
+        f"{path}:8: pools.cloud.bearer_token_file: bearer_token_file token: "
+        f"{tmp_path / 'token'} does not exist (paths are relative to the policy file); a "
+        "router would refuse this policy: create the file or fix the path",
+    ]
+    (tmp_path / "certs" / "ca.pem").write_text("a CA\n")
+    (tmp_path / "token").write_text("secret\n")
+    text = text.replace("ca: certs", "ca: certs/ca.pem")
+    assert [str(w) for w in compiled(tmp_path, text).warnings] == []
+    absolute = text.replace("token_file: token", f"token_file: {tmp_path / 'gone'}")
+    assert [str(w) for w in compiled(tmp_path, absolute).warnings] == [
+        f"{path}:8: pools.cloud.bearer_token_file: warning: bearer_token_file "
+        f"{tmp_path / 'gone'} does not exist on this machine; a router refuses this policy "
+        "unless it is a file on the router's host"
+    ]
+
+
+def test_an_unset_token_variable_is_a_warning_of_this_environment_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whether a variable is set says something about the machine, not the policy: the
+    policy's own warnings do not depend on it, `find_environment_warnings` reports it."""
+    path = POLICIES / "default.yaml"
+    located = load_yaml(path)
+    line = line_of(path.read_text(), "bearer_token_env:")
+    monkeypatch.delenv("HYBRIDROUTE_CLOUD_TOKEN", raising=False)
+    policy = compile_policy(path)
+    assert policy.warnings == ()
+    assert find_environment_warnings(policy.pools, located) == [
+        (
+            line,
+            "pools.cloud.bearer_token_env",
+            "environment variable HYBRIDROUTE_CLOUD_TOKEN is not set here; a router refuses "
+            "this policy unless it is set (and not empty) in the router's environment",
+        )
+    ]
+    monkeypatch.setenv("HYBRIDROUTE_CLOUD_TOKEN", " ")
+    assert "is empty here" in find_environment_warnings(policy.pools, located)[0][2]
+    monkeypatch.setenv("HYBRIDROUTE_CLOUD_TOKEN", "t0ken")
+    assert find_environment_warnings(policy.pools, located) == []
 
 
 def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:

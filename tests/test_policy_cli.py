@@ -163,6 +163,24 @@ def test_self_containing_or_too_deep_yaml_is_an_error_with_its_line_in_every_com
     assert code == 1 and f"{recursive}:2: callers[0]: recursive alias" in err
 
 
+def test_check_reports_a_pool_file_the_router_would_not_find(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = ("bearer_token_env: HYBRIDROUTE_CLOUD_TOKEN", "bearer_token_file: cloud.token")
+    path = edited(tmp_path, "p.yaml", token)
+    line = path.read_text().splitlines().index("    bearer_token_file: cloud.token") + 1
+    code, out, _ = run(capsys, "policy", "check", path)
+    assert code == 1 and "INVALID: 1 error, 0 warnings" in out
+    assert (
+        f"{path}:{line}: pools.cloud.bearer_token_file: error: bearer_token_file "
+        f"cloud.token: {tmp_path / 'cloud.token'} does not exist (paths are relative to the "
+        "policy file)" in out
+    )
+    (tmp_path / "cloud.token").write_text("t0ken\n")
+    code, out, _ = run(capsys, "policy", "check", path)
+    assert code == 0 and "OK: 0 errors, 0 warnings" in out
+
+
 def test_check_strict_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     catch_all = "  - id: all\n    match: {sensitive: false}\n    route: onprem\n\n"
     last = "  - id: public-clean-to-cloud\n"

@@ -191,6 +191,32 @@ def test_sign_refuses_an_invalid_policy(tmp_path: Path, keys: Path, capsys) -> N
     assert code == 2 and "belongs to signer 'secteam'" in err
 
 
+def test_sign_refuses_a_missing_pool_file_and_warns_of_an_unset_token_variable(
+    tmp_path: Path, keys: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A router refuses a policy whose pool files are missing; whether the token
+    variable is set on the router cannot be known here, so that is only a warning."""
+    key = keys / "secteam.key"
+    policy = tmp_path / "policy.yaml"
+    token = b"bearer_token_env: HYBRIDROUTE_CLOUD_TOKEN"
+    policy.write_bytes(POLICY.replace(token, b"bearer_token_file: cloud.token"))
+    code, _, err = run(capsys, "policy", "sign", policy, "--key", key)
+    assert code == 1 and "pools.cloud.bearer_token_file: bearer_token_file cloud.token" in err
+    assert "not signed: fix the errors first" in err and not (tmp_path / "policy.yaml.sig").exists()
+    policy.write_bytes(POLICY)
+    monkeypatch.delenv("HYBRIDROUTE_CLOUD_TOKEN", raising=False)
+    code, out, err = run(capsys, "policy", "sign", policy, "--key", key)
+    line = POLICY.split(token)[0].count(b"\n") + 1
+    assert code == 0 and f"signature written to {policy}.sig" in out
+    assert err == (
+        f"{policy}:{line}: pools.cloud.bearer_token_env: warning: environment variable "
+        "HYBRIDROUTE_CLOUD_TOKEN is not set here; a router refuses this policy unless it is "
+        "set (and not empty) in the router's environment\n"
+    )
+    monkeypatch.setenv("HYBRIDROUTE_CLOUD_TOKEN", "t0ken")
+    assert run(capsys, "policy", "sign", policy, "--key", key)[::2] == (0, "")
+
+
 def test_sign_never_writes_over_the_policy_or_the_key(
     tmp_path: Path, keys: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

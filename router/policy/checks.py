@@ -2,8 +2,9 @@
 
 `compile_policy` refuses a policy for any problem `find_problems` lists: pools whose
 endpoints straddle zones (compared as addresses: `Cloud.example.com` is
-`cloud.example.com`, `localhost` is 127.0.0.1), unknown pools, routes and detectors,
-fallback cycles, unsafe custom patterns, duplicate rule ids, and the guard's findings.
+`cloud.example.com`, `localhost` is 127.0.0.1), a pool's `ca` or `bearer_token_file`
+missing beside the policy, unknown pools, routes and detectors, fallback cycles, unsafe
+custom patterns, duplicate rule ids, and the guard's findings.
 The guard: a rule whose route (or any route on its fallback chain) is in a cloud pool
 must match only `sensitive: false` requests and must not mark them sensitive itself,
 no on-prem route may fall back to a cloud one, and no on-prem route may mirror
@@ -11,9 +12,12 @@ no on-prem route may fall back to a cloud one, and no on-prem route may mirror
 route's own pool, so they cannot leave its zone.)
 
 `find_warnings` lists what is odd but safe: unused pools and routes, audit settings
-that do nothing, no callers, and rules that can never match or are shadowed by earlier
-ones. The shadow analysis evaluates the compiled conditions (`conditions`) that the
-engine runs, so the warnings and the engine cannot disagree about what a rule means.
+that do nothing, no callers, pool files given by absolute paths that are not on this
+machine (they may be on the router's), and rules that can never match or are shadowed
+by earlier ones. The shadow analysis evaluates the compiled conditions (`conditions`)
+that the engine runs, so the warnings and the engine cannot disagree about what a rule
+means. `find_environment_warnings` is apart: a bearer token variable unset here says
+something about this machine, not about the policy.
 
 These checks are kept apart from `policy` (the schema and its compilation) so the
 schema reads on its own and the guard can be reviewed on its own.
@@ -24,7 +28,9 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import itertools
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybridroute.config import Located, render_path
@@ -42,13 +48,14 @@ if TYPE_CHECKING:
     from hybridroute.router.policy.schema import (
         Policy,
         PolicySpec,
+        Pool,
         RolloutSpec,
         Route,
         Rule,
         RuleSpec,
     )
 
-__all__ = ["Problem", "find_problems", "find_warnings"]
+__all__ = ["Problem", "find_environment_warnings", "find_problems", "find_warnings"]
 
 Problem = tuple[int | None, str, str]  # (line, key path, message), as ConfigError takes
 
@@ -60,6 +67,7 @@ def find_problems(spec: PolicySpec, located: Located) -> list[Problem]:
     """Every reason to refuse `spec`, each with the line and key path it is about."""
     return [
         *_pool_problems(spec, located),
+        *_pool_file_problems(spec, located, absolute=False),
         *_route_problems(spec, located),
         *_detector_problems(spec, located),
         *_rule_problems(spec, located),
@@ -68,7 +76,27 @@ def find_problems(spec: PolicySpec, located: Located) -> list[Problem]:
 
 def find_warnings(spec: PolicySpec, located: Located, policy: Policy) -> list[Problem]:
     """Odd but safe: unused pools and routes, rules that never match or are shadowed."""
-    return [*_usage_warnings(spec, located), *_rule_warnings(policy)]
+    return [
+        *_usage_warnings(spec, located),
+        *_pool_file_problems(spec, located, absolute=True),
+        *_rule_warnings(policy),
+    ]
+
+
+def find_environment_warnings(pools: Mapping[str, Pool], located: Located) -> list[Problem]:
+    """Each pool's `bearer_token_env` that is unset or empty here. Not among
+    `find_warnings`: whether it is set says something about this process, not about
+    the policy (a router compiling the same file must not get other warnings), and
+    the router's environment may well differ from a reviewer's."""
+    found = []
+    for name, pool in pools.items():
+        var = pool.bearer_token_env
+        if var and not os.environ.get(var, "").strip():
+            state = "is not set" if os.environ.get(var) is None else "is empty"
+            message = f"environment variable {var} {state} here; a router refuses this "
+            message += "policy unless it is set (and not empty) in the router's environment"
+            found.append(_problem(located, message, "pools", name, "bearer_token_env"))
+    return found
 
 
 def _problem(located: Located, message: str, *path: str | int) -> Problem:
@@ -132,6 +160,33 @@ def _why_same(a: str, b: str) -> str:
     if a.lower().replace(".:", ":") == b.lower().replace(".:", ":"):
         return "host names are compared without case or a trailing dot"
     return "the same address"
+
+
+def _pool_file_problems(spec: PolicySpec, located: Located, *, absolute: bool) -> Iterator[Problem]:
+    """A pool's `ca` or `bearer_token_file` that is not there: a router reads both when
+    it loads the policy and refuses the policy without them. A relative path is
+    resolved against the policy file's folder, as the router does; such a file travels
+    with the policy, so its absence is an error. An absolute path names a file on the
+    router's host, which need not be this machine: its absence is only a warning (the
+    caller asks for one kind or the other)."""
+    folder = Path(located.source).parent
+    for name, pool in spec.pools.items():
+        for key in ("ca", "bearer_token_file"):
+            value: str | None = getattr(pool, key)
+            if not value or Path(value).is_absolute() is not absolute:
+                continue
+            path = Path(value) if absolute else folder / value
+            if path.is_file():
+                continue
+            state = "is not a file" if path.exists() else "does not exist"
+            if absolute:
+                message = f"{key} {path} {state} on this machine; a router refuses this "
+                message += "policy unless it is a file on the router's host"
+            else:
+                message = f"{key} {value}: {path} {state} (paths are relative to the "
+                message += "policy file); a router would refuse this policy: create the "
+                message += "file or fix the path"
+            yield _problem(located, message, "pools", name, key)
 
 
 def _route_problems(spec: PolicySpec, located: Located) -> Iterator[Problem]:

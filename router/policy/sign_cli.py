@@ -15,8 +15,11 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hybridroute.cli import UsageError
+from hybridroute.config import load_yaml
+from hybridroute.router.policy.checks import Problem, find_environment_warnings
 from hybridroute.router.policy.cli import EXIT_FAILED, EXIT_OK, load_policy_or_report
 from hybridroute.router.policy.signing import (
     KeyFileError,
@@ -30,6 +33,9 @@ from hybridroute.router.policy.signing import (
     verify_policy_file,
     write_signature,
 )
+
+if TYPE_CHECKING:
+    from hybridroute.router.policy.schema import Policy
 
 __all__ = ["run_keygen", "run_sign", "run_verify"]
 
@@ -109,7 +115,18 @@ def run_sign(args: argparse.Namespace) -> int:
     print(f"signed {args.policy} (sha256 {policy.version_hash[:12]}{warned})")
     print(f"  signer {args.signer or key.signer}, key {key.key_id[:16]}")
     print(f"  signature written to {out}")
+    for line, where, message in _environment_warnings(args.policy, data, policy):
+        loc = f"{args.policy}:{line}" if line else str(args.policy)
+        print(f"{loc}: {where}: warning: {message}", file=sys.stderr)
     return EXIT_OK
+
+
+def _environment_warnings(path: Path, data: bytes, policy: Policy) -> list[Problem]:
+    """What this machine's environment lacks for the policy (an unset bearer token
+    variable): worth saying at signing time, though the router's may differ. `data`
+    compiled, so it is UTF-8 and parses; this only finds the lines again."""
+    located = load_yaml(path, text=data.decode("utf-8"))
+    return find_environment_warnings(policy.pools, located)
 
 
 def run_verify(args: argparse.Namespace) -> int:
