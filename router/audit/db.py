@@ -195,13 +195,15 @@ def newest_signed_policy_note(
     older signature of its live policy (the same bytes), which must not lower the floor."""
     rows = conn.execute(
         "SELECT body FROM records WHERE kind != 'request' "
-        "AND kind IN ('policy.load', 'policy.reload') AND seq <= ?",
+        "AND kind IN ('policy.load', 'policy.reload') AND seq <= ? ORDER BY seq",
         (through_seq if through_seq is not None else 1 << 62,),
     )
-    candidates = [_signed_policy(body) for (body,) in rows]
-    candidates.append(_signed_policy(meta(conn).get(POLICY_FLOOR)))
+    # Oldest first (what a prune kept, then the records), so that among signatures of
+    # the same second the one accepted last wins, as in the router's own store.
+    candidates = [_signed_policy(meta(conn).get(POLICY_FLOOR))]
+    candidates += [_signed_policy(body) for (body,) in rows]
     signed = [note for note in candidates if note is not None]
-    return max(signed, key=_signed_at) if signed else None
+    return max(reversed(signed), key=_signed_at) if signed else None
 
 
 def _signed_policy(body: str | None) -> dict[str, object] | None:
