@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# An estimator fitted on a DataFrame remembers its column names, and scikit-learn warns
+# on every call given an array. The node always calls with an array, in the column
+# order packaging checked against `feature_names_in_` (packaging refuses any other), so
+# the warning says nothing new, once per request: filtered for the whole process.
+warnings.filterwarnings(
+    "ignore", message="X does not have valid feature names", category=UserWarning
+)
 
 _SMOKE_TEXTS = ("hybridroute load check", "")
 _SMOKE_ROWS = 4
