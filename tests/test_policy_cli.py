@@ -84,10 +84,20 @@ rules:
 # --- check --------------------------------------------------------------------------
 
 
-def test_check_accepts_the_shipped_policy(capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_accepts_the_shipped_policy(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HYBRIDROUTE_CLOUD_TOKEN", "t0ken")
     code, out, _ = run(capsys, "policy", "check", DEFAULT)
     assert code == 0
     assert re.search(r"default\.yaml: OK: 0 errors, 0 warnings \(sha256 [0-9a-f]{12}; 8 rules", out)
+    # Where the cloud's token variable is unset, check says so (the router would refuse).
+    monkeypatch.delenv("HYBRIDROUTE_CLOUD_TOKEN")
+    code, out, _ = run(capsys, "policy", "check", DEFAULT)
+    assert code == 0 and "OK: 0 errors, 1 warning" in out
+    assert (
+        "pools.cloud.bearer_token_env: warning: environment variable HYBRIDROUTE_CLOUD_TOKEN" in out
+    )
 
 
 def test_check_lists_every_error_and_warning_with_its_line(
@@ -181,7 +191,10 @@ def test_check_reports_a_pool_file_the_router_would_not_find(
     assert code == 0 and "OK: 0 errors, 0 warnings" in out
 
 
-def test_check_strict_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_strict_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HYBRIDROUTE_CLOUD_TOKEN", "t0ken")
     catch_all = "  - id: all\n    match: {sensitive: false}\n    route: onprem\n\n"
     last = "  - id: public-clean-to-cloud\n"
     shadowed = edited(tmp_path, "w.yaml", (last, catch_all + last))

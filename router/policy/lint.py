@@ -18,7 +18,11 @@ from types import MappingProxyType
 from typing import Literal
 
 from hybridroute.config import ConfigError, Located, load_yaml, validate
-from hybridroute.router.policy.checks import find_problems, find_warnings
+from hybridroute.router.policy.checks import (
+    find_environment_warnings,
+    find_problems,
+    find_warnings,
+)
 from hybridroute.router.policy.conditions import compile_match
 from hybridroute.router.policy.detectors import Scanner
 from hybridroute.router.policy.schema import Policy, PolicySpec, Rule, compile_policy
@@ -78,6 +82,13 @@ def check_policy_file(path: str | Path) -> CheckReport:
         return _report(source, [*errors, *_warnings_despite_errors(path)], None)
     warnings = [
         CheckMessage("warning", w.source, w.line, w.where, w.message) for w in policy.warnings
+    ]
+    # What this machine's environment lacks (an unset bearer token variable): a warning,
+    # since the router's environment may differ.
+    located = load_yaml(path)
+    warnings += [
+        CheckMessage("warning", located.source, line, where, message)
+        for line, where, message in find_environment_warnings(policy.pools, located)
     ]
     return _report(source, warnings, policy)
 
