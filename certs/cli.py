@@ -21,7 +21,7 @@ from hybridroute.certs.pki import (
     init_pki,
     issue_leaf,
 )
-from hybridroute.cli import UsageError
+from hybridroute.cli import UsageError, whole_number
 
 __all__ = ["format_table", "register"]
 
@@ -136,23 +136,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def _add_common(
     parser: argparse.ArgumentParser, san_help: str, force_help: str | None = None
 ) -> None:
     parser.add_argument("--san", action="append", default=[], metavar="HOST", help=san_help)
     parser.add_argument(
         "--days",
-        type=_positive_int,
+        type=whole_number(1),
         default=DEFAULT_LEAF_DAYS,
         help=f"validity of the leaf certificates in days (default {DEFAULT_LEAF_DAYS})",
     )

@@ -15,11 +15,28 @@ from collections.abc import Callable, Sequence
 
 from hybridroute import __version__
 
-__all__ = ["UsageError", "main"]
+__all__ = ["UsageError", "main", "whole_number"]
 
 
 class UsageError(Exception):
     """A problem the user can fix: printed as `hybridroute: error: ...`, exit code 2."""
+
+
+def whole_number(minimum: int, meaning: str = "") -> Callable[[str], int]:
+    """An argparse `type` for a whole number of at least `minimum` (`meaning` says what
+    the smallest value means, e.g. "0 (all)"), with the bad value in the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            floor = f"{minimum} ({meaning})" if meaning else str(minimum)
+            raise argparse.ArgumentTypeError(f"must be {floor} or more, not {value}")
+        return value
+
+    return parse
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:

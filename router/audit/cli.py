@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hybridroute.cli import UsageError
+from hybridroute.cli import UsageError, whole_number
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -63,7 +63,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     query.add_argument("--client-request-id", metavar="VALUE", help="the caller's request id")
     query.add_argument("--hmac-key", type=Path, help="HMAC key (default: audit-hmac.key by the db)")
     query.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    query.add_argument("--limit", type=_count, help="only the last N (table default: 50; 0: all)")
+    query.add_argument(
+        "--limit", type=whole_number(0, "all"), help="only the last N (table default: 50; 0: all)"
+    )
     stats = _command(audit_sub, "stats", "counts, sensitive share, denials, latency", _stats)
     _time_filters(stats)
     stats.add_argument("--format", choices=["table", "json"], default="table")
@@ -147,16 +149,6 @@ def _db_problem(db: Path, exc: sqlite3.Error) -> UsageError:
             "(`audit: {db: ...}` in its config) or --stack FILE of `hybridroute up`"
         )
     return UsageError(f"{db}: cannot read the audit database ({text})")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (all) or more, not {value}")
-    return value
 
 
 def _time_filters(parser: argparse.ArgumentParser) -> None:
