@@ -68,10 +68,12 @@ def zone_guard(sensitive: bool, endpoint: Endpoint, route: str, what: str = "req
 
 @dataclass(frozen=True, slots=True)
 class Forwarded:
+    """The reply, and the endpoint and route that gave it (every endpoint tried is in
+    the caller's `tried` list)."""
+
     reply: bytes
     endpoint: Endpoint
     route: str
-    attempts: int
 
 
 class Forwarder:
@@ -137,7 +139,7 @@ class Forwarder:
                     raise
                 self._metrics.upstream_retries.labels(endpoint.pool).inc()
                 continue
-            return Forwarded(reply, endpoint, route, len(tried))
+            return Forwarded(reply, endpoint, route)
 
     async def mirror(
         self,

@@ -208,7 +208,6 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             # The caller cancelled or its deadline passed: grpc cancels this task (and
             # with it the upstream call). What was decided, and perhaps already sent
             # upstream, still gets its record; nobody is left to answer.
-            self._metrics.in_flight.dec()
             self._record_cancelled(event, context, started)
             raise
         else:
@@ -217,7 +216,8 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 reply = answer
             else:  # a rollout mirrors this request: the copy goes once the record is in
                 copy, reply = answer, answer.forwarded.reply
-        self._metrics.in_flight.dec()
+        finally:
+            self._metrics.in_flight.dec()
         event.latency_ms = (time.perf_counter() - started) * 1000
         if reply is not None:
             event.bytes_out = len(reply)
@@ -441,6 +441,8 @@ def forwarded_metadata(
     return forwarded
 
 
+# The request message of each routed method: parsed by `_parse`, wire-checked by
+# `router.wire.hidden_data`.
 _MESSAGES: dict[str, type[Message]] = {
     "ModelInfer": pb.ModelInferRequest,
     "ModelMetadata": pb.ModelMetadataRequest,
@@ -454,8 +456,8 @@ def _parse(method: str, raw: bytes) -> tuple[pb.ModelInferRequest | None, str, s
         if method == "ModelInfer":
             request = pb.ModelInferRequest.FromString(raw)
             return request, request.model_name, request.model_version
-        kind = pb.ModelMetadataRequest if method == "ModelMetadata" else pb.ModelReadyRequest
-        probe = kind.FromString(raw)
+        probe = _MESSAGES[method].FromString(raw)
+        assert isinstance(probe, pb.ModelMetadataRequest | pb.ModelReadyRequest)
     except DecodeError:
         raise RouterError(
             grpc.StatusCode.INVALID_ARGUMENT, f"{method} request is not a valid protobuf message"
