@@ -100,17 +100,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 # validating the data cannot hit it either.
 _MAX_DEPTH = 100
 
+# More values than any configuration holds. Without aliases a file cannot hold more
+# than its size allows; with them ("billion laughs": each level an alias list of the
+# one below) a few hundred bytes expand to billions, and a policy reload would hang
+# the router's event loop while memory runs out.
+_MAX_VALUES = 200_000
+
+
+class _Budget:
+    """How many more values the document may expand to (`_MAX_VALUES`)."""
+
+    def __init__(self) -> None:
+        self.left = _MAX_VALUES
+
 
 def _construct(
-    node: yaml.Node, path: PathKey, lines: dict[PathKey, int], loader: Any, active: set[int]
+    node: yaml.Node,
+    path: PathKey,
+    lines: dict[PathKey, int],
+    loader: Any,
+    active: set[int],
+    budget: _Budget,
 ) -> Any:
     """`node` as Python data, recording the line of every key and item below `path`.
 
     `active` holds the nodes being built around this one: an alias to one of them
     (`a: &x [*x]`) would make the data contain itself, which no configuration means
-    and which would recurse without end here and in validation.
+    and which would recurse without end here and in validation. `budget` counts the
+    values built, an alias's once per use: that is what the data holds.
     """
     line = lines.setdefault(path, node.start_mark.line + 1)  # of its key, for an alias
+    budget.left -= 1
+    if budget.left < 0:
+        message = f"the document expands to more than {_MAX_VALUES:,} values"
+        raise _Problem(line, (), message + " (aliases count each time they are used)")
     if isinstance(node, yaml.ScalarNode):
         return loader.construct_object(node, deep=True)
     if id(node) in active:
@@ -121,10 +144,10 @@ def _construct(
     active.add(id(node))
     try:
         if isinstance(node, yaml.MappingNode):
-            return _construct_mapping(node, path, lines, loader, active)
+            return _construct_mapping(node, path, lines, loader, active, budget)
         if isinstance(node, yaml.SequenceNode):
             return [
-                _construct_item(item, (*path, i), lines, loader, active)
+                _construct_item(item, (*path, i), lines, loader, active, budget)
                 for i, item in enumerate(node.value)
             ]
         return loader.construct_object(node, deep=True)
@@ -133,14 +156,24 @@ def _construct(
 
 
 def _construct_item(
-    node: yaml.Node, path: PathKey, lines: dict[PathKey, int], loader: Any, active: set[int]
+    node: yaml.Node,
+    path: PathKey,
+    lines: dict[PathKey, int],
+    loader: Any,
+    active: set[int],
+    budget: _Budget,
 ) -> Any:
     lines[path] = node.start_mark.line + 1
-    return _construct(node, path, lines, loader, active)
+    return _construct(node, path, lines, loader, active, budget)
 
 
 def _construct_mapping(
-    node: yaml.MappingNode, path: PathKey, lines: dict[PathKey, int], loader: Any, active: set[int]
+    node: yaml.MappingNode,
+    path: PathKey,
+    lines: dict[PathKey, int],
+    loader: Any,
+    active: set[int],
+    budget: _Budget,
 ) -> dict[Any, Any]:
     loader.flatten_mapping(node)  # merges `<<: *base` keys into this mapping
     out: dict[Any, Any] = {}
@@ -154,7 +187,7 @@ def _construct_mapping(
             raise _Problem(key_node.start_mark.line + 1, path, f"duplicate key {key!r}")
         child = (*path, key)
         lines[child] = key_node.start_mark.line + 1
-        out[key] = _construct(value_node, child, lines, loader, active)
+        out[key] = _construct(value_node, child, lines, loader, active, budget)
     return out
 
 
@@ -182,8 +215,9 @@ def render_path(path: PathKey) -> str:
 
 def load_yaml(path: str | Path, *, text: str | None = None) -> Located:
     """Parse one YAML document, recording lines. Syntax errors become `ConfigError`, and
-    so does what no configuration is: data that contains itself through an alias, or
-    nesting deeper than `_MAX_DEPTH` (either would otherwise be a `RecursionError`)."""
+    so does what no configuration is: data that contains itself through an alias,
+    nesting deeper than `_MAX_DEPTH` (either would otherwise be a `RecursionError`), or
+    aliases expanding to more than `_MAX_VALUES` values (memory and time unbounded)."""
     source = str(path)
     try:
         content = Path(path).read_text(encoding="utf-8") if text is None else text
@@ -195,7 +229,7 @@ def load_yaml(path: str | Path, *, text: str | None = None) -> Located:
     lines: dict[PathKey, int] = {}
     try:
         node = loader.get_single_node()
-        data = {} if node is None else _construct(node, (), lines, loader, set())
+        data = {} if node is None else _construct(node, (), lines, loader, set(), _Budget())
     except _Problem as exc:
         raise ConfigError(source, [(exc.line, render_path(exc.path), exc.message)]) from None
     except RecursionError:  # PyYAML's composer recurses once per level of nesting

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -9,7 +10,7 @@ import pytest
 from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 
-from hybridroute.config import ConfigError, Strict, load_model, render_path
+from hybridroute.config import ConfigError, Strict, load_model, load_yaml, render_path
 
 
 class Limits(Strict):
@@ -92,6 +93,29 @@ def test_self_containing_or_absurdly_deep_yaml_is_an_error_with_its_line(
     # An anchor used beside itself, not inside, is just shared data.
     text = "routes:\n  - &a {name: a, zone: onprem}\n  - *a\n"
     assert [r.name for r in load_model(_write(tmp_path, text), Doc).routes] == ["a", "a"]
+
+
+def test_aliases_that_expand_beyond_any_configuration_are_refused_quickly(
+    tmp_path: Path,
+) -> None:
+    """ "Billion laughs": 300 bytes whose aliases expand to 10^9 values would hang a
+    policy reload and exhaust memory; refused with the line where the budget ran out."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = _write(tmp_path, "routes: []\n" + "\n".join(levels) + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_model(path, Doc)
+    message = str(caught.value)
+    assert re.search(r"conf.yaml:\d+: the document expands to more than 200,000 values", message)
+    # Sharing data through aliases stays fine well below the bound.
+    text = (
+        "routes: []\nbase: &b ["
+        + ", ".join(["v"] * 1000)
+        + "]\nuses: ["
+        + ", ".join(["*b"] * 50)
+        + "]\n"
+    )
+    assert load_yaml(_write(tmp_path, text)).data["uses"][49][999] == "v"
 
 
 # --- key paths inside mappings of user-named entries ------------------------------------
