@@ -259,7 +259,9 @@ def peer_identities(context: _AuthContextSource) -> frozenset[str]:
     """The caller's verified identities: its certificate's CN and DNS SANs.
 
     Empty for plaintext or when the caller sent no certificate. IP SANs are left out
-    on purpose: an address is not a name a policy should grant anything to.
+    on purpose: an address is not a name a policy should grant anything to. grpc
+    reports a certificate without a CN as an empty CN; that is no name, so it is left
+    out too (a certificate with neither CN nor DNS SAN has no identity).
     """
     auth = context.auth_context()
     if _auth_values(auth, _AUTH_TRANSPORT) != [b"ssl"]:
@@ -267,9 +269,11 @@ def peer_identities(context: _AuthContextSource) -> frozenset[str]:
     names: set[str] = set()
     for raw in _auth_values(auth, _AUTH_CN) + _auth_values(auth, _AUTH_DNS):
         try:
-            names.add(raw.decode("utf-8"))
+            name = raw.decode("utf-8")
         except UnicodeDecodeError:
             continue
+        if name:
+            names.add(name)
     return frozenset(names)
 
 

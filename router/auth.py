@@ -19,6 +19,8 @@ from hybridroute.router.facts import Caller
 __all__ = ["Unauthenticated", "authenticate"]
 
 _AUTH_CN = "x509_common_name"
+_AUTH_DNS = "peer_dns"
+_AUTH_CERT = "x509_pem_cert"
 
 
 class _Fixed:
@@ -37,22 +39,22 @@ class Unauthenticated(Exception):
     """No valid credentials; the message says what was missing, never the token."""
 
 
-def _certificate_identity(context: Any) -> str | None:
-    auth = context.auth_context()  # built anew on every call: read it once
+def _certificate_identity(auth: Mapping[str, Any]) -> str | None:
+    """The CN of the verified client certificate, else its first DNS SAN (in the
+    certificate's order, which grpc keeps); None without a certificate or a name."""
     names = peer_identities(_Fixed(auth))
-    if not names:
-        return None
-    cn = auth.get(_AUTH_CN, [])
-    for raw in cn:
-        value = str(raw.decode("utf-8", "replace"))
-        if value in names:
-            return value
-    return sorted(names)[0]
+    for key in (_AUTH_CN, _AUTH_DNS):
+        for raw in auth.get(key, []):
+            value = str(raw.decode("utf-8", "replace"))
+            if value in names:
+                return value
+    return None
 
 
 def authenticate(context: Any, metadata: Mapping[str, str], config: RouterConfig) -> Caller:
     """The caller of this RPC, or `Unauthenticated`."""
-    identity = _certificate_identity(context)
+    auth = context.auth_context()  # built anew on every call: read it once
+    identity = _certificate_identity(auth)
     if identity is not None:
         return Caller(identity, "cert")
     header = metadata.get("authorization")
@@ -66,6 +68,12 @@ def authenticate(context: Any, metadata: Mapping[str, str], config: RouterConfig
         return Caller(caller, "token")
     if config.insecure:
         return Caller(None, "none")
+    if auth.get(_AUTH_CERT):
+        raise Unauthenticated(
+            "the client certificate names no caller (no CN and no DNS SAN): issue one "
+            "with 'hybridroute certs issue NAME --client --ca-dir DIR', or send "
+            "'authorization: Bearer <token>'"
+        )
     raise Unauthenticated(
         "no client certificate and no bearer token: present a certificate signed by the "
         "router's client CA, or send 'authorization: Bearer <token>'"
