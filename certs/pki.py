@@ -446,12 +446,33 @@ def init_pki(
     return issued
 
 
+def _public_der(key: _IssuerKey | x509.Certificate) -> bytes:
+    public = key.public_key()
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def _load_ca(ca_dir: Path) -> _Issuer:
+    """The CA's certificate and key, refused unless a leaf they sign would be trusted:
+    the key must be the certificate's, and the certificate must not have expired."""
     layout = PkiLayout(ca_dir)
     cert = load_certificates(layout.ca.cert, "CA certificate")[0]
     key = load_private_key(layout.ca.key)
     if not isinstance(key, _ISSUER_KEY_TYPES):
         raise CredentialsError(f"{layout.ca.key}: unsupported CA key type {type(key).__name__}")
+    if _public_der(key) != _public_der(cert):
+        raise CredentialsError(
+            f"{layout.ca.key}: private key does not match the CA certificate "
+            f"{layout.ca.cert}, so nothing signed with it would be trusted: restore the "
+            "matching ca.key"
+        )
+    if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+        raise CredentialsError(
+            f"{layout.ca.cert}: the CA expired on {cert.not_valid_after_utc:%Y-%m-%d}, so "
+            f"nothing it signs would be trusted: make a new CA with 'hybridroute certs init "
+            f"--out {ca_dir} --force' (it replaces every certificate)"
+        )
     return cert, key
 
 
@@ -487,6 +508,11 @@ def issue_leaf(
         raise ValueError(
             f"{stem}.key is the audit signing key, never replaced by a certificate's; "
             "choose another --stem"
+        )
+    if PkiLayout(target).pair(stem) == PkiLayout(target).ca:
+        raise ValueError(
+            f"{stem}.pem/{stem}.key are the CA's, never replaced by a leaf (without ca.key "
+            "no certificate can be issued again); choose another --stem"
         )
     outputs, issued = _leaf_outputs(spec, target, _load_ca(Path(ca_dir)), days)
     _write_all(outputs, force)

@@ -23,9 +23,9 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from hybridroute.certs.credentials import (
@@ -302,6 +302,61 @@ def test_issue_never_writes_over_the_audit_signing_key(
     assert main([*argv, "--stem", "audit-signing"]) == 2
     assert "audit signing key" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
+
+
+def test_issue_never_writes_a_leaf_over_the_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init_pki(tmp_path)
+    before = snapshot(tmp_path)
+    assert main(["certs", "issue", "ca", "--server", "--ca-dir", str(tmp_path), "--force"]) == 2
+    assert "are the CA's" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def test_issue_refuses_a_ca_key_that_is_not_the_ca_certificates(
+    tmp_path: Path, other_pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Signing with another key would make a leaf that nothing trusts, silently."""
+    init_pki(tmp_path)
+    shutil.copy(PkiLayout(other_pki).ca.key, tmp_path / "ca.key")
+    before = snapshot(tmp_path)
+    assert main(["certs", "issue", "extra", "--client", "--ca-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "ca.key: private key does not match the CA certificate" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_issue_from_an_expired_ca_says_so_and_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old CA")])
+    now = dt.datetime.now(dt.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=30))
+        .not_valid_after(now - dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ca.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    assert main(["certs", "issue", "extra", "--client", "--ca-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"the CA expired on {ca.not_valid_after_utc:%Y-%m-%d}" in err
+    assert "certs init" in err and "--force" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.key", "ca.pem"]
 
 
 def test_cli_prints_a_table_of_what_it_made(
