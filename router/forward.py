@@ -128,10 +128,12 @@ class Forwarder:
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
                 raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            body = versioned if versioned is not None and route == decision.route else raw
+            started = time.perf_counter()
             try:
-                body = versioned if versioned is not None and route == decision.route else raw
                 reply = await self._call(endpoint, method, body, timeout, metadata)
             except grpc.aio.AioRpcError as exc:
+                self._metrics.observe_upstream(endpoint.pool, time.perf_counter() - started)
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 self._pools.report_failure(endpoint, "UNAVAILABLE")
@@ -139,6 +141,7 @@ class Forwarder:
                     raise
                 self._metrics.upstream_retries.labels(endpoint.pool).inc()
                 continue
+            self._metrics.observe_upstream(endpoint.pool, time.perf_counter() - started)
             return Forwarded(reply, endpoint, route)
 
     async def mirror(

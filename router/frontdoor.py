@@ -227,7 +227,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             error = await self._record(event, error)
         else:
             error = await self._record_then_mirror(event, copy)
-        self._count(event)
+        self._count(event, started)
         trailing = _reply_metadata(event)
         if error is not None:
             await context.abort(error.code, error.message, trailing_metadata=trailing)
@@ -250,7 +250,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         task = asyncio.ensure_future(self._record(event, None))
         self._background.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._background.discard)
-        task.add_done_callback(lambda _: self._count(event))
+        task.add_done_callback(lambda _: self._count(event, started))
 
     async def _record_then_mirror(self, event: AuditEvent, copy: _Shadow) -> RouterError | None:
         """Commit the record that names the shadow copy, then send the copy; a copy
@@ -268,12 +268,15 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     async def _record(self, event: AuditEvent, error: RouterError | None) -> RouterError | None:
         """Commit the audit record; if that fails, the reply is withheld (invariant 5)."""
+        waiting = time.perf_counter()
         try:
             await self._audit.record(event)
         except AuditUnavailable as exc:
             log.error("audit record not written (%s); refusing the reply", exc)
             event.code = grpc.StatusCode.UNAVAILABLE.name
             return RouterError(grpc.StatusCode.UNAVAILABLE, AUDIT_REFUSAL)
+        finally:
+            self._metrics.audit_wait.observe(time.perf_counter() - waiting)
         return error
 
     async def _decide_and_forward(
@@ -395,8 +398,8 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 return result, copy
         return result, None
 
-    def _count(self, event: AuditEvent) -> None:
-        self._metrics.observe(event)
+    def _count(self, event: AuditEvent, started: float) -> None:
+        self._metrics.observe(event, time.perf_counter() - started)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["OTHER_MODEL", "ModelLabels", "RouterMetrics", "policy_models"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The audit wait is a fraction of a millisecond when the disk is healthy.
+_WAIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 5.0)
 OTHER_MODEL = "_other"
 
 
@@ -72,6 +74,7 @@ class RouterMetrics:
         self.models = ModelLabels()
         self._counters: dict[tuple[str, ...], Counter] = {}  # labels() costs ~2 us; this 0.1
         self._histograms: dict[str, Histogram] = {}
+        self._upstreams: dict[str, Histogram] = {}
         self._add_requests()
         self._add_rollouts()
 
@@ -92,9 +95,25 @@ class RouterMetrics:
         )
         self.latency = Histogram(
             "hybridroute_router_request_duration_seconds",
-            "Time from a request's arrival at the router to its reply, by route",
+            "Time from the router taking up a request to releasing its reply (upstream "
+            "calls and the audit commit included), by route",
             ["route"],
             buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream = Histogram(
+            "hybridroute_router_upstream_duration_seconds",
+            "Time of each call to an upstream endpoint (each attempt of a retried request), "
+            "by pool: the node's or cloud's share of hybridroute_router_request_duration",
+            ["pool"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.audit_wait = Histogram(
+            "hybridroute_router_audit_wait_seconds",
+            "Time a reply waited for its audit record to be committed (queue, group "
+            "commit, fsync): what recording every decision before replying costs a request",
+            buckets=_WAIT_BUCKETS,
             registry=self.registry,
         )
         self.upstream_retries = Counter(
@@ -151,9 +170,9 @@ class RouterMetrics:
             registry=self.registry,
         )
 
-    def observe(self, event: AuditEvent) -> None:
+    def observe(self, event: AuditEvent, seconds: float) -> None:
         """Count one answered request (from its audit event, so metrics and the trail
-        can never disagree about what happened)."""
+        can never disagree about what happened) that took `seconds` to its reply."""
         # Only a ModelInfer a node answered (it has a served version) proves the model
         # exists: a node answers ModelReady for any name, OK with ready=false.
         served = event.code == "OK" and event.outcome == "routed" and bool(event.served_version)
@@ -166,9 +185,15 @@ class RouterMetrics:
         histogram = self._histograms.get(event.route)
         if histogram is None:
             histogram = self._histograms[event.route] = self.latency.labels(event.route)
-        histogram.observe(event.latency_ms / 1000)
+        histogram.observe(seconds)
         if event.sensitive:
             self.sensitive.labels(event.route).inc()
+
+    def observe_upstream(self, pool: str, seconds: float) -> None:
+        histogram = self._upstreams.get(pool)
+        if histogram is None:
+            histogram = self._upstreams[pool] = self.upstream.labels(pool)
+        histogram.observe(seconds)
 
     def serve(self, host: str, port: int) -> int:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

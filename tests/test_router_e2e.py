@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from support import Stack
 
 from hybridroute.certs.credentials import channel_credentials
@@ -214,3 +215,37 @@ def test_router_metrics_count_requests_by_route_zone_and_code(stack: Stack) -> N
     ) in text
     assert "hybridroute_router_request_duration_seconds_bucket" in text
     assert "hybridroute_router_endpoint_healthy{endpoint=" in text
+
+
+def _sums(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.endswith(("_sum", "_count"))
+    }
+
+
+def test_router_metrics_split_a_requests_time_into_upstream_and_audit_wait(
+    stack: Stack,
+) -> None:
+    """An operator asking "is it the model, the trail or the router?" reads it off
+    /metrics: each request's duration holds its upstream call and its audit wait."""
+    url = stack.info["router"]["metrics"]
+    duration = ("hybridroute_router_request_duration_seconds", (("route", "cloud"),))
+    upstream = ("hybridroute_router_upstream_duration_seconds", (("pool", "cloud"),))
+    wait = ("hybridroute_router_audit_wait_seconds", ())
+    before = _sums(url)
+    for _ in range(5):
+        send(stack, ticket(CLEAN), label="public")
+    after = _sums(url)
+
+    def delta(name: tuple[str, tuple[tuple[str, str], ...]], part: str) -> float:
+        key = (f"{name[0]}_{part}", name[1])
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert [delta(m, "count") for m in (duration, upstream, wait)] == [5, 5, 5]
+    assert delta(upstream, "sum") > 0 and delta(wait, "sum") > 0
+    # one after the other inside each request's time, with the router's own work besides
+    assert delta(duration, "sum") > delta(upstream, "sum") + delta(wait, "sum")
