@@ -37,6 +37,12 @@ direct req/s, at each concurrency. The table shows them for the median-throughpu
 runs; the verdict uses the median over back-to-back pairs (direct run i, then router
 run i), as bench_audit does, because this machine's speed drifts between runs by as
 much as the hop costs (direct p50 at c=1 moved 2.4-2.9 ms between runs of one day).
+A second table says where the added time goes at c=1, from the router's own timers
+(its /metrics: request duration, upstream call, audit wait; means per run, read before
+and after each router run): grpc's front-door leg (client latency minus the router's
+request duration), the router's own work, the audit commit the reply waits for
+(invariant 5), and the upstream leg (the router's upstream call minus the direct
+client's latency). Means, not p50s, so that the parts add up to the added mean.
 Targets (issue 3): added p50 <= 1 ms at c=1, ratio >= 0.40 at c=16. Reference points
 (references.md, one hop in front of a bare server): minimal Python raw-bytes grpc.aio
 hop +0.74 ms and 0.45; nginx grpc_pass +0.14 ms and 0.78.
@@ -47,11 +53,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,9 +169,53 @@ async def _check_route(target: Target, payload: bytes, zone: str) -> None:
 
 Runs = dict[tuple[str, str, int], list[Result]]  # (workload, path, concurrency) -> runs
 
+# The router's own account of its time (sum, count), every route and pool together.
+_TIMES = {
+    "handler": "hybridroute_router_request_duration_seconds",
+    "upstream": "hybridroute_router_upstream_duration_seconds",
+    "audit": "hybridroute_router_audit_wait_seconds",
+}
 
-async def _measure(workloads: Sequence[Workload], seconds: float, runs: int) -> Runs:
-    """`runs` runs per (workload, path, concurrency), interleaved."""
+
+@dataclass(frozen=True)
+class Split:
+    """Mean milliseconds per request the router measured itself during one run."""
+
+    handler: float  # from taking the request up to releasing the reply
+    upstream: float  # the upstream call
+    audit: float  # waiting for the audit record's commit
+
+
+Splits = dict[str, list[Split]]  # workload -> one per router run at concurrency 1
+
+
+def _router_times(url: str) -> dict[str, tuple[float, float]]:
+    """(sum seconds, count) of each of `_TIMES`, summed over label sets."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out = {}
+    for key, name in _TIMES.items():
+        total = sum(float(v) for v in re.findall(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M))
+        count = sum(
+            float(v) for v in re.findall(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        )
+        out[key] = (total, count)
+    return out
+
+
+def _split(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> Split:
+    def mean_ms(key: str) -> float:
+        seconds = after[key][0] - before[key][0]
+        count = after[key][1] - before[key][1]
+        return seconds / count * 1000 if count else float("nan")
+
+    return Split(mean_ms("handler"), mean_ms("upstream"), mean_ms("audit"))
+
+
+async def _measure(
+    workloads: Sequence[Workload], seconds: float, runs: int, metrics_url: str
+) -> tuple[Runs, Splits]:
+    """`runs` runs per (workload, path, concurrency), interleaved; and for each router
+    run at concurrency 1, the router's own split of its time (from its /metrics)."""
     for w in workloads:
         await _check_route(w.routed, w.payloads[0], w.zone)
     channels = {
@@ -174,11 +226,14 @@ async def _measure(workloads: Sequence[Workload], seconds: float, runs: int) -> 
     targets = {(w.name, "direct"): w.direct for w in workloads}
     targets |= {(w.name, "via router"): w.routed for w in workloads}
     results: Runs = {}
+    splits: Splits = {}
     try:
         for run in range(runs):
             for w in workloads:
                 for concurrency in CONCURRENCIES:
                     for path in ("direct", "via router"):
+                        split = path == "via router" and concurrency == 1
+                        before = _router_times(metrics_url) if split else None
                         r = await run_load(
                             channels[w.name, path],
                             METHOD,
@@ -188,6 +243,9 @@ async def _measure(workloads: Sequence[Workload], seconds: float, runs: int) -> 
                             metadata=targets[w.name, path].metadata,
                         )
                         results.setdefault((w.name, path, concurrency), []).append(r)
+                        if before is not None:
+                            after = _router_times(metrics_url)
+                            splits.setdefault(w.name, []).append(_split(before, after))
                         print(
                             f"  run {run + 1}/{runs} {w.name} {path} c={concurrency}: "
                             f"{r.rps:.0f} req/s, p50 {r.p50_ms:.2f} ms, {r.errors} errors",
@@ -197,7 +255,7 @@ async def _measure(workloads: Sequence[Workload], seconds: float, runs: int) -> 
     finally:
         for channel in channels.values():
             await channel.close(None)
-    return results
+    return results, splits
 
 
 # --- report -------------------------------------------------------------------------
@@ -245,6 +303,42 @@ def _report(
     return rows, headline
 
 
+def _split_rows(workloads: Sequence[Workload], results: Runs, splits: Splits) -> list[list[str]]:
+    """Where the added time goes at concurrency 1, from each direct/router pair of runs
+    and the router's own timers during the router run (means, so the parts add up to
+    the added mean; the median over pairs of each)."""
+    parts: dict[str, list[list[float]]] = {}
+    for w in workloads:
+        pairs = zip(
+            results[w.name, "direct", 1],
+            results[w.name, "via router", 1],
+            splits[w.name],
+            strict=True,
+        )
+        for direct, routed, split in pairs:
+            parts.setdefault(w.name, []).append(
+                [
+                    routed.mean_ms - split.handler,
+                    split.handler - split.upstream - split.audit,
+                    split.audit,
+                    split.upstream - direct.mean_ms,
+                    routed.mean_ms - direct.mean_ms,
+                ]
+            )
+    labels = [
+        "grpc: the front door's server side and the client's extra leg",
+        "the router's own work: auth, facts, policy, metrics",
+        "the audit record's commit, before the reply",
+        "the upstream leg: router->node minus client->node",
+        "added mean latency",
+    ]
+    rows = []
+    for i, label in enumerate(labels):
+        cells = [f"{statistics.median(run[i] for run in parts[w.name]):+.2f}" for w in workloads]
+        rows.append([label, *cells])
+    return rows
+
+
 def _verdict(name: str, added: float, ratio: float) -> list[str]:
     ok_p50 = added <= TARGET_ADDED_P50_MS
     ok_ratio = ratio >= TARGET_RATIO
@@ -277,7 +371,8 @@ def _run(root: Path, seconds: float, runs: int) -> None:
     env = {**os.environ, TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"}
     onprem, cloud, router = (f"127.0.0.1:{free_port()}" for _ in range(3))
     policy = render_policy(root, onprem, cloud)
-    config = write_router_config(root, pki, policy, router, f"127.0.0.1:{free_port()}")
+    metrics = f"127.0.0.1:{free_port()}"
+    config = write_router_config(root, pki, policy, router, metrics)
     children = [
         Child("node-1", node_args(models, pki, onprem), logs, env),
         Child("cloud-1", node_args(models, pki, cloud, onprem=False), logs, env),
@@ -311,7 +406,8 @@ def _run(root: Path, seconds: float, runs: int) -> None:
         ]
         pids = [child.proc.pid for child in children]
         before, started = _busy_seconds(pids), time.monotonic()
-        results = asyncio.run(_measure(workloads, seconds, runs))
+        metrics_url = f"http://{metrics}/metrics"
+        results, splits = asyncio.run(_measure(workloads, seconds, runs, metrics_url))
         after, elapsed = _busy_seconds(pids), time.monotonic() - started
     finally:
         for child in reversed(children):
@@ -339,6 +435,9 @@ def _run(root: Path, seconds: float, runs: int) -> None:
             rows,
         )
     )
+    print()
+    print("where the added time goes at concurrency 1, ms (means; median over pairs of runs):")
+    print(table(["part", *(w.name for w in workloads)], _split_rows(workloads, results, splits)))
     print()
     added, ratio = headline["iris confidential"]
     for line in _verdict("iris confidential, on-prem", added, ratio):

@@ -26,6 +26,7 @@ class Result:
     seconds: float
     p50_ms: float
     p99_ms: float
+    mean_ms: float = float("nan")
 
     @property
     def rps(self) -> float:
@@ -81,7 +82,8 @@ async def run_load(
             latencies.sort()
             p50 = latencies[len(latencies) // 2] * 1000 if latencies else float("nan")
             p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else float("nan")
-            return Result(len(latencies), len(errors), elapsed, p50, p99)
+            mean = statistics.fmean(latencies) * 1000 if latencies else float("nan")
+            return Result(len(latencies), len(errors), elapsed, p50, p99, mean)
     raise AssertionError("unreachable")
 
 
