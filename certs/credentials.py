@@ -7,7 +7,9 @@ identity are written once and tested once, not re-invented per server.
 Rotation: `server_credentials` uses grpc's dynamic certificate configuration. grpc
 calls our fetcher before every new TLS handshake; it re-reads the files only when their
 inode, size or mtime changed, and keeps serving the last good certificate when the new
-files are unreadable, half-written or do not match each other. Connections that are
+files are unreadable, half-written, do not match each other or have expired (one not
+valid yet is served from its start). A server does not start on an expired certificate,
+and serving one past its expiry is logged as an error. Connections that are
 already open keep the certificate they were set up with; client-side credentials are
 static, so clients pick up a rotated client certificate by building a new channel.
 """
@@ -175,8 +177,24 @@ def _stamp(paths: tuple[Path, ...]) -> _Stamp:
     return tuple(out)
 
 
+_Config = grpc.ServerCertificateConfiguration
+
+
+def _not_yet_valid(leaf: x509.Certificate, now: dt.datetime) -> bool:
+    return now < leaf.not_valid_before_utc
+
+
+def _expired(leaf: x509.Certificate, now: dt.datetime) -> bool:
+    return leaf.not_valid_after_utc <= now
+
+
 class _ServerCertReloader:
-    """The fetcher grpc calls before each new handshake: new files in, bad files ignored."""
+    """The fetcher grpc calls before each new handshake: new files in, bad files ignored.
+
+    A new certificate that has expired is ignored like a bad file; one that is not valid
+    yet is held and served from its start time, the current one until then. Serving a
+    certificate past its expiry (every client refuses it) is logged as an error, once.
+    """
 
     def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
         self._cert, self._key, self._client_ca = cert, key, client_ca
@@ -184,32 +202,85 @@ class _ServerCertReloader:
         self._lock = threading.Lock()
         self._seen = _stamp(self._paths)
         self.initial, self.current = self._load()
+        self._pending: tuple[_Config, x509.Certificate] | None = None
+        self._expiry_logged = False
+        now = dt.datetime.now(dt.UTC)
+        if _expired(self.current, now):
+            raise CredentialsError(
+                f"{cert}: certificate {_describe_leaf(self.current)} has expired, so every "
+                "client would refuse it: issue a new one (hybridroute certs issue)"
+            )
+        if _not_yet_valid(self.current, now):
+            _LOG.warning(
+                "server certificate %s from %s is not valid before %s: clients refuse it "
+                "until then (is this host's clock right?)",
+                _describe_leaf(self.current),
+                cert,
+                f"{self.current.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC",
+            )
 
-    def _load(self) -> tuple[grpc.ServerCertificateConfiguration, x509.Certificate]:
+    def _load(self) -> tuple[_Config, x509.Certificate]:
         pair = _load_pair(self._cert, self._key)
         roots = None if self._client_ca is None else _load_ca(self._client_ca)
         config = grpc.ssl_server_certificate_configuration([(pair.key, pair.chain)], roots)
         return config, pair.leaf
 
-    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+    def __call__(self) -> _Config | None:
         with self._lock:
+            now = dt.datetime.now(dt.UTC)
             stamp = _stamp(self._paths)
-            if stamp == self._seen:
-                return None
-            self._seen = stamp  # stat before reading: a write racing us changes it again
-            try:
-                config, self.current = self._load()
-            except CredentialsError as exc:
-                _LOG.warning(
-                    "TLS files changed but cannot be used yet, still serving %s: %s",
+            if stamp != self._seen:
+                self._seen = stamp  # stat before reading: a write racing us changes it again
+                self._pending = None
+                return self._changed(now)
+            if self._pending is not None and not _not_yet_valid(self._pending[1], now):
+                config, leaf = self._pending
+                self._pending = None
+                return self._serve(config, leaf, "its validity has begun")
+            if not self._expiry_logged and _expired(self.current, now):
+                self._expiry_logged = True
+                _LOG.error(
+                    "serving server certificate %s from %s past its expiry: clients refuse "
+                    "it; replace the files with a new certificate and key "
+                    "(hybridroute certs issue)",
                     _describe_leaf(self.current),
-                    exc,
+                    self._cert,
                 )
-                return None
-            _LOG.info(
-                "reloaded server certificate %s from %s", _describe_leaf(self.current), self._cert
-            )
-            return config
+            return None
+
+    def _changed(self, now: dt.datetime) -> _Config | None:
+        try:
+            config, leaf = self._load()
+        except CredentialsError as exc:
+            problem = str(exc)
+        else:
+            if _expired(leaf, now):
+                problem = f"{self._cert}: the new certificate {_describe_leaf(leaf)} has expired"
+            elif _not_yet_valid(leaf, now):
+                self._pending = (config, leaf)
+                problem = (
+                    f"{self._cert}: the new certificate {_describe_leaf(leaf)} is not valid "
+                    f"before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC; it will be "
+                    "served from then"
+                )
+            else:
+                return self._serve(config, leaf, "")
+        _LOG.warning(
+            "TLS files changed but cannot be used yet, still serving %s: %s",
+            _describe_leaf(self.current),
+            problem,
+        )
+        return None
+
+    def _serve(self, config: _Config, leaf: x509.Certificate, why: str) -> _Config:
+        self.current, self._expiry_logged = leaf, False
+        _LOG.info(
+            "reloaded server certificate %s from %s%s",
+            _describe_leaf(leaf),
+            self._cert,
+            f" ({why})" if why else "",
+        )
+        return config
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:

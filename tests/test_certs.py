@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import stat
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -565,3 +566,122 @@ def test_rotated_files_are_served_to_new_connections_without_restart(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("does not match" in w and "CN=node-v2" in w for w in warnings)
     assert any("node.pem" in w for w in warnings[1:])
+
+
+def mint_node_cert(
+    pki: Path, out: Path, *, cn: str, not_before: dt.datetime, not_after: dt.datetime
+) -> x509.Certificate:
+    """A server certificate from the session CA with exactly this validity (which
+    `issue_leaf` will not make), written over `out`'s node.pem/node.key."""
+    layout = PkiLayout(pki)
+    ca_cert = load_cert(layout.ca.cert)
+    ca_key = serialization.load_pem_private_key(layout.ca.key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    live = PkiLayout(out).node
+    live.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    live.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert
+
+
+def served_serial(port: int) -> int:
+    """The serial of the certificate a new TLS connection is given, whatever its dates."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+        ctx.wrap_socket(sock) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def tls_only_node(pki: Path, tmp_path: Path, serve: type[HealthServer]) -> HealthServer:
+    """A TLS server on a copy of the session's node pair in `tmp_path`, to rotate."""
+    for path in PkiLayout(pki).node.files():
+        shutil.copy2(path, tmp_path / path.name)
+    live = PkiLayout(tmp_path).node
+    return serve(server_credentials(live.cert, live.key, None))
+
+
+def test_a_server_does_not_start_on_an_expired_certificate(pki: Path, tmp_path: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    day = dt.timedelta(days=1)
+    mint_node_cert(pki, tmp_path, cn="stale", not_before=now - 9 * day, not_after=now - day)
+    live = PkiLayout(tmp_path).node
+    with pytest.raises(CredentialsError, match=r"node\.pem: certificate CN=stale .* has expired"):
+        server_credentials(live.cert, live.key, PkiLayout(pki).ca.cert)
+
+
+def test_rotation_ignores_an_expired_certificate_and_says_so(
+    pki: Path, tmp_path: Path, serve: type[HealthServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = tls_only_node(pki, tmp_path, serve)
+    serving = load_cert(PkiLayout(pki).node.cert).serial_number
+    now = dt.datetime.now(dt.UTC)
+    day = dt.timedelta(days=1)
+    with caplog.at_level(logging.WARNING, logger="hybridroute.certs.credentials"):
+        mint_node_cert(pki, tmp_path, cn="stale", not_before=now - 9 * day, not_after=now - day)
+        assert served_serial(server.port) == serving
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "still serving CN=node" in warning and "CN=stale" in warning
+    assert "has expired" in warning
+
+
+def test_a_rotated_certificate_not_valid_yet_is_served_from_its_start(
+    pki: Path, tmp_path: Path, serve: type[HealthServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = tls_only_node(pki, tmp_path, serve)
+    serving = load_cert(PkiLayout(pki).node.cert).serial_number
+    start = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=2)
+    with caplog.at_level(logging.INFO, logger="hybridroute.certs.credentials"):
+        early = mint_node_cert(
+            pki, tmp_path, cn="early", not_before=start, not_after=start + dt.timedelta(days=1)
+        )
+        assert served_serial(server.port) == serving  # clients would refuse it for now
+        time.sleep(max(0.0, (start - dt.datetime.now(dt.UTC)).total_seconds()) + 0.2)
+        assert served_serial(server.port) == early.serial_number
+        assert served_serial(server.port) == early.serial_number
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("not valid before" in m and "still serving CN=node" in m for m in messages)
+    assert any("reloaded server certificate CN=early" in m for m in messages)
+
+
+def test_serving_a_certificate_past_its_expiry_is_logged_once(
+    pki: Path, tmp_path: Path, serve: type[HealthServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    end = now + dt.timedelta(seconds=2)
+    short = mint_node_cert(
+        pki, tmp_path, cn="short", not_before=now - dt.timedelta(minutes=5), not_after=end
+    )
+    live = PkiLayout(tmp_path).node
+    server = serve(server_credentials(live.cert, live.key, None))
+    with caplog.at_level(logging.ERROR, logger="hybridroute.certs.credentials"):
+        assert served_serial(server.port) == short.serial_number
+        assert not caplog.records
+        time.sleep(max(0.0, (end - dt.datetime.now(dt.UTC)).total_seconds()) + 0.2)
+        for _ in range(3):
+            served_serial(server.port)
+    (error,) = [r.getMessage() for r in caplog.records]
+    assert "CN=short" in error and "past its expiry" in error and "certs issue" in error
