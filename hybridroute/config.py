@@ -107,88 +107,66 @@ _MAX_DEPTH = 100
 _MAX_VALUES = 200_000
 
 
-class _Budget:
-    """How many more values the document may expand to (`_MAX_VALUES`)."""
+class _Builder:
+    """Builds one document's data from its nodes, recording the line of every key and
+    item (`lines`).
 
-    def __init__(self) -> None:
+    `active` holds the nodes being built around the current one: an alias to one of
+    them (`a: &x [*x]`) would make the data contain itself, which no configuration
+    means and which would recurse without end here and in validation. `left` counts
+    down the values still allowed, an alias's once per use: that is what the data holds.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.lines: dict[PathKey, int] = {}
+        self.active: set[int] = set()
         self.left = _MAX_VALUES
 
+    def value(self, node: yaml.Node, path: PathKey) -> Any:
+        line = self.lines.setdefault(path, node.start_mark.line + 1)  # its key's, for an alias
+        self.left -= 1
+        if self.left < 0:
+            message = f"the document expands to more than {_MAX_VALUES:,} values"
+            raise _Problem(line, (), message + " (aliases count each time they are used)")
+        if isinstance(node, yaml.ScalarNode):
+            return self.loader.construct_object(node, deep=True)
+        if id(node) in self.active:
+            message = "recursive alias: it refers to a node that contains it, so the data "
+            raise _Problem(line, path, message + "would contain itself; write the values out")
+        if len(path) >= _MAX_DEPTH:
+            raise _Problem(line, (), f"nested more than {_MAX_DEPTH} levels deep")
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, path)
+            if isinstance(node, yaml.SequenceNode):
+                return [self._item(item, (*path, i)) for i, item in enumerate(node.value)]
+            return self.loader.construct_object(node, deep=True)
+        finally:
+            self.active.discard(id(node))
 
-def _construct(
-    node: yaml.Node,
-    path: PathKey,
-    lines: dict[PathKey, int],
-    loader: Any,
-    active: set[int],
-    budget: _Budget,
-) -> Any:
-    """`node` as Python data, recording the line of every key and item below `path`.
+    def _item(self, node: yaml.Node, path: PathKey) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        return self.value(node, path)
 
-    `active` holds the nodes being built around this one: an alias to one of them
-    (`a: &x [*x]`) would make the data contain itself, which no configuration means
-    and which would recurse without end here and in validation. `budget` counts the
-    values built, an alias's once per use: that is what the data holds.
-    """
-    line = lines.setdefault(path, node.start_mark.line + 1)  # of its key, for an alias
-    budget.left -= 1
-    if budget.left < 0:
-        message = f"the document expands to more than {_MAX_VALUES:,} values"
-        raise _Problem(line, (), message + " (aliases count each time they are used)")
-    if isinstance(node, yaml.ScalarNode):
-        return loader.construct_object(node, deep=True)
-    if id(node) in active:
-        message = "recursive alias: it refers to a node that contains it, so the data "
-        raise _Problem(line, path, message + "would contain itself; write the values out")
-    if len(path) >= _MAX_DEPTH:
-        raise _Problem(line, (), f"nested more than {_MAX_DEPTH} levels deep")
-    active.add(id(node))
-    try:
-        if isinstance(node, yaml.MappingNode):
-            return _construct_mapping(node, path, lines, loader, active, budget)
-        if isinstance(node, yaml.SequenceNode):
-            return [
-                _construct_item(item, (*path, i), lines, loader, active, budget)
-                for i, item in enumerate(node.value)
-            ]
-        return loader.construct_object(node, deep=True)
-    finally:
-        active.discard(id(node))
-
-
-def _construct_item(
-    node: yaml.Node,
-    path: PathKey,
-    lines: dict[PathKey, int],
-    loader: Any,
-    active: set[int],
-    budget: _Budget,
-) -> Any:
-    lines[path] = node.start_mark.line + 1
-    return _construct(node, path, lines, loader, active, budget)
-
-
-def _construct_mapping(
-    node: yaml.MappingNode,
-    path: PathKey,
-    lines: dict[PathKey, int],
-    loader: Any,
-    active: set[int],
-    budget: _Budget,
-) -> dict[Any, Any]:
-    loader.flatten_mapping(node)  # merges `<<: *base` keys into this mapping
-    out: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        if not isinstance(key_node, yaml.ScalarNode):
-            raise _Problem(key_node.start_mark.line + 1, path, "mapping keys must be scalars")
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str | int | float | bool) and key is not None:
-            raise _Problem(key_node.start_mark.line + 1, path, "mapping keys must be scalars")
-        if key in out:
-            raise _Problem(key_node.start_mark.line + 1, path, f"duplicate key {key!r}")
-        child = (*path, key)
-        lines[child] = key_node.start_mark.line + 1
-        out[key] = _construct(value_node, child, lines, loader, active, budget)
-    return out
+    def _mapping(self, node: yaml.MappingNode, path: PathKey) -> dict[Any, Any]:
+        loader = self.loader
+        loader.flatten_mapping(node)  # merges `<<: *base` keys into this mapping
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _Problem(line, path, "mapping keys must be scalars")
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                raise _Problem(line, path, "mapping keys must be scalars")
+            if key in out:
+                raise _Problem(line, path, f"duplicate key {key!r}")
+            child = (*path, key)
+            self.lines[child] = line
+            out[key] = self.value(value_node, child)
+        return out
 
 
 class _Problem(Exception):
@@ -226,14 +204,14 @@ def load_yaml(path: str | Path, *, text: str | None = None) -> Located:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, [(None, "", f"cannot read: {exc}")]) from exc
     loader = _UniqueKeyLoader(content)
-    lines: dict[PathKey, int] = {}
+    builder = _Builder(loader)
     try:
         node = loader.get_single_node()
-        data = {} if node is None else _construct(node, (), lines, loader, set(), _Budget())
+        data = {} if node is None else builder.value(node, ())
     except _Problem as exc:
         raise ConfigError(source, [(exc.line, render_path(exc.path), exc.message)]) from None
     except RecursionError:  # PyYAML's composer recurses once per level of nesting
-        # (deeper than _MAX_DEPTH, which `_construct` refuses with the line of the node)
+        # (deeper than _MAX_DEPTH, which `_Builder` refuses with the line of the node)
         where = loader.get_mark().line + 1
         raise ConfigError(
             source, [(where, "", f"nested more than {_MAX_DEPTH} levels deep")]
@@ -245,7 +223,7 @@ def load_yaml(path: str | Path, *, text: str | None = None) -> Located:
         raise ConfigError(source, [(line, "", f"invalid YAML: {problem}")]) from None
     finally:
         loader.dispose()
-    return Located(data=data, source=source, lines=lines)
+    return Located(data=data, source=source, lines=builder.lines)
 
 
 def _describe(error: ErrorDetails, model: type[BaseModel], path: PathKey, key: bool) -> str:
