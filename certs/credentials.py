@@ -51,10 +51,12 @@ _AUTH_CN = "x509_common_name"
 _AUTH_DNS = "peer_dns"
 
 
-class CredentialsError(Exception):
+class CredentialsError(OSError):
     """A certificate or key file is missing, unreadable, not PEM, or inconsistent.
 
     The message always names the file, so an operator can fix it without a traceback.
+    An OSError, like the missing file it usually is: `node serve` and `router serve`
+    print those as an error line and exit, instead of a traceback.
     """
 
 

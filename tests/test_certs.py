@@ -685,3 +685,19 @@ def test_serving_a_certificate_past_its_expiry_is_logged_once(
             served_serial(server.port)
     (error,) = [r.getMessage() for r in caplog.records]
     assert "CN=short" in error and "past its expiry" in error and "certs issue" in error
+
+
+def test_node_serve_names_an_expired_certificate_without_a_traceback(
+    pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    day = dt.timedelta(days=1)
+    mint_node_cert(pki, tmp_path, cn="stale", not_before=now - 9 * day, not_after=now - day)
+    live = PkiLayout(tmp_path).node
+    models = tmp_path / "models"
+    models.mkdir()
+    argv = ["node", "serve", "--models", str(models), "--listen", "127.0.0.1:0"]
+    argv += ["--cert", str(live.cert), "--key", str(live.key)]
+    assert main([*argv, "--client-ca", str(PkiLayout(pki).ca.cert)]) == 2
+    err = capsys.readouterr().err
+    assert "hybridroute: error:" in err and "CN=stale" in err and "has expired" in err
