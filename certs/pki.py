@@ -490,8 +490,9 @@ def issue_leaf(
 ) -> IssuedCert:
     """Issue one more leaf (CN `name`) from the CA in `ca_dir`, e.g. to rotate or add a peer.
 
-    Writes `out/stem.pem` and `out/stem.key` (defaults: `ca_dir`, `name`). `sans`
-    defaults to just `name`. Raises `CredentialsError` if the CA cannot be loaded.
+    Writes `out/stem.pem` and `out/stem.key` (defaults: `ca_dir`, `name`), making `out`
+    if it is missing. `sans` defaults to just `name`. Raises `CredentialsError` if the
+    CA cannot be loaded.
     """
     if not (client or server):
         raise ValueError("a leaf must be for client or server use (or both)")
@@ -515,5 +516,6 @@ def issue_leaf(
             "no certificate can be issued again); choose another --stem"
         )
     outputs, issued = _leaf_outputs(spec, target, _load_ca(Path(ca_dir)), days)
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_all(outputs, force)
     return issued

@@ -305,6 +305,16 @@ def test_issue_never_writes_over_the_audit_signing_key(
     assert snapshot(tmp_path) == before
 
 
+def test_issue_makes_a_missing_output_directory(
+    pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "new" / "peers"
+    argv = ["certs", "issue", "peer", "--client", "--ca-dir", str(pki), "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["peer.key", "peer.pem"]
+    assert stat.S_IMODE((out / "peer.key").stat().st_mode) == 0o600
+
+
 def test_issue_never_writes_a_leaf_over_the_ca(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
