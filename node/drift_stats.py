@@ -25,6 +25,17 @@ two-proportion test that holds for the small counts a rare missing value gives).
 These p-values count in the Bonferroni correction. A live column that is entirely
 missing is drift whatever the test says (its values cannot be tested at all).
 
+Predictions (the default output of the model on the same requests) are one more
+feature, named `prediction_feature(output)` = `<prediction: OUTPUT>`, tested by the
+same rules with one difference: class labels and strings are nominal, so a
+`categorical` column is tested as categories (`z` for two classes, else `chisquare`;
+`jensenshannon` for large references) whatever its number of classes, never with KS
+on arbitrary codes. Numeric outputs (regression, probabilities) follow the table.
+The prediction counts in the Bonferroni family: the model's flag ("any feature
+drifted", the one alerts page on) is over inputs and prediction together, and it
+keeps its family-wise false-alarm rate at `alpha` only if every p-value behind it
+shares the correction. It costs little: one more test in the divisor.
+
 Why these and not one test for all: KS is exact and sensitive on small references
 but flags negligible shifts once both samples are large, so large references use an
 effect size (a normalised distance) instead; few-valued features are categories,
@@ -52,9 +63,13 @@ __all__ = [
     "ALPHA",
     "DISTANCE_THRESHOLD",
     "MISSING_SUFFIX",
+    "PREDICTION_PREFIX",
+    "Column",
     "FeatureResult",
     "choose_test",
     "compare",
+    "compare_columns",
+    "prediction_feature",
     "untested",
 ]
 
@@ -76,6 +91,26 @@ _KINDS: dict[str, ScoreKind] = {
     "missing": "p_value",
 }
 MISSING_SUFFIX = " missing"
+PREDICTION_PREFIX = "<prediction: "
+
+
+def prediction_feature(output: str, column: int | None = None) -> str:
+    """The feature name of the predictions in output `output` (of its `column` when
+    only one column of a 2-D output is compared): `<prediction: label>`."""
+    suffix = "" if column is None else f"[{column}]"
+    return f"{PREDICTION_PREFIX}{output}{suffix}>"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One feature to test: its reference (training) values and its live values, or
+    None for no verdict (too few live values: see `untested`). `categorical`: the
+    values are nominal (class labels), tested as categories however many there are."""
+
+    name: str
+    reference: npt.NDArray[Any]
+    current: npt.NDArray[Any] | None
+    categorical: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,12 +175,14 @@ def _missing_result(
     )
 
 
-def choose_test(reference: Floats, current: Floats) -> str:
-    """Evidently's default test for a numeric column (see the module table)."""
+def choose_test(reference: Floats, current: Floats, *, categorical: bool = False) -> str:
+    """Evidently's default test for a column (see the module table); a `categorical`
+    column gets a category test whatever its number of values."""
     n_values = len(np.unique(np.concatenate([reference, current])))
+    few = categorical or n_values <= FEW_VALUES
     if len(reference) > SMALL_REFERENCE:
-        return "jensenshannon" if n_values <= FEW_VALUES else "wasserstein"
-    if n_values <= FEW_VALUES:
+        return "jensenshannon" if few else "wasserstein"
+    if few:
         return "chisquare" if n_values > 2 else "z"
     return "ks"
 
@@ -208,10 +245,12 @@ def _score(test: str, reference: Floats, current: Floats) -> float:
     return _jensenshannon(reference, current)
 
 
-def _histogram(reference: Floats, current: Floats) -> tuple[Floats, Floats, Floats, bool]:
+def _histogram(
+    reference: Floats, current: Floats, categorical: bool = False
+) -> tuple[Floats, Floats, Floats, bool]:
     """Bin edges (from the reference), reference and current shares, categorical?"""
     keys = np.unique(reference)
-    if len(keys) <= FEW_VALUES:
+    if categorical or len(keys) <= FEW_VALUES:
         ref = _category_shares(reference, keys)
         cur = _category_shares(current, keys)
         other = 1.0 - float(cur.sum()) if len(current) else 0.0  # live values unseen in training
@@ -237,12 +276,13 @@ def _result(
     current: Floats,
     *,
     live: bool = True,
+    categorical: bool = False,
 ) -> FeatureResult:
     kind = _KINDS[test]
     drift = not math.isnan(score) and (
         score < threshold if kind == "p_value" else score >= threshold
     )
-    edges, ref, cur, categorical = _histogram(reference, current)
+    edges, ref, cur, categorical = _histogram(reference, current, categorical)
     return FeatureResult(
         feature=name,
         test=test,
@@ -261,6 +301,33 @@ def _threshold(test: str, n_tests: int, alpha: float) -> float:
     return alpha / max(1, n_tests) if _KINDS[test] == "p_value" else DISTANCE_THRESHOLD
 
 
+def compare_columns(columns: Sequence[Column], *, alpha: float = ALPHA) -> list[FeatureResult]:
+    """Test each column's live values against its reference, and its missing share
+    where either has missing values (see the module docstring); each missing-share
+    result follows its feature's. A column without live values (`current` None) gets
+    no verdict, as in `untested`. Every column and missing-share test counts in the
+    Bonferroni correction, whether or not it has a verdict this time."""
+    missing = [
+        (_missing(c.reference), 0 if c.current is None else _missing(c.current)) for c in columns
+    ]
+    n_tests = len(columns) + sum(1 for m in missing if any(m))
+    results = []
+    for column, column_missing in zip(columns, missing, strict=True):
+        live = column.current is not None
+        ref = _finite(column.reference)
+        cur = _finite(column.current) if column.current is not None else ref[:0]
+        test = choose_test(ref, cur, categorical=column.categorical)
+        threshold = _threshold(test, n_tests, alpha)
+        score = _score(test, ref, cur) if live and len(ref) and len(cur) else math.nan
+        options = {"live": live, "categorical": column.categorical}
+        results.append(_result(column.name, test, score, threshold, ref, cur, **options))
+        if any(column_missing):
+            rows = (len(column.reference), 0 if column.current is None else len(column.current))
+            limit = _threshold("missing", n_tests, alpha)
+            results.append(_missing_result(column.name, limit, column_missing, rows, score=live))
+    return results
+
+
 def compare(
     features: Sequence[str],
     reference: npt.NDArray[Any],
@@ -271,20 +338,8 @@ def compare(
     """Test every column of `current` against the same column of `reference`, and the
     missing share of every column where either has missing values (see the module
     docstring); each missing-share result follows its feature's."""
-    rows = (len(reference), len(current))
-    missing = [(_missing(reference[:, i]), _missing(current[:, i])) for i in range(len(features))]
-    n_tests = len(features) + sum(1 for m in missing if any(m))
-    results = []
-    for i, name in enumerate(features):
-        ref, cur = _finite(reference[:, i]), _finite(current[:, i])
-        test = choose_test(ref, cur)
-        threshold = _threshold(test, n_tests, alpha)
-        score = _score(test, ref, cur) if len(ref) and len(cur) else math.nan
-        results.append(_result(name, test, score, threshold, ref, cur))
-        if any(missing[i]):
-            limit = _threshold("missing", n_tests, alpha)
-            results.append(_missing_result(name, limit, missing[i], rows, score=True))
-    return results
+    columns = [Column(name, reference[:, i], current[:, i]) for i, name in enumerate(features)]
+    return compare_columns(columns, alpha=alpha)
 
 
 def untested(
@@ -299,16 +354,6 @@ def untested(
     live rows: with a handful of them, live shares (or a test chosen by their distinct
     values) would pin individual request values. Missing-share results appear only
     for features whose reference has missing values, for the same reason."""
-    rows = (len(reference), len(current))
-    missing = [_missing(reference[:, i]) for i in range(len(features))]
-    n_tests = len(features) + sum(1 for m in missing if m)
-    results = []
-    for i, name in enumerate(features):
-        ref = _finite(reference[:, i])
-        test = choose_test(ref, ref[:0])
-        threshold = _threshold(test, n_tests, alpha)
-        results.append(_result(name, test, math.nan, threshold, ref, ref[:0], live=False))
-        if missing[i]:
-            limit = _threshold("missing", n_tests, alpha)
-            results.append(_missing_result(name, limit, (missing[i], 0), rows, score=False))
-    return results
+    del current  # see above: nothing may depend on it
+    columns = [Column(name, reference[:, i], None) for i, name in enumerate(features)]
+    return compare_columns(columns, alpha=alpha)
