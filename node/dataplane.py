@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -119,10 +119,12 @@ def _check_finite(name: str, rows: Array) -> None:
 
 
 class InputObserver(Protocol):
-    """Sees the validated input rows of each answered request (drift monitoring).
-    Called on the event loop, so it must only hand the rows over, never compute."""
+    """Sees the validated input rows and the outputs of each answered request (drift
+    monitoring). Called on the event loop, so it must only hand them over, never compute."""
 
-    def observe(self, name: str, version: int, rows: Array) -> None: ...
+    def observe(
+        self, name: str, version: int, rows: Array, outputs: Mapping[str, Array]
+    ) -> None: ...
 
 
 class DataPlane:
@@ -269,7 +271,7 @@ class DataPlane:
         rows, outputs = self.validate(model, inputs, requested)
         result = await self._batcher(model).submit(rows, outputs)
         if self._observer is not None:
-            self._observer.observe(model.config.name, model.config.version, rows)
+            self._observer.observe(model.config.name, model.config.version, rows, result)
         specs = {o.name: o for o in model.config.outputs}
         answer: list[tuple[str, str, Array]] = [
             (name, specs[name].datatype, result[name]) for name in outputs

@@ -1,10 +1,12 @@
-"""Data drift monitoring: live inputs of each loaded version against its training baseline.
+"""Data drift monitoring: live inputs and predictions of each loaded version against
+its training baseline.
 
 Cost on the request path is one non-blocking queue put per answered request: the
-event loop hands over a reference to the validated input rows (`observe`) and moves
-on. A single `drift` thread does the rest: it turns texts into text statistics,
-appends rows to each version's ring buffer (the newest `window` rows), and every
-`interval` seconds re-tests the versions that received rows (`drift_stats.compare`),
+event loop hands over references to the validated input rows and to the outputs it
+answered with (`observe`) and moves on. A single `drift` thread does the rest: it
+turns texts into text statistics and predictions into numbers, appends rows to each
+version's ring buffers (the newest `window` rows), and every
+`interval` seconds re-tests the versions that received rows (`drift_stats.compare_columns`),
 updates the gauges and logs when a version starts or stops drifting. When the thread
 falls behind, rows are dropped and counted rather than queued without bound: drift
 is a statistical verdict, and a sample of the traffic serves it as well.
@@ -16,23 +18,49 @@ through text statistics (length, word count, character class shares and, when th
 estimator has a fitted vocabulary and the baseline the column, the share of terms
 outside it, measured with the model's own vocabulary in this thread), and their
 baselines hold no training texts nor any token list.
+
+Prediction drift: when the baseline stores `predictions` (the default output on the
+baseline rows), the same output of live requests is one more feature, named
+`<prediction: OUTPUT>` (`drift_stats.prediction_feature`). Class labels, strings and
+booleans are categories (string classes become numbers in this thread: their rank
+among the baseline's classes, one shared number for classes the baseline never
+predicted); numeric outputs (regression, decision scores) are numbers, and a
+two-column `predict_proba` output is compared on its second column (the positive
+class's probability, as Evidently does for binary classification: named
+`<prediction: OUTPUT[1]>`). Any other output (several values per row), a baseline
+without predictions, or predictions that do not convert have no prediction row;
+that is never an error. Requests that asked for other outputs only carry no default
+output: their inputs are recorded, their predictions cannot be, so the prediction
+window can be shorter than the input window, and below `min_window` predictions the
+prediction row has no verdict (statistic NaN) while the inputs have one. The
+prediction counts in the Bonferroni family (see drift_stats.py for why). Predicted
+values, like inputs, never reach logs or metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from sklearn.base import is_classifier
 
-from hybridroute.node.drift_stats import ALPHA, FeatureResult, compare, untested
+from hybridroute.node.drift_stats import (
+    ALPHA,
+    Column,
+    FeatureResult,
+    compare_columns,
+    prediction_feature,
+)
 from hybridroute.node.loading import LoadedModel
 from hybridroute.node.metrics import NodeMetrics
 from hybridroute.node.modelconfig import (
@@ -49,8 +77,10 @@ __all__ = ["DriftMonitor", "DriftStatus", "ModelDriftReport", "RingBuffer"]
 log = logging.getLogger(__name__)
 
 Floats = npt.NDArray[np.float64]
+_Observed = tuple[str, int, Any, Mapping[str, Any] | None]  # name, version, rows, outputs
 DriftStatus = str  # "ok" | "drift" | "not enough data" | "no baseline"
 _QUEUE_ROWS = 256  # requests the recorder may lag behind before rows are dropped
+_UNSEEN = -1.0  # the number of every string class the baseline never predicted
 
 
 class RingBuffer:
@@ -105,6 +135,88 @@ class ModelDriftReport:
     dropped: int = 0
 
 
+@dataclass(frozen=True)
+class _Prediction:
+    """How a version's predictions are compared: which output (and column of it),
+    whether its values are categories, and its reference values as numbers."""
+
+    output: str
+    width: int  # values per row of the output: 1, or 2 for binary probabilities
+    column: int
+    categorical: bool
+    codes: Mapping[str, float] | None  # string classes -> their numbers
+    reference: Floats
+
+    @property
+    def feature(self) -> str:
+        return prediction_feature(self.output, self.column if self.width > 1 else None)
+
+    def numbers(self, values: Any) -> Floats | None:
+        """`values` (the output's rows) as the numbers the tests compare; None when
+        they do not have this output's shape or do not convert."""
+        array = np.asarray(values)
+        if array.ndim == 0 or not len(array):
+            return None
+        array = array.reshape(len(array), -1)
+        if array.shape[1] != self.width:
+            return None
+        chosen = array[:, self.column]
+        if self.codes is not None:
+            codes = self.codes
+            return np.array([codes.get(_text(v), _UNSEEN) for v in chosen.tolist()])
+        try:
+            return chosen.astype(np.float64)
+        except (TypeError, ValueError):
+            return None
+
+
+def _prediction(model: LoadedModel, baseline: Baseline | None) -> _Prediction | None:
+    """How to compare `model`'s default output with the baseline's predictions, or
+    None when it cannot be (see the module docstring)."""
+    config = model.config
+    spec = config.output(config.default_outputs[0])
+    if baseline is None or spec is None or not baseline.predictions.size:
+        return None
+    predictions = np.asarray(baseline.predictions)
+    if predictions.ndim not in (1, 2) or len(predictions) == 0:
+        return None
+    width = 1 if predictions.ndim == 1 else predictions.shape[1]
+    if width == 1:
+        column = 0
+    elif width == 2 and spec.method == "predict_proba":
+        column = 1
+    else:
+        return None
+    reference = predictions.reshape(len(predictions), width)[:, column]
+    strings = spec.datatype == "BYTES" or reference.dtype.kind in "USO"
+    classes = spec.method == "predict" and (
+        config.classes is not None or _is_classifier(model.estimator)
+    )
+    codes = None
+    if strings:
+        names = sorted({_text(v) for v in reference.tolist()})
+        codes = {name: float(i) for i, name in enumerate(names)}
+    prediction = _Prediction(
+        output=spec.name,
+        width=width,
+        column=column,
+        categorical=strings or classes or reference.dtype.kind == "b",
+        codes=codes,
+        reference=np.zeros(0),
+    )
+    numbers = prediction.numbers(predictions)
+    if numbers is None:
+        return None
+    return dataclasses.replace(prediction, reference=numbers)
+
+
+def _is_classifier(estimator: Any) -> bool:
+    try:
+        return bool(is_classifier(estimator))
+    except Exception:  # an estimator without scikit-learn's tags: not known to be one
+        return False
+
+
 @dataclass
 class _Tracked:
     """A monitored version: its reference rows, live window and last verdict."""
@@ -115,6 +227,8 @@ class _Tracked:
     baseline: Baseline | None
     window: RingBuffer
     vocabulary: Vocabulary | None = None  # for the OOV column, when the baseline has it
+    prediction: _Prediction | None = None  # None: no prediction row
+    predicted: RingBuffer = field(default_factory=lambda: RingBuffer(1, 1))
     fresh: bool = False  # rows arrived since the last evaluation
     drifting: bool = False
     dropped: int = 0
@@ -142,7 +256,7 @@ class DriftMonitor:
         self._metrics = metrics
         self._tracked: dict[tuple[str, int], _Tracked] = {}
         self._lock = threading.RLock()
-        self._queue: queue.Queue[tuple[str, int, Any]] = queue.Queue(maxsize=_QUEUE_ROWS)
+        self._queue: queue.Queue[_Observed] = queue.Queue(maxsize=_QUEUE_ROWS)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -171,6 +285,8 @@ class DriftMonitor:
             baseline=baseline,
             window=RingBuffer(self.window_size, width),
             vocabulary=vocabulary,
+            prediction=_prediction(model, baseline),
+            predicted=RingBuffer(self.window_size, 1),
         )
         with self._lock:
             old = self._tracked.pop((config.name, config.version), None)
@@ -188,10 +304,13 @@ class DriftMonitor:
 
     # --------------------------------------------------------------- recording
 
-    def observe(self, name: str, version: int, rows: Any) -> None:
-        """Hand over one request's validated input rows; never blocks, never computes."""
+    def observe(
+        self, name: str, version: int, rows: Any, outputs: Mapping[str, Any] | None = None
+    ) -> None:
+        """Hand over one request's validated input rows and the outputs it was answered
+        with (name -> rows); never blocks, never computes."""
         try:
-            self._queue.put_nowait((name, version, rows))
+            self._queue.put_nowait((name, version, rows, outputs))
         except queue.Full:
             with self._lock:
                 tracked = self._tracked.get((name, version))
@@ -202,16 +321,25 @@ class DriftMonitor:
         """Record everything queued so far (the thread does this continuously)."""
         while True:
             try:
-                name, version, rows = self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            self._record(name, version, rows)
+            self._record(*item)
 
-    def _record(self, name: str, version: int, rows: Any) -> None:
+    def _record(
+        self, name: str, version: int, rows: Any, outputs: Mapping[str, Any] | None = None
+    ) -> None:
         with self._lock:
             tracked = self._tracked.get((name, version))
         if tracked is None or tracked.baseline is None:
             return
+        prediction = tracked.prediction
+        if prediction is not None and outputs is not None and prediction.output in outputs:
+            predicted = prediction.numbers(outputs[prediction.output])
+            if predicted is not None and len(predicted) == len(rows):
+                with self._lock:
+                    tracked.predicted.append(predicted.reshape(-1, 1))
+                    tracked.fresh = True
         if tracked.text:
             texts = [_text(item) for item in np.asarray(rows, dtype=object).ravel()]
             values = text_statistics(texts, tracked.vocabulary)
@@ -239,15 +367,16 @@ class DriftMonitor:
     def _evaluate(self, tracked: _Tracked) -> ModelDriftReport:
         with self._lock:
             current = tracked.window.rows()
+            predicted = tracked.predicted.rows()[:, 0]
             tracked.fresh = False
-        report = self._verdict(tracked, current)
+        report = self._verdict(tracked, current, predicted)
         with self._lock:
             if self._tracked.get((tracked.name, tracked.version)) is tracked:
                 self._publish(tracked, report)
                 self._log_transition(tracked, report)
         return report
 
-    def _verdict(self, tracked: _Tracked, current: Floats) -> ModelDriftReport:
+    def _verdict(self, tracked: _Tracked, current: Floats, predicted: Floats) -> ModelDriftReport:
         baseline = tracked.baseline
         common: dict[str, Any] = {
             "model": tracked.name,
@@ -264,12 +393,27 @@ class DriftMonitor:
             )
         reference = np.asarray(baseline.values, dtype=np.float64)
         common |= {"reference_rows": len(reference), "baseline_kind": baseline.kind}
-        if len(current) < self.min_window:
-            features = untested(baseline.columns, reference, current, alpha=self.alpha)
+        enough = len(current) >= self.min_window
+        columns = [
+            Column(name, reference[:, i], current[:, i] if enough else None)
+            for i, name in enumerate(baseline.columns)
+        ]
+        prediction = tracked.prediction
+        if prediction is not None:
+            scored = enough and len(predicted) >= self.min_window
+            columns.append(
+                Column(
+                    prediction.feature,
+                    prediction.reference,
+                    predicted if scored else None,
+                    categorical=prediction.categorical,
+                )
+            )
+        features = compare_columns(columns, alpha=self.alpha)
+        if not enough:
             return ModelDriftReport(
                 status="not enough data", drift=False, features=tuple(features), **common
             )
-        features = compare(baseline.columns, reference, current, alpha=self.alpha)
         drift = any(f.drift for f in features)
         return ModelDriftReport(
             status="drift" if drift else "ok", drift=drift, features=tuple(features), **common

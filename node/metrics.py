@@ -61,20 +61,22 @@ class NodeMetrics:
         """Drift gauges (node/drift.py): present once a version has a verdict."""
         self.drift_statistic = Gauge(
             "hybridroute_node_drift_statistic",
-            "Drift score of a feature: p-value (ks, chisquare, z) or distance "
-            "(wasserstein, jensenshannon)",
+            "Drift score of a feature (or of the predictions: feature '<prediction: OUTPUT>'): "
+            "p-value (ks, chisquare, z) or distance (wasserstein, jensenshannon)",
             ["model", "version", "feature", "test"],
             registry=self.registry,
         )
         self.drift_detected = Gauge(
             "hybridroute_node_drift_detected",
-            "1 when the feature's live window drifted from the training baseline",
+            "1 when the feature's (or the predictions') live window drifted from the "
+            "training baseline",
             ["model", "version", "feature", "test"],
             registry=self.registry,
         )
         self.drift_model = Gauge(
             "hybridroute_node_drift_model_detected",
-            "1 when any feature of the model version drifted (Bonferroni across features)",
+            "1 when any feature or the predictions of the model version drifted "
+            "(Bonferroni across them)",
             ["model", "version"],
             registry=self.registry,
         )

@@ -19,8 +19,12 @@ Baseline format (`numpy.savez_compressed`, loadable with `allow_pickle=False`):
   followed by `OOV_STATISTIC` when the estimator has a fitted vocabulary;
 - `values`: 2-d array `[n, len(columns)]`, the training rows (tabular, in the input's
   dtype) or per-text statistics (float64) for BYTES inputs;
-- `predictions`: 1-d array, the default output of the estimator on those rows (strings
-  for BYTES outputs), so prediction drift can be measured without any stored inputs.
+- `predictions` (optional): the default output of the estimator on those rows
+  (`[n]`, or `[n, k]` for a k-column output; strings for BYTES outputs), so
+  prediction drift can be measured without any stored inputs. node/drift.py compares
+  one value per row (or a binary `predict_proba`'s second column) as the feature
+  `<prediction: OUTPUT>`; without predictions (or with other outputs) only the inputs
+  are compared.
 
 Text models store statistics instead of the raw training texts: training texts often
 hold personal data (names, emails, phone numbers) and must not be copied into every
@@ -394,7 +398,7 @@ class Baseline:
     kind: Literal["tabular", "text-stats"]
     columns: tuple[str, ...]
     values: npt.NDArray[Any]
-    predictions: npt.NDArray[Any]
+    predictions: npt.NDArray[Any]  # empty: the file has none (no prediction drift)
 
 
 def write_baseline(path: Path, baseline: Baseline) -> None:
@@ -412,7 +416,7 @@ def write_baseline(path: Path, baseline: Baseline) -> None:
 def read_baseline(path: Path) -> Baseline:
     """Read a baseline; pickled (object) arrays are refused, like any other pickle."""
     with np.load(path, allow_pickle=False) as data:
-        missing = {"kind", "columns", "values", "predictions"} - set(data.files)
+        missing = {"kind", "columns", "values"} - set(data.files)
         if missing:
             raise ValueError(f"{path.name} lacks arrays: {', '.join(sorted(missing))}")
         kind = str(data["kind"])
@@ -426,5 +430,5 @@ def read_baseline(path: Path) -> Baseline:
             kind="tabular" if kind == "tabular" else "text-stats",
             columns=columns,
             values=values,
-            predictions=data["predictions"],
+            predictions=data["predictions"] if "predictions" in data.files else np.array([]),
         )

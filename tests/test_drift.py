@@ -1,7 +1,8 @@
 """Data drift: the statistics on seeded data, the monitor, and a real node end to end.
 
 The model is synthetic so the training distribution is known exactly: live data can
-be drawn from it (no drift should be reported) or from a shifted copy.
+be drawn from it (no drift should be reported) or from a shifted copy. Its label is
+`income + 10 * plan > 60`, so the shifted copy also changes the predicted class mix.
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ from sklearn.pipeline import make_pipeline
 from support import router_channel, running_node
 
 from hybridroute.cli import main
+from hybridroute.node.admin_client import NodeTarget
+from hybridroute.node.admin_service import report_message
 from hybridroute.node.drift import DriftMonitor, RingBuffer
-from hybridroute.node.drift_stats import compare
+from hybridroute.node.drift_cli import NodeDrift, json_lines
+from hybridroute.node.drift_html import _PREDICTION
+from hybridroute.node.drift_stats import PREDICTION_PREFIX, compare
 from hybridroute.node.loading import LoadedModel
 from hybridroute.node.modelconfig import (
     OOV_STATISTIC,
     TEXT_STATISTICS,
     Baseline,
+    OutputSpec,
     read_baseline,
     write_baseline,
 )
@@ -41,6 +47,7 @@ from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
 
 FEATURES = ("age", "income", "wait", "score", "plan", "flag")
+PREDICTION = "<prediction: label>"  # the default output of both models is `label`
 TRIALS = 50
 
 
@@ -77,10 +84,12 @@ def loans(repo: Path) -> LoadedModel:
 
 
 def verdicts(model: LoadedModel, live: np.ndarray, **options: int) -> dict[str, bool]:
+    """Per feature (the prediction included), drifted? As the node records requests:
+    their input rows and the outputs they were answered with."""
     monitor = DriftMonitor(window=options.get("window", 500), min_window=100)
     monitor.track(model)
     for chunk in np.array_split(live, 20):
-        monitor.observe("loans", 1, chunk)
+        monitor.observe(model.name, 1, chunk, model.run(chunk))
     (report,) = monitor.report()
     assert report.status in {"ok", "drift"}
     return {f.feature: f.drift for f in report.features}
@@ -90,20 +99,25 @@ def verdicts(model: LoadedModel, live: np.ndarray, **options: int) -> dict[str, 
 
 
 def test_no_drift_on_the_training_distribution_false_alarm_rate(loans: LoadedModel) -> None:
-    """The model-level flag (any feature, Bonferroni) over seeded trials of 500 live rows."""
-    alarms = 0
+    """The model-level flag (any feature or the prediction, Bonferroni) over seeded
+    trials of 500 live rows; the prediction alone alarms at most at its share."""
+    alarms = predicted = 0
     for seed in range(1, TRIALS + 1):
         found = verdicts(loans, draw(np.random.default_rng(seed), 500))
+        assert list(found) == [*FEATURES, PREDICTION]
         alarms += any(found.values())
+        predicted += found[PREDICTION]
     rate = alarms / TRIALS
-    print(f"false-alarm rate: {alarms}/{TRIALS} = {rate:.0%} (alpha 5%, Bonferroni over 6)")
+    print(f"false-alarm rate: {alarms}/{TRIALS} = {rate:.0%} (alpha 5%, Bonferroni over 7)")
     assert rate <= 0.10
+    assert predicted <= 2, predicted  # 5%/7 per window: 0.36 expected in 50
 
 
 def test_shifted_features_are_detected_and_only_those(loans: LoadedModel) -> None:
     for seed in range(100, 105):
         found = verdicts(loans, draw(np.random.default_rng(seed), 500, shifted=True))
-        assert {name for name, drift in found.items() if drift} == {"income", "plan"}, seed
+        drifted = {name for name, drift in found.items() if drift}
+        assert drifted == {"income", "plan", PREDICTION}, seed
 
 
 def test_tests_follow_evidently_defaults() -> None:
@@ -192,6 +206,46 @@ def test_the_window_slides(loans: LoadedModel) -> None:
     assert not monitor.report()[0].drift
 
 
+def test_prediction_drift_follows_the_predicted_class_mix(loans: LoadedModel) -> None:
+    """The label is categorical (two classes: a z-test), tested in the same family."""
+    monitor = DriftMonitor(window=500, min_window=100)
+    monitor.track(loans)
+    live = draw(np.random.default_rng(21), 500)
+    monitor.observe("loans", 1, live, loans.run(live))
+    (report,) = monitor.report()
+    row = report.features[-1]
+    assert (row.feature, row.test, row.categorical, row.drift) == (PREDICTION, "z", True, False)
+    assert row.threshold == pytest.approx(0.05 / 7) and report.status == "ok"
+    # Rows the model mostly labels 1 (plan 2 pushes income + 10 * plan over 60), with
+    # income and plan as in training: only their mix, and so the prediction's, moves.
+    pool = draw(np.random.default_rng(22), 4000)
+    labels = loans.run(pool)["label"]
+    ones, zeros = pool[labels == 1], pool[labels == 0]
+    live = np.concatenate([ones[:400], zeros[:100]])
+    monitor.observe("loans", 1, live, loans.run(live))
+    (report,) = monitor.report()
+    row = report.features[-1]
+    assert row.feature == PREDICTION and row.drift and report.drift
+    assert row.reference_shares[1] < 0.5 and row.current_shares[1] == pytest.approx(0.8)
+    # The prediction row needs min_window predictions of its own: a request that asked
+    # for other outputs only brings its inputs, not the default output.
+    monitor = DriftMonitor(window=500, min_window=100)
+    monitor.track(loans)
+    live = draw(np.random.default_rng(23), 300, shifted=True)
+    monitor.observe("loans", 1, live[:250], loans.run(live[:250], ["probabilities"]))
+    monitor.observe("loans", 1, live[250:], loans.run(live[250:]))
+    (report,) = monitor.report()
+    row = report.features[-1]
+    assert report.status == "drift" and report.window == 300
+    assert row.feature == PREDICTION and math.isnan(row.statistic) and not row.drift
+    assert row.current_shares == ()  # 50 predictions: no live histogram either
+    answer = NodeDrift(NodeTarget("node", "localhost:1"), (report_message(report),))
+    records = {r["feature"]: r for r in json_lines([answer])}
+    assert records["income"]["status"] == "drift"
+    assert records[PREDICTION]["status"] == "not enough data"
+    assert records[PREDICTION]["statistic"] is None and records[PREDICTION]["drift"] is False
+
+
 def test_text_models_drift_on_text_statistics(model_repo: Path) -> None:
     model = ModelRepository.load(model_repo).get("ticket-triage")
     monitor = DriftMonitor(window=300, min_window=100)
@@ -209,7 +263,8 @@ def test_text_models_drift_on_text_statistics(model_repo: Path) -> None:
 def text_report(model: LoadedModel, texts: list[str]) -> dict[str, bool]:
     monitor = DriftMonitor(window=300, min_window=100)
     monitor.track(model)
-    monitor.observe(model.name, 1, np.array([t.encode() for t in texts], dtype=object))
+    rows = np.array([t.encode() for t in texts], dtype=object)
+    monitor.observe(model.name, 1, rows, model.run(rows))
     (report,) = monitor.report()
     assert report.status in {"ok", "drift"}
     return {f.feature: f.drift for f in report.features}
@@ -254,7 +309,71 @@ def test_models_without_a_vocabulary_have_no_oov_feature(model_repo: Path, tmp_p
         model = repo.get(name)
         assert read_baseline(model.path / "baseline.npz").columns == TEXT_STATISTICS
         found = text_report(model, generate_tickets(300, seed=11)[0])
-        assert set(found) == set(TEXT_STATISTICS) and not any(found.values()), name
+        assert list(found) == [*TEXT_STATISTICS, PREDICTION] and not any(found.values()), name
+
+
+def test_text_predictions_drift_when_the_topic_mix_changes(model_repo: Path) -> None:
+    """For a text model the predicted label (4 string classes: chi-square) is the drift
+    signal tied to its behaviour: tickets from the training distribution show none,
+    a day of billing tickets only is flagged on the prediction row."""
+    model = ModelRepository.load(model_repo).get("ticket-triage")
+    texts, labels = generate_tickets(1200, seed=11)
+    assert not text_report(model, texts[:300])[PREDICTION]
+    monitor = DriftMonitor(window=300, min_window=100)
+    monitor.track(model)
+    billing = [t.encode() for t, label in zip(texts, labels, strict=True) if label == "billing"]
+    rows = np.array(billing[:300], dtype=object)
+    monitor.observe(model.name, 1, rows, model.run(rows))
+    (report,) = monitor.report()
+    row = report.features[-1]
+    assert (row.feature, row.test, row.categorical, row.drift) == (
+        PREDICTION,
+        "chisquare",
+        True,
+        True,
+    )
+    # Classes are numbered by their rank among the baseline's (account, billing, ...):
+    # the chart's bins are those numbers, the live share of "billing" is the second.
+    assert row.bin_edges == (0.0, 1.0, 2.0, 3.0) and row.current_shares[1] > 0.9
+
+
+def test_no_prediction_row_without_comparable_predictions(
+    repo: Path, loans: LoadedModel, tmp_path: Path
+) -> None:
+    """A baseline without predictions (an older or hand-made one) loads and is watched
+    on its inputs only; so is a version whose default output has several values per
+    row. A binary classifier's probabilities are compared on the positive class's."""
+    shutil.copytree(repo / "loans", tmp_path / "loans")
+    path = tmp_path / "loans/1/baseline.npz"
+    full = read_baseline(path)
+    np.savez_compressed(path, kind=np.array(full.kind), columns=np.array(full.columns),
+                        values=full.values)  # fmt: skip
+    assert read_baseline(path).predictions.size == 0
+    x = draw(np.random.default_rng(0), 1000)
+    proba = OutputSpec(name="probabilities", datatype="FP64", shape=(-1, 3), method="predict_proba",
+                       default=True)  # fmt: skip
+    three = LogisticRegression(max_iter=1000).fit(x, x[:, 4].astype(int))
+    package_model(three, name="plans", version=1, repo=tmp_path, input_name="input",
+                  input_datatype="FP64", features=FEATURES, baseline_sample=x,
+                  outputs=[proba])  # fmt: skip
+    binary = proba.model_copy(update={"shape": (-1, 2)})
+    package_model(loans.estimator, name="scores", version=1, repo=tmp_path, input_name="input",
+                  input_datatype="FP64", features=FEATURES, baseline_sample=x,
+                  outputs=[binary])  # fmt: skip
+    models = ModelRepository.load(tmp_path)
+    live = draw(np.random.default_rng(31), 400, shifted=True)
+    for name in ("loans", "plans", "scores"):
+        model = models.get(name)
+        found = verdicts(model, live)
+        expected = [*FEATURES, "<prediction: probabilities[1]>"] if name == "scores" else FEATURES
+        assert list(found) == list(expected), name
+        assert found["income"] and found["plan"], name
+    scores = DriftMonitor(window=500, min_window=100)
+    scores.track(models.get("scores"))
+    scores.observe("scores", 1, live, models.get("scores").run(live))
+    row = scores.report()[0].features[-1]
+    assert row.test == "ks" and not row.categorical and row.drift  # a probability: numeric
+    assert _PREDICTION == PREDICTION_PREFIX
 
 
 # ----------------------------------------------------------- node end to end
@@ -310,13 +429,15 @@ def test_node_reports_drift_in_metrics_logs_cli_and_html(
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     keys = {"node", "model", "version", "feature", "test", "statistic", "threshold", "window",
             "drift"}  # fmt: skip
-    assert all(keys <= set(ln) for ln in lines) and len(lines) == len(FEATURES)
-    assert [ln["feature"] for ln in lines] == list(FEATURES)
-    assert {ln["feature"] for ln in lines if ln["drift"]} == {"income", "plan"}
+    assert all(keys <= set(ln) for ln in lines) and len(lines) == len(FEATURES) + 1
+    assert [ln["feature"] for ln in lines] == [*FEATURES, PREDICTION]
+    assert {ln["feature"] for ln in lines if ln["drift"]} == {"income", "plan", PREDICTION}
     assert all(ln["window"] == 400 and isinstance(ln["drift"], bool) for ln in lines)
+    assert lines[-1]["test"] == "z" and lines[-1]["status"] == "drift"
     warnings = [r.getMessage() for r in caplog.records if "drift detected" in r.getMessage()]
     assert len(warnings) == 1, warnings  # logged once, not at every evaluation
     assert "income (ks p=" in warnings[0] and "plan (chisquare p=" in warnings[0]
+    assert f"{PREDICTION} (z p=" in warnings[0]
     assert f"{live[0, 1]:.3g}" not in warnings[0]  # statistics only, no input values
 
     url = f"http://127.0.0.1:{node.metrics_port}/metrics"
@@ -333,16 +454,38 @@ def test_node_reports_drift_in_metrics_logs_cli_and_html(
         'hybridroute_node_drift_statistic{feature="flag",model="loans",test="z",version="1"}'
         in text
     )
+    assert (
+        'hybridroute_node_drift_detected{feature="<prediction: label>",model="loans",test="z",'
+        'version="1"} 1.0' in text
+    )
     assert 'hybridroute_node_drift_model_detected{model="loans",version="1"} 1.0' in text
     assert 'hybridroute_node_drift_window_rows{model="loans",version="1"} 400.0' in text
 
     page = tmp_path / "drift.html"
     assert main(["drift", "report", *cli_args(node, pki), "--html", str(page)]) == 0
     table = capsys.readouterr().out
-    assert "loans/1: drift in income, plan (400 live rows vs 1000 reference rows)" in table
+    assert (
+        f"loans/1: drift in income, plan, {PREDICTION} (400 live rows vs 1000 reference rows)"
+        in table
+    )
+    assert f"{PREDICTION}  z" in table
     html = page.read_text()
-    assert html.count("<svg") == len(FEATURES) == html.count("<figcaption>")
+    assert html.count("<svg") == len(FEATURES) + 1 == html.count("<figcaption>")
+    assert "<b>&lt;prediction: label&gt;</b>: z p-value" in html
     assert "<script" not in html and "href=" not in html and "src=" not in html
+
+
+def test_node_shows_no_prediction_drift_on_the_training_distribution(
+    node: NodeServer, pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A whole window (400 rows) of requests drawn from the training distribution."""
+    send(node, pki, draw(np.random.default_rng(43), 400))
+    time.sleep(0.3)
+    assert main(["drift", "report", *cli_args(node, pki), "--json"]) == 0
+    lines = {ln["feature"]: ln for ln in map(json.loads, capsys.readouterr().out.splitlines())}
+    row = lines[PREDICTION]
+    assert row["status"] == "ok" and row["drift"] is False and row["statistic"] > row["threshold"]
+    assert row["window"] == 400 and row["test"] == "z" and row["score_kind"] == "p_value"
 
 
 def test_drift_report_is_for_admins_only(node: NodeServer, pki: Path, capsys) -> None:
@@ -372,5 +515,5 @@ def test_drift_report_json_names_the_oov_feature(
         args = ["drift", "report", *cli_args(server, pki), "--model", "ticket-triage", "--json"]
         assert main(args) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [ln["feature"] for ln in lines] == [*TEXT_STATISTICS, OOV_STATISTIC]
+    assert [ln["feature"] for ln in lines] == [*TEXT_STATISTICS, OOV_STATISTIC, PREDICTION]
     assert {ln["model"] for ln in lines} == {"ticket-triage"}
