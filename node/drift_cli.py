@@ -1,15 +1,20 @@
-"""`hybridroute drift report`: each node's live inputs against its training baselines.
+"""`hybridroute drift report`: each node's live inputs and predictions against its
+training baselines.
 
 Output forms:
 
 * a table, one line per node, model version and feature;
 * `--json`: one object per line with the keys `node`, `model`, `version`, `feature`
-  (the name from model.yaml, or a text statistic), `test`, `statistic`, `threshold`,
-  `window`, `drift` (a boolean), plus `address`, `status` ("ok", "drift", "not
-  enough data"), `score_kind`, `min_window` and `model_drift` (the version's flag:
-  any feature drifted). Below the minimum window `status` is "not enough data",
-  `statistic` is null and `drift` false: no verdict was made. A version without a
-  baseline gives one line with `feature` null and status "no baseline";
+  (the name from model.yaml, a text statistic, or `<prediction: OUTPUT>` for the
+  predictions of the default output, see node/drift.py), `test`, `statistic`,
+  `threshold`, `window`, `drift` (a boolean), plus `address`, `status` ("ok",
+  "drift", "not enough data"), `score_kind`, `min_window` and `model_drift` (the
+  version's flag: any feature, prediction included, drifted). Below the minimum
+  window `status` is "not enough data", `statistic` is null and `drift` false: no
+  verdict was made; so is a feature with no verdict of its own (e.g. a prediction
+  row while fewer than `min_window` answered requests carried the default output).
+  A version without a baseline gives one line with `feature` null and status "no
+  baseline";
 * `--html FILE`: a self-contained page with one chart per feature (`drift_html.py`).
 """
 
@@ -53,10 +58,11 @@ def register_drift(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     drift_sub.required = True
     p = drift_sub.add_parser(
         "report",
-        help="compare live inputs with each version's training baseline, per feature",
-        description="Ask each node for a drift report now: per model version and feature, "
-        "the test (Evidently's defaults), its statistic and threshold (Bonferroni-corrected "
-        "for p-values) and the verdict.",
+        help="compare live inputs and predictions with each version's training baseline",
+        description="Ask each node for a drift report now: per model version and feature "
+        "(the default output's predictions included, as '<prediction: OUTPUT>'), the test "
+        "(Evidently's defaults), its statistic and threshold (Bonferroni-corrected for "
+        "p-values) and the verdict.",
     )
     p.add_argument("--model", default="", metavar="NAME", help="only this model")
     p.add_argument("--version", type=int, metavar="N", help="only this version")
@@ -132,14 +138,20 @@ def json_lines(answers: list[NodeDrift]) -> list[dict[str, Any]]:
 
 
 def _feature_status(model: Any, feature: Any) -> str:
-    if model.status == "not enough data":
+    if model.status == "not enough data" or _no_verdict(feature):
         return "not enough data"
     return "drift" if feature.drift else "ok"
+
+
+def _no_verdict(feature: Any) -> bool:
+    return math.isnan(feature.statistic) and not feature.drift
 
 
 def _verdict(model: Any, feature: Any) -> str:
     if model.status == "not enough data":
         return f"n/a ({model.window}/{model.min_window} rows)"
+    if _no_verdict(feature):
+        return "n/a"
     return "DRIFT" if feature.drift else "no"
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["render_chart", "render_page"]
 
 _W, _H, _PAD = 360, 150, 24
+_PREDICTION = "<prediction: "  # drift_stats.PREDICTION_PREFIX (not imported: scipy)
 _REF, _LIVE = "#9aa5b1", "#2b6cb0"
 _STYLE = """
 body { font: 14px system-ui, sans-serif; margin: 2em; color: #1a202c; }
@@ -92,15 +93,22 @@ def _caption(model: Any, feature: Any) -> str:
         verdict = '<span class="muted">no verdict, no live bars: window too small</span>'
         score = "-"
     elif math.isnan(feature.statistic):
-        verdict = '<span class="muted">no verdict: no live values to test</span>'
+        verdict = '<span class="muted">no verdict: too few live values to test</span>'
         score = "-"
     else:
         verdict = '<span class="drift">drift</span>' if feature.drift else "no drift"
         score = f"{feature.statistic:.4g}"
     what = "p-value" if feature.score_kind == "p_value" else "distance"
+    note = ""
+    if feature.feature.startswith(_PREDICTION):
+        note = (
+            '<br><span class="muted">the model\'s default output on live requests'
+            + ("; text classes are numbered in sorted order" if feature.categorical else "")
+            + "</span>"
+        )
     return (
         f"<figcaption><b>{name}</b>: {test} {what} {score} "
-        f"(threshold {feature.threshold:.4g}), {verdict}</figcaption>"
+        f"(threshold {feature.threshold:.4g}), {verdict}{note}</figcaption>"
     )
 
 
