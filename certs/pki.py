@@ -53,6 +53,7 @@ DEFAULT_APP = "demo-app"
 RESERVED_IDENTITIES = frozenset({"router", "node", "cloud", "ca", "localhost", "audit-signing"})
 _LOCAL_SANS = ("localhost", "127.0.0.1", "::1")
 _CLOCK_SKEW = dt.timedelta(minutes=5)
+_CN_MAX = 64  # RFC 5280 upper bound for a CommonName
 _ORG = "hybridroute"
 _CA_NAME = f"{_ORG} dev CA"
 _DNS_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
@@ -162,6 +163,16 @@ def _check_dns_name(name: str, what: str) -> str:
     return name
 
 
+def _check_common_name(name: str, what: str) -> str:
+    """A certificate's CN holds 1 to 64 characters; say so before minting anything."""
+    if not 1 <= len(name) <= _CN_MAX:
+        raise ValueError(
+            f"{what} {name!r} has {len(name)} characters; it becomes the CN of its "
+            f"certificate, which holds 1 to {_CN_MAX}: choose a name that fits"
+        )
+    return name
+
+
 def _general_name(value: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(value))
@@ -177,6 +188,7 @@ def _standard_specs(apps: Sequence[str], sans: Sequence[str]) -> list[_LeafSpec]
     """The leaves of a dev stack: router, node, cloud and one client cert per app."""
     for app in apps:
         _check_dns_name(app, "app name")
+        _check_common_name(app, "app name")
         if app.lower() in RESERVED_IDENTITIES:
             raise ValueError(f"app name {app!r} is reserved for a service identity")
     for san in sans:
@@ -497,6 +509,7 @@ def issue_leaf(
     if not (client or server):
         raise ValueError("a leaf must be for client or server use (or both)")
     _check_days(days)
+    _check_common_name(name, "name")
     stem = name if stem is None else stem
     if not _FILE_STEM.fullmatch(stem):
         raise ValueError(f"{stem!r} is not a plain file name")

@@ -315,6 +315,16 @@ def test_issue_makes_a_missing_output_directory(
     assert stat.S_IMODE((out / "peer.key").stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("name", ["", "x" * 30 + "." + "y" * 39])
+def test_issue_says_a_name_cannot_be_a_cn(
+    pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    argv = ["certs", "issue", name, "--client", "--ca-dir", str(pki), "--out", str(tmp_path)]
+    assert main([*argv, "--san", "peer.example.test"]) == 2
+    assert "it becomes the CN of its certificate, which holds 1 to 64" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_issue_never_writes_a_leaf_over_the_ca(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -393,6 +403,7 @@ def test_cli_prints_a_table_of_what_it_made(
         (["--app", "router"], "reserved"),
         (["--app", "../evil"], "not a valid DNS name"),
         (["--san", "bad host"], "not a valid DNS name"),
+        (["--app", "x" * 30 + "." + "y" * 39], "has 70 characters; it becomes the CN"),
     ],
 )
 def test_cli_rejects_bad_input(
