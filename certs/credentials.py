@@ -163,19 +163,21 @@ def _describe_leaf(cert: x509.Certificate) -> str:
     return f"CN={cn} serial={cert.serial_number:x} expires={cert.not_valid_after_utc:%Y-%m-%d}"
 
 
-_Stamp = tuple[tuple[int, int, int, int] | None, ...]
+_Stamp = tuple[tuple[int, int, int, int, int] | None, ...]
 
 
 def _stamp(paths: tuple[Path, ...]) -> _Stamp:
-    """Identity of the files' current contents: cheap enough to check per handshake."""
-    out: list[tuple[int, int, int, int] | None] = []
+    """Identity of the files' current contents and access: cheap enough to check per
+    handshake. The ctime is in it so that a file that could not be read is read again
+    once its owner or mode is fixed (chown and chmod leave the mtime alone)."""
+    out: list[tuple[int, int, int, int, int] | None] = []
     for path in paths:
         try:
             st = os.stat(path)
         except OSError:
             out.append(None)
         else:
-            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(out)
 
 

@@ -722,3 +722,32 @@ def test_node_serve_names_an_expired_certificate_without_a_traceback(
     assert main([*argv, "--client-ca", str(PkiLayout(pki).ca.cert)]) == 2
     err = capsys.readouterr().err
     assert "hybridroute: error:" in err and "CN=stale" in err and "has expired" in err
+
+
+def test_a_key_made_readable_after_rotation_is_picked_up(
+    pki: Path,
+    tmp_path: Path,
+    serve: type[HealthServer],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rotated files written by another user: the server cannot read the key until the
+    operator runs chmod/chown, which changes neither the key's mtime nor its size."""
+    server = tls_only_node(pki, tmp_path, serve)
+    live = PkiLayout(tmp_path).node
+    real_read = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:  # what the kernel does for a non-root server
+        if path == live.key and not stat.S_IMODE(path.stat().st_mode) & stat.S_IRUSR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    serving = load_cert(live.cert).serial_number
+    with caplog.at_level(logging.WARNING, logger="hybridroute.certs.credentials"):
+        issue_leaf(pki, "node-v2", server=True, out=tmp_path, stem="node", force=True)
+        os.chmod(live.key, 0)
+        assert served_serial(server.port) == serving
+    assert "Permission denied" in caplog.records[-1].getMessage()
+    os.chmod(live.key, 0o600)  # the fix: the mtime and the size stay as they were
+    assert served_serial(server.port) == load_cert(live.cert).serial_number
