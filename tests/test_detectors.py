@@ -164,6 +164,47 @@ def test_context_words_raise_weak_forms(text: str, fires: bool) -> None:
     assert bool(Scanner(BUILTIN.values()).scan(text)) is fires
 
 
+ZWSP, SHY, WJ, BOM, NBSP, NNBSP = "\u200b", "\u00ad", "\u2060", "\ufeff", "\u00a0", "\u202f"
+
+
+@pytest.mark.parametrize(
+    ("before", "value", "after", "detector"),
+    [
+        # fullwidth and other-script digits (what a phone keyboard or a PDF produces)
+        ("SSN ", "\uff10\uff17\uff18-\uff10\uff15-\uff11\uff11\uff12\uff10", "", "us_ssn"),
+        ("card ", "\uff14\uff11\uff11\uff11 1111 1111 1111", ".", "credit_card"),
+        ("ssn ", "\u0660\u0667\u0668-\u0660\u0665-\u0661\u0661\u0662\u0660", "", "us_ssn"),
+        ("mail ", "jane\uff20example.com", "", "email"),
+        # spaces and dashes that are not ASCII ones
+        ("card ", f"4111{NBSP}1111{NBSP}1111{NBSP}1111", "", "credit_card"),
+        ("card ", f"4111{NNBSP}1111{NNBSP}1111{NNBSP}1111", "", "credit_card"),
+        ("SSN ", "078\u201305\u20131120", " on file", "us_ssn"),
+        ("call ", "415\u2010555\u20100132", " now", "phone"),
+        ("IBAN ", f"DE89{NBSP}3704{NBSP}0044{NBSP}0532{NBSP}0130{NBSP}00", "", "iban"),
+        # invisible characters splitting a value
+        ("card ", f"4111{ZWSP}1111{ZWSP}1111{ZWSP}1111", "", "credit_card"),
+        ("card ", f"4111{SHY}1111{SHY}1111{SHY}1111", "", "credit_card"),
+        ("card ", f"41{WJ}11 1111 1111 11{BOM}11", "", "credit_card"),
+        ("SSN ", f"07{ZWSP}8-05-11{ZWSP}20", ".", "us_ssn"),
+        ("", f"ja{ZWSP}ne@exa{ZWSP}mple.com", "", "email"),
+        ("IBAN ", f"GB29 NW{ZWSP}BK 6016 1331 9268 19", "", "iban"),
+        ("from ", f"10.0{ZWSP}.0.1", "", "ip_address"),
+        ("SSN ", "0\u03367\u03368\u0336-0\u03365-1120", "", "us_ssn"),  # struck through
+        ("card ", "4111\x001111\x001111\x001111", "", "credit_card"),
+        # an invisible character used as the only separator still separates
+        (f"id{ZWSP}", "4111111111111111", "", "credit_card"),
+    ],
+)
+def test_unicode_and_invisible_characters_do_not_hide_a_value(
+    before: str, value: str, after: str, detector: str
+) -> None:
+    """Findings are positions in the text as sent, covering the whole disguised value."""
+    text = before + value + after
+    found = [f for f in Scanner(BUILTIN.values()).scan(text) if f.detector == detector]
+    assert [(f.start, f.end) for f in found] == [(len(before), len(before) + len(value))]
+    assert list(BUILTIN[detector].find(text)) == found
+
+
 def test_finding_repr_never_contains_the_value() -> None:
     text = "card 4111 1111 1111 1111, ssn 078-05-1120, mail jane@example.com"
     findings = Scanner(BUILTIN.values()).scan(text)
@@ -186,6 +227,13 @@ def test_regex_detector_custom_pattern() -> None:
     scanner = Scanner([*BUILTIN.values(), employee, even])
     found = scanner.scan("EMP-004211 paid 1234 and 1235 from jane@example.com")
     assert [f.detector for f in found] == ["employee_id", "even", "email"]
+
+
+def test_custom_detectors_read_the_text_without_its_disguises() -> None:
+    employee = regex_detector("employee_id", r"\bEMP-[0-9]{6}\b")
+    text = "badges \uff25\uff2d\uff30\uff0d\uff10\uff10\uff14\uff12\uff11\uff11, EMP-00\u200b4211"
+    found = Scanner([employee]).scan(text)
+    assert [text[f.start : f.end] for f in found] == [text[7:17], "EMP-00\u200b4211"]
 
 
 def test_regex_detector_refuses_unsafe_or_broken_patterns() -> None:
@@ -290,6 +338,12 @@ PATHOLOGICAL = {
     "plus signs": "+1" * 32768,
     "iban prefixes": "DE89" * 16384,
     "parentheses": "(415) " * 10922,
+    "zero-width between digits": "1\u200b" * 32768,
+    "fullwidth digits": "\uff17" * 65536,
+    "emoji": "\U0001f600" * 65536,
+    "zero-width cards": "4111\u200b1111\u200b1111\u200b1111 " * 3276,
+    "soft hyphens and dashes": "1\u00ad-" * 21845,
+    "non-breaking digit groups": "1234\u00a0" * 13107,
 }
 
 
