@@ -82,7 +82,6 @@ _CONTEXT = {
     "phone": re.compile(
         r"\b(?:(?:tele|cell)?phones?|tel|mobile|cell|fax|sms|whatsapp|call(?:ing)?|contact)\b", re.I
     ),
-    "iban": re.compile(r"\b(?:iban|sepa|bic|swift)\b", re.I),
 }
 _VERSION_BEFORE = re.compile(r"\b(?:version|ver|v|release|build|rev)\.?[\s:#]*\Z", re.I)
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
@@ -277,7 +276,8 @@ _IBAN = re.compile(r"[A-Za-z]{2}[0-9]{2}(?:[ ]?[A-Za-z0-9]){11,30}+")
 
 def _iban(text: str, start: int, out: list[Finding]) -> None:
     """A registry country, then exactly that country's length of characters (grouped by
-    spaces or not), ISO 7064 mod-97 == 1. Lowercase needs a context word."""
+    spaces or not), ISO 7064 mod-97 == 1, in any case: a registry length and the
+    checksum are what make it an IBAN, and people type account numbers in lower case."""
     m = None if _word_at(text, start - 1) else _IBAN.match(text, start)
     length = _IBAN_LENGTHS.get(text[start : start + 2].upper(), 0) if m else 0
     kept: list[str] = []
@@ -290,9 +290,7 @@ def _iban(text: str, start: int, out: list[Finding]) -> None:
         return
     compact = "".join(kept)
     rearranged = (compact[4:] + compact[:4]).upper()
-    if int("".join(str(int(c, 36)) for c in rearranged)) % 97 != 1:
-        return
-    if compact == compact.upper() or _has_context(text, start, end, "iban"):
+    if int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1:
         out.append(Finding("iban", start, end))
 
 
