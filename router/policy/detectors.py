@@ -298,10 +298,10 @@ def _iban(text: str, start: int, out: list[Finding]) -> None:
 
 _INTL_PHONE = re.compile(r"\+[1-9][0-9]{0,2}(?:[ .\-]?(?:\([0-9]{1,4}\)|[0-9]{1,5}))*+")
 _PAREN_PHONE = re.compile(r"\([2-9][0-9]{2}\)[ ]?[2-9][0-9]{2}[-. ][0-9]{4}(?![0-9]|[-.][0-9])")
-_LOCAL_REVERSED = re.compile(r"[A-Za-z0-9._%+\-']{1,64}")
-_DOMAIN = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,8}[A-Za-z]{2,63}(?![\w-])"
-)
+# Letters and digits of any script: internationalised addresses (RFC 6531) such as
+# "jürgen@bücher.de" are personal data too.
+_LOCAL_REVERSED = re.compile(r"[\w.%+\-']{1,64}")
+_DOMAIN = re.compile(r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.){1,8}[^\W\d_]{2,63}(?![\w-])")
 _V6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _V6_REVERSED = re.compile(r"[0-9A-Fa-f:]{0,39}")
 _V6_FORWARD = re.compile(r"[0-9A-Fa-f:.]{1,45}")
