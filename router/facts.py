@@ -151,6 +151,7 @@ def request_facts(
     model: str = "",
     model_version: str = "",
     wire_problem: str | None = None,
+    repeated_metadata: bool = False,
     text_budget: int = 1 << 20,
 ) -> RequestFacts:
     """Facts for one request. `request` is None for calls without a payload (metadata).
@@ -159,7 +160,9 @@ def request_facts(
     the texts of BYTES tensors, every parameter value (requests', inputs' and outputs'),
     the request id, and the names (of the model and its version, metadata, parameters,
     inputs and outputs, scanned as one text). `wire_problem` is what the wire format
-    held that parsing dropped (see `router.wire`): a problem too.
+    held that parsing dropped (see `router.wire`): a problem too, as is
+    `repeated_metadata`, a metadata key the caller sent with different values (of
+    which `metadata` holds only one).
     `text_budget` is the policy's max_text_bytes: past it nothing more is collected.
     """
     fields = metadata_text_fields(metadata)
@@ -169,6 +172,8 @@ def request_facts(
     parameters: dict[str, object] = {}
     if wire_problem is not None:
         problems.append(wire_problem)
+    if repeated_metadata:
+        problems.append("a metadata key was sent more than once with different values")
     if request is not None:
         model, model_version = request.model_name, request.model_version
         if request.id:

@@ -123,8 +123,9 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     async def _authenticated(self, context: Context, method: str) -> Caller:
         """The caller of a call the router answers itself; an unauthenticated one is
         refused, and that refusal is audited like any other."""
-        metadata = dict(context.invocation_metadata() or ())
+        metadata, repeated = _call_metadata(context)
         try:
+            _single_credential(repeated)
             return authenticate(context, metadata, self._config)
         except Unauthenticated as exc:
             await self._refuse(context, method, None, grpc.StatusCode.UNAUTHENTICATED, str(exc))
@@ -288,8 +289,9 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     ) -> bytes | _Shadow:
         """The reply; or, when a rollout mirrors the request, a `_Shadow` holding the
         reply and the reserved copy, which the caller sends once the record is in."""
-        metadata = dict(context.invocation_metadata() or ())
+        metadata, repeated = _call_metadata(context)
         try:
+            _single_credential(repeated)
             caller = authenticate(context, metadata, self._config)
         except Unauthenticated as exc:
             raise RouterError(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
@@ -306,6 +308,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             model=model,
             model_version=version,
             wire_problem=hidden_data(_MESSAGES[method], raw),
+            repeated_metadata=bool(repeated),
             text_budget=policy.max_text_bytes,
         )
         event.model, event.model_version = facts.model, facts.model_version
@@ -422,6 +425,23 @@ class _Shadow:
             sensitive=self.sensitive,
             metadata=self.metadata,
         )
+
+
+def _call_metadata(context: Context) -> tuple[dict[str, str], set[str]]:
+    """The call's metadata as a mapping (each key's first value), and the keys sent
+    more than once with different values: which of those a rule, the label or the
+    session should read is in doubt, so the caller of `request_facts` says so."""
+    metadata: dict[str, Any] = {}  # str values, bytes for `-bin` keys
+    repeated: set[str] = set()
+    for key, value in context.invocation_metadata() or ():
+        if metadata.setdefault(key, value) != value:
+            repeated.add(key)
+    return metadata, repeated
+
+
+def _single_credential(repeated: set[str]) -> None:
+    if "authorization" in repeated:
+        raise Unauthenticated("more than one authorization header; send exactly one")
 
 
 def forwarded_metadata(

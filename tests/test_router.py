@@ -139,6 +139,29 @@ def test_a_bearer_token_identifies_its_caller(harness: Harness, pki: Path) -> No
             assert TOKEN not in (info.value.details() or "")
 
 
+def test_metadata_sent_twice_with_different_values_is_doubt(harness: Harness, pki: Path) -> None:
+    """Only one value of a repeated key can be read; which one is a guess, and a guess
+    is never what sends data to the cloud (invariant 2)."""
+    stub = harness.stub()
+    both = [("x-data-classification", "confidential"), ("x-data-classification", "public")]
+    assert _zone(stub, ticket(CLEAN), both) == "onprem"
+    assert _zone(stub, ticket(CLEAN), list(reversed(both))) == "onprem"
+    twice = [("x-data-classification", "public")] * 2  # the same value twice says one thing
+    assert _zone(stub, ticket(CLEAN), twice) == "cloud"
+    sessions = [("x-data-classification", "public"), ("x-session-id", "a"), ("x-session-id", "b")]
+    assert _zone(stub, ticket(CLEAN), sessions) == "onprem"
+    # Two different credentials: which caller this is cannot be told.
+    creds = channel_credentials(pki / "ca.pem")
+    with grpc.secure_channel(f"localhost:{harness.token_port}", creds) as channel:
+        token_stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for pair in (("Bearer wrong", f"Bearer {TOKEN}"), (f"Bearer {TOKEN}", "Bearer wrong")):
+            metadata = [("authorization", v) for v in pair] + [("x-data-classification", "public")]
+            with pytest.raises(grpc.RpcError) as info:
+                token_stub.ModelInfer(ticket(CLEAN), metadata=metadata, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "more than one authorization header" in (info.value.details() or "")
+
+
 # ------------------------------------------------------------------ policy reload
 
 
