@@ -190,11 +190,11 @@ class _Run:
         return next((j for j, n in reversed(ends) if _luhn_ok(n)), None)
 
     def ssns(self, out: list[Finding]) -> None:
-        """AAA-GG-SSSS or AAA GG SSSS (one delimiter, not inside a longer run) fire
-        alone; nine bare digits need a context word such as "SSN"."""
+        """AAA-GG-SSSS, AAA GG SSSS or AAA.GG.SSSS (one delimiter, not inside a longer
+        run) fire alone; nine bare digits need a context word such as "SSN"."""
         d, seps, lens = self.digits, self.seps, self.lens
         for i in range(len(d)):
-            if lens[i : i + 3] == [3, 2, 4] and seps[i] in "- " and seps[i + 1] == seps[i]:
+            if lens[i : i + 3] == [3, 2, 4] and seps[i] in "- ." and seps[i + 1] == seps[i]:
                 last, ok = i + 2, self.isolated(i, i + 2, seps[i])
             elif lens[i] == 9:
                 last, ok = i, self.isolated(i, i, "-.") and self.context(i, i, "us_ssn")
