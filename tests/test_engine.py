@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import tempfile
 import threading
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,24 @@ def test_session_pins_are_bounded_expire_and_survive_threads() -> None:
     for w in workers:
         w.join()
     assert len(many) == 50
+
+
+def test_a_flood_of_long_session_ids_keeps_the_pin_store_small() -> None:
+    """The bound is on memory, not only on the count: a session id can be as long as
+    gRPC metadata allows (8 KiB by default), and a known caller may send many."""
+    pins = SessionPins(ttl=10_000, max_sessions=2000)
+    long_id = "s" * 8000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):
+            pins.pin(f"{i:06d}{long_id}", float(i))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(pins) == 2000 and pins.is_pinned(f"{1999:06d}{long_id}", 2000.0)
+    assert not pins.is_pinned(f"{1999:06d}{long_id}x", 2000.0)
+    assert held < 2000 * 512, f"{held} bytes for 2000 pins"  # not 2000 copies of 8 KB
 
 
 # --- facts from cases -------------------------------------------------------------------
