@@ -271,6 +271,21 @@ def test_the_runtime_guard_cuts_a_fallback_chain_at_the_cloud(policy: Policy) ->
     assert decide(leaky, facts(label="internal")).fallbacks == ("onprem2",)
 
 
+def test_an_unmatched_request_stays_on_prem_when_default_route_was_bypassed(
+    policy: Policy,
+) -> None:
+    """Doubt is sensitive (invariant 2): no policy object, however built, sends a
+    request that matched no rule to the cloud, nor lets it fall back there."""
+    leaky = dataclasses.replace(policy, rules=(), default_route="cloud")
+    decision = decide(leaky, facts())
+    assert (decision.zone, decision.route, decision.rule_id) == ("onprem", "onprem", "guard")
+    assert decision.reasons == ("guard:default",)
+    routes = dict(policy.routes)
+    routes["onprem2"] = routes["onprem2"].model_copy(update={"fallback": "cloud"})
+    chained = decide(dataclasses.replace(policy, rules=(), routes=routes), facts())
+    assert (chained.route, chained.fallbacks) == ("onprem2", ())
+
+
 # --- sessions ---------------------------------------------------------------------------
 
 

@@ -8,10 +8,11 @@ both get the very same `decide()`. Order of work, as in the architecture's data 
    oversized text, detector errors, unknown caller, pinned session. Each cause is a
    reason string; the verdict is "sensitive" when there is at least one;
 2. the rules, in order, first match wins (a matching rule may add `rule:<id>`);
-3. the runtime guard: a sensitive request whose chosen route is not on-prem goes to the
-   policy's `sensitive_route` instead (or is denied if that is not on-prem either).
-   The load-time guard in `policy/checks.py` should make this unreachable; it is here so
-   no policy object, however built, can send sensitive data to the cloud;
+3. the runtime guard: a sensitive request, or one that matched no rule (doubt), whose
+   chosen route is not on-prem goes to the policy's `sensitive_route` instead (or is
+   denied if that is not on-prem either), and its fallbacks stay on-prem. The load-time
+   checks in `policy/checks.py` should make this unreachable; it is here so no policy
+   object, however built, can send sensitive data or an unmatched request to the cloud;
 4. a sensitive request that was routed pins its session. Not a denied one (its data
    went nowhere) and not one from an unknown caller (all its requests are sensitive
    anyway): otherwise anyone could flood the bounded pin store and evict live pins.
@@ -276,7 +277,8 @@ def _guard(
 ) -> str | None:
     """The runtime guard: `route` is not on-prem; where the request goes instead."""
     log.warning(
-        "guard: rule %r sent a sensitive request to route %r (zone %r); using %r instead",
+        "guard: rule %r sent a sensitive or unmatched request to route %r (zone %r); "
+        "using %r instead",
         rule_id,
         route,
         zone,
@@ -289,13 +291,13 @@ def _guard(
     return None
 
 
-def _fallbacks(policy: Policy, route: str, sensitive: bool) -> tuple[str, ...]:
+def _fallbacks(policy: Policy, route: str, onprem_only: bool) -> tuple[str, ...]:
     """The fallback chain of `route`, cut at the first hop the request may not take."""
     chain: list[str] = []
     current = policy.routes[route].fallback if route in policy.routes else None
     while current is not None and current not in chain and current != route:
         zone = policy.zone_of(current)
-        if zone is None or (sensitive and zone != "onprem"):
+        if zone is None or (onprem_only and zone != "onprem"):
             break
         chain.append(current)
         current = policy.routes[current].fallback
@@ -337,8 +339,9 @@ def decide(
     if rule is not None and rule.marks_sensitive:
         reasons.append(f"rule:{rule.id}")
     sensitive = bool(reasons)
+    onprem_only = sensitive or rule is None  # doubt is sensitive (invariant 2)
     zone = policy.zone_of(route) if route is not None else None
-    if route is not None and zone != "onprem" and (sensitive or zone is None):
+    if route is not None and zone != "onprem" and (onprem_only or zone is None):
         route, rule_id = _guard(policy, route, zone, rule_id, reasons), "guard"
         zone = "onprem" if route is not None else None
     if sensitive and session and sessions is not None and route is not None and caller_known:
@@ -352,7 +355,7 @@ def decide(
         sensitive=sensitive,
         reasons=tuple(reasons),
         findings=MappingProxyType(scan.counts),
-        fallbacks=_fallbacks(policy, route, sensitive) if route is not None else (),
+        fallbacks=_fallbacks(policy, route, onprem_only) if route is not None else (),
         policy_hash=policy.version_hash,
         trace=tuple(trace),
         detector_hits=tuple(scan.hits),
