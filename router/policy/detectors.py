@@ -432,7 +432,7 @@ def _char_class(points: Iterable[int]) -> str:
 
 @cache
 def _unicode() -> _Unicode:
-    """Built on the first text that needs it (it takes tens of milliseconds)."""
+    """Built once, by the first Scanner (it takes tens of milliseconds)."""
     fold: dict[int, str] = {}
     hidden = {*_ASCII_HIDDEN, *_FILLERS}
     for point in (*range(0x80, 0x30000), *range(0xE0000, 0xE1000)):
@@ -542,6 +542,7 @@ class Scanner:
         self._builtin = frozenset(d.name for d in chosen if isinstance(d, _Builtin))
         self._custom = tuple(d for d in chosen if not isinstance(d, _Builtin))
         self.max_chars = max_chars
+        _unicode()  # built now, at policy load, rather than on the first request needing it
 
     def scan(self, text: str) -> list[Finding]:
         """All findings, ordered by position. Raises TextTooLarge past max_chars."""
