@@ -14,12 +14,22 @@ addresses (or N+1, N+2, ...), the router's metrics on the next port after them. 
 so an unchanged stack restarts with an unchanged router config (the audit trail
 records a changed one). Every port is checked before anything starts, and each process
 is stopped again if a later one fails to start.
+
+One `up` per state directory: `DIR/up.lock` is held (flock) for as long as `up` runs,
+so a second `up` on the same DIR refuses before it writes anything there (it would
+rewrite the running router's policy.yaml and router.yaml and truncate its logs). The
+lock file also lists every process `up` starts; the kernel releases the lock however
+`up` ends, so after a `kill -9` the next `up` finds no stale lock, only that list, and
+stops the processes the killed one left running before it starts its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -27,11 +37,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -69,26 +81,67 @@ def _say(message: str) -> None:
 
 
 def _prepare_pki(state: Path) -> Path:
-    from hybridroute.certs.pki import init_pki
+    """A new dev PKI, or the existing one completed: a state dir from an older run, or
+    a PKI made by `certs init` (one app), may lack the client certificates of some
+    stack apps, which the existing CA then issues."""
+    from hybridroute.certs.credentials import CredentialsError
+    from hybridroute.certs.pki import PkiLayout, init_pki, issue_leaf
 
     pki = state / "pki"
-    if (pki / "ca.pem").exists():
-        _say(f"  pki      {pki} (existing)")
+    layout = PkiLayout(pki)
+    if not layout.ca.cert.exists():
+        init_pki(pki, apps=STACK_APPS)
+        _say(f"  pki      {pki} (new dev CA; apps: {', '.join(STACK_APPS)})")
         return pki
-    init_pki(pki, apps=STACK_APPS)
-    _say(f"  pki      {pki} (new dev CA; apps: {', '.join(STACK_APPS)})")
+    needed = [*layout.router.files(), *layout.node.files(), *layout.cloud.files()]
+    missing = [path.name for path in [*needed, layout.audit_key] if not path.exists()]
+    if missing:
+        raise RuntimeError(
+            f"{pki} is not a complete dev PKI (no {', '.join(missing)}): move it aside "
+            f"(`mv {pki} {pki}.old`) and run `hybridroute up` again to make a new one"
+        )
+    issued = []
+    for app in STACK_APPS:
+        if all(path.exists() for path in layout.app(app).files()):
+            continue
+        try:
+            issue_leaf(pki, app, client=True, sans=(app,), stem=f"app-{app}", force=True)
+        except (CredentialsError, OSError, ValueError) as exc:
+            raise RuntimeError(
+                f"{pki} has no certificate for app {app!r} and its CA cannot issue one "
+                f"({exc}): move {pki} aside and run `hybridroute up` again to make a new one"
+            ) from None
+        issued.append(app)
+    added = f"; issued certificates for apps {', '.join(issued)}" if issued else ""
+    _say(f"  pki      {pki} (existing{added})")
     return pki
 
 
+SAMPLE_MODELS = ("iris", "ticket-triage")
+
+
 def _prepare_models(state: Path) -> Path:
+    """The sample models that are missing, trained aside and moved in: a model already
+    there (maybe with versions deployed since) is left as it is."""
     from hybridroute.node.samples import write_samples
 
     models = state / "models"
-    if (models / "iris").exists() and (models / "ticket-triage").exists():
+    missing = [name for name in SAMPLE_MODELS if not (models / name).exists()]
+    if not missing:
         _say(f"  models   {models} (existing)")
         return models
-    write_samples(models)
-    _say(f"  models   {models} (sample models iris, ticket-triage)")
+    models.mkdir(parents=True, exist_ok=True)
+    packaging = logging.getLogger("hybridroute.node.packaging")
+    level = packaging.level
+    packaging.setLevel(logging.WARNING)  # its lines would name the scratch directory
+    try:
+        with tempfile.TemporaryDirectory(prefix="samples-", dir=state) as scratch:
+            write_samples(Path(scratch))
+            for name in missing:
+                os.replace(Path(scratch) / name, models / name)
+    finally:
+        packaging.setLevel(level)
+    _say(f"  models   {models} (sample models {', '.join(missing)})")
     return models
 
 
@@ -179,8 +232,8 @@ def _in_use(address: str) -> bool:
 def _port_in_use(port: str, who: str) -> str:
     """`port` is "port N", or words for one not known."""
     return (
-        f"{port} is in use ({who}): another stack running? choose another --base-port, "
-        "or stop what listens there"
+        f"{port} is in use ({who}): another stack running? choose another --base-port "
+        "(a second stack also needs its own --state-dir), or stop what listens there"
     )
 
 
@@ -190,6 +243,95 @@ def _check_ports(addresses: list[tuple[str, str]]) -> None:
     for who, address in addresses:
         if _in_use(address):
             raise RuntimeError(_port_in_use(f"port {_port_of(address)}", f"{who}, {address}"))
+
+
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM before the stack was up."""
+
+
+class _StateLock:
+    """`DIR/up.lock`: held by the one `up` running on DIR (see the module docstring).
+    Line one names the holder (`up PID`), then one `NAME PID` line per process it
+    started; emptied when `up` has stopped them all."""
+
+    def __init__(self, state: Path) -> None:
+        self.path = state / "up.lock"
+        self.handle: IO[str] = open(self.path, "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.seek(0)
+            holder = self.handle.readline().split()
+            self.handle.close()
+            pid = holder[1] if len(holder) == 2 and holder[0] == "up" else "?"
+            raise RuntimeError(
+                f"another `hybridroute up` (pid {pid}) is running on {state}: stop it first "
+                f"(Ctrl-C where it runs, or `kill -INT {pid}`), or give this one its own "
+                "--state-dir and --base-port"
+            ) from None
+        self.handle.seek(0)
+        self.previous = self.handle.read()
+        self.handle.truncate(0)
+        self._write(f"up {os.getpid()}\n")
+
+    def _write(self, text: str) -> None:
+        self.handle.write(text)
+        self.handle.flush()
+
+    def record(self, name: str, pid: int) -> None:
+        self._write(f"{name} {pid}\n")
+
+    def leftovers(self) -> list[tuple[str, int]]:
+        """(name, pid) of what an earlier `up` on this DIR started and left running."""
+        found = []
+        for line in self.previous.splitlines()[1:]:
+            name, _, pid = line.partition(" ")
+            if pid.isdigit() and _runs_in(int(pid), self.path.parent):
+                found.append((name, int(pid)))
+        return found
+
+    def release(self) -> None:
+        """After every process has stopped: nothing left to list."""
+        self.handle.truncate(0)
+        self.handle.close()
+
+
+def _runs_in(pid: int, state: Path) -> bool:
+    """Is `pid` a running process whose command line names `state`? (So a pid reused
+    since by something else, or a zombie, is not taken for ours.)"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return False  # no such process
+        done = subprocess.run(
+            ["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, check=False
+        )
+        cmdline = done.stdout
+    except OSError:
+        return False
+    return "hybridroute" in cmdline and str(state) in cmdline
+
+
+def _stop_leftovers(lock: _StateLock) -> None:
+    """Stop what a killed `up` on this DIR left running: they hold its ports and its
+    audit trail, and nothing supervises them any more."""
+    leftovers = lock.leftovers()
+    if not leftovers:
+        return
+    names = ", ".join(f"{name} (pid {pid})" for name, pid in leftovers)
+    _say(f"  stopping what an earlier `hybridroute up` on this state dir left running: {names}")
+    for _, pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while (alive := [p for _, p in leftovers if _runs_in(p, lock.path.parent)]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _spawn(
@@ -211,9 +353,13 @@ def _spawn(
 _BIND_FAILED = re.compile(r"(?:Failed to bind to address|could not bind) (\S+):(\d+)")
 
 
-def _wait_ready(child: _Child, marker: str, timeout: float = 90) -> None:
+def _wait_ready(
+    child: _Child, marker: str, timeout: float = 90, stopping: Callable[[], bool] = lambda: False
+) -> None:
     deadline = time.monotonic() + timeout
     while marker not in (text := child.log.read_text(errors="replace")):
+        if stopping():
+            raise _Interrupted
         if child.proc.poll() is not None:
             if "already in use" in text or "address in use" in text:
                 found = _BIND_FAILED.search(text)
@@ -241,11 +387,12 @@ def _start_nodes(
     logs: Path,
     env: dict[str, str],
     host: str,
-    children: list[_Child],
+    adopt: Callable[[_Child], None],
+    stopping: Callable[[], bool],
 ) -> list[_Child]:
-    """Start a node per plan and wait until each is ready. Each is appended to
-    `children` as soon as it is spawned, so whoever stops `children` stops it too when
-    a later one fails."""
+    """Start a node per plan and wait until each is ready. Each is passed to `adopt` as
+    soon as it is spawned, so whoever stops the adopted ones stops it too when a later
+    one fails or Ctrl-C comes first."""
     started = []
     for plan in plans:
         metrics = f"{host}:{_free_port(host)}"
@@ -272,10 +419,10 @@ def _start_nodes(
         metrics_url = f"http://{metrics}/metrics"
         child = _Child(plan.name, plan.zone, plan.address, proc, log, metrics_url)
         child.extra["pool"] = plan.pool
-        children.append(child)
+        adopt(child)
         started.append(child)
     for child in started:
-        _wait_ready(child, "node ready on")
+        _wait_ready(child, "node ready on", stopping=stopping)
         _say(
             f"  {child.name:<8} {child.address} ({child.zone}, pool {child.extra['pool']}, "
             f"pid {child.proc.pid})"
@@ -378,16 +525,6 @@ and `hybridroute status --stack {path}`. The audit trail of every decision:
 def run_stack(opts: StackOptions) -> int:
     state = opts.state_dir.resolve()
     logs = state / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    _say(f"hybridroute up: state in {state}")
-    pki = _prepare_pki(state)
-    models = _prepare_models(state)
-    policy, endpoints = _render_policy(opts, state)
-    env = {
-        **os.environ,
-        TOKEN_ENV: os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24),
-        "PYTHONUNBUFFERED": "1",
-    }
     children: list[_Child] = []
     stopping = False
 
@@ -395,9 +532,35 @@ def run_stack(opts: StackOptions) -> int:
         nonlocal stopping
         stopping = True
 
+    def check_stopping() -> bool:
+        if stopping:
+            raise _Interrupted
+        return False
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    lock: _StateLock | None = None
     try:
+        logs.mkdir(parents=True, exist_ok=True)
+        _say(f"hybridroute up: state in {state}")
+        lock = _StateLock(state)
+        recorder = lock
+
+        def adopt(child: _Child) -> None:
+            children.append(child)
+            recorder.record(child.name, child.proc.pid)
+
+        _stop_leftovers(lock)
+        check_stopping()
+        pki = _prepare_pki(state)
+        models = _prepare_models(state)
+        check_stopping()
+        policy, endpoints = _render_policy(opts, state)
+        env = {
+            **os.environ,
+            TOKEN_ENV: os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24),
+            "PYTHONUNBUFFERED": "1",
+        }
         plans = _plan_nodes(endpoints)
         port, metrics_port = _router_ports(opts, endpoints)
         listen, metrics = f"{opts.host}:{port}", f"{opts.host}:{metrics_port}"
@@ -405,23 +568,29 @@ def run_stack(opts: StackOptions) -> int:
             [("router", listen), ("router metrics", metrics)]
             + [(plan.name, plan.address) for plan in plans]
         )
-        nodes = _start_nodes(plans, pki, models, logs, env, opts.host, children)
+        nodes = _start_nodes(plans, pki, models, logs, env, opts.host, adopt, check_stopping)
+        check_stopping()
         config = write_router_config(state, pki, policy, listen, metrics)
         proc, log = _spawn("router", ["router", "serve", "--config", str(config)], logs, env)
         router = _Child("router", "", listen, proc, log, f"http://{metrics}/metrics")
-        children.append(router)
-        _wait_ready(router, "router ready on")
+        adopt(router)
+        _wait_ready(router, "router ready on", stopping=check_stopping)
         _say(f"  router   {listen} (pid {proc.pid}, policy {policy})")
         stack = _stack_json(state, router, config, nodes, pki, policy)
         path = state / "stack.json"
         path.write_text(json.dumps(stack, indent=2) + "\n")
         _say(_usage(stack, path))
         _supervise(children, lambda: stopping)
-    except RuntimeError as exc:
+    except _Interrupted:
+        _say("hybridroute up: interrupted before the stack was up")
+        return 130
+    except (RuntimeError, OSError) as exc:
         _say(f"hybridroute up failed: {exc}")
         return 1
     finally:
         _stop_all(children)
+        if lock is not None:
+            lock.release()
     return 0
 
 

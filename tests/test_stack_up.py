@@ -1,5 +1,7 @@
 """`hybridroute up` when the stack cannot start, and `router serve` without the cloud
-token: one line saying what is wrong and what to do, and nothing left running.
+token: one line saying what is wrong and what to do, and nothing left running. Also one
+`up` per state dir (a second one refuses; one after a `kill -9` stops the leftovers),
+Ctrl-C while starting, and a state dir from an older run.
 
 `up` runs as a real process (it installs signal handlers and spawns a process tree);
 the sample models are copied in so no test trains them again.
@@ -7,16 +9,18 @@ the sample models are copied in so no test trains them again.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import HYBRIDROUTE, free_port, free_port_block
+from support import HYBRIDROUTE, Process, free_port, free_port_block
 
 from hybridroute.cli import main
 from hybridroute.stack import TOKEN_ENV, default_policy_path, write_router_config
@@ -123,3 +127,105 @@ def test_a_node_that_loses_a_port_race_is_reported_as_a_port_in_use(tmp_path: Pa
     message = str(failed.value)
     assert message.startswith("node-2 could not listen: port 18302 is in use")
     assert "choose another --base-port" in message and "Traceback" not in message
+
+
+# ------------------------------------------------------------ one `up` per state dir
+
+
+def _start_up(state: Path, base: int, log: Path) -> Process:
+    args = ["up", "--state-dir", str(state), "--base-port", str(base)]
+    return Process(args, ready="hybridroute is up", log=log, timeout=120)
+
+
+def _stack_pids(state: Path) -> dict[str, int]:
+    info = json.loads((state / "stack.json").read_text())
+    return {"router": info["router"]["pid"], **{n["name"]: n["pid"] for n in info["nodes"]}}
+
+
+def _interrupt(up: Process) -> int:
+    up.signal(signal.SIGINT)
+    code = up.wait(60)
+    up.stop()
+    return code
+
+
+def test_a_second_up_on_the_same_state_dir_refuses_and_leaves_the_first_alone(
+    state: Path, tmp_path: Path
+) -> None:
+    """Even on other ports (what the port-in-use message used to suggest), a second `up`
+    on the same DIR would rewrite the running router's policy.yaml (which it reloads),
+    router.yaml and logs."""
+    first = _start_up(state, free_port_block(8), tmp_path / "first.log")
+    files = {name: (state / name).read_bytes() for name in ("policy.yaml", "router.yaml")}
+    router_log = (state / "logs" / "router.log").stat().st_size
+    done = _up(state, free_port_block(8))
+    assert done.returncode == 1
+    assert (
+        f"hybridroute up failed: another `hybridroute up` (pid {first.proc.pid}) is running "
+        f"on {state.resolve()}: stop it first"
+    ) in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert {name: (state / name).read_bytes() for name in files} == files
+    assert (state / "logs" / "router.log").stat().st_size >= router_log
+    assert first.proc.poll() is None
+    assert main(["status", "--stack", str(state / "stack.json")]) == 0
+    assert _interrupt(first) == 0
+    assert _running_in(state) == []
+
+
+def test_up_after_a_killed_up_stops_what_it_left_running_and_starts(
+    state: Path, tmp_path: Path
+) -> None:
+    base = free_port_block(8)
+    first = _start_up(state, base, tmp_path / "first.log")
+    orphans = _stack_pids(state)
+    first.proc.kill()  # kill -9: no chance to stop its children
+    first.wait()
+    assert set(orphans.values()) <= set(_running_in(state))  # still serving, unsupervised
+    second = _start_up(state, base, tmp_path / "second.log")  # same ports
+    assert "stopping what an earlier `hybridroute up` on this state dir left running" in (
+        second.output
+    )
+    for name, pid in orphans.items():
+        assert f"{name} (pid {pid})" in second.output
+    assert set(orphans.values()).isdisjoint(_running_in(state))
+    assert set(_stack_pids(state).values()) <= set(_running_in(state))
+    assert _interrupt(second) == 0
+    assert _running_in(state) == []
+
+
+def test_ctrl_c_while_starting_stops_at_once(state: Path) -> None:
+    argv = [*HYBRIDROUTE, "up", "--state-dir", str(state), "--base-port", str(free_port_block(8))]
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (state / "logs" / "node-1.log").exists():  # nodes spawned, not ready yet
+        assert time.monotonic() < deadline and up.poll() is None
+        time.sleep(0.02)
+    up.send_signal(signal.SIGINT)
+    out, _ = up.communicate(timeout=60)
+    assert up.returncode == 130, out
+    assert "hybridroute up: interrupted before the stack was up" in out
+    assert "hybridroute is up" not in out and "Traceback" not in out
+    assert "stopping: cloud-1, node-2, node-1" in out
+    assert _running_in(state) == []
+
+
+def test_up_on_a_state_dir_from_an_older_run_completes_what_is_missing(
+    state: Path, pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A PKI with fewer apps than the stack's (an older run, or `certs init`), one of
+    the sample models missing, a stale stack.json: `up` fills in what is missing and
+    keeps the rest (the CA, a model version deployed since)."""
+    shutil.copytree(pki, state / "pki")  # apps demo-app, other-app, admin
+    ca = (state / "pki" / "ca.pem").read_bytes()
+    shutil.rmtree(state / "models" / "ticket-triage")
+    shutil.copytree(state / "models" / "iris" / "1", state / "models" / "iris" / "2")
+    (state / "stack.json").write_text('{"router": {"address": "127.0.0.1:1", "pid": 1}}')
+    up = _start_up(state, free_port_block(8), tmp_path / "up.log")
+    assert "(existing; issued certificates for apps analytics, batch-jobs)" in up.output
+    assert "(sample models ticket-triage)" in up.output
+    assert (state / "pki" / "ca.pem").read_bytes() == ca
+    assert (state / "models" / "iris" / "2").is_dir()
+    assert main(["demo", "--stack", str(state / "stack.json")]) == 0  # every app's cert
+    assert "0 of" in capsys.readouterr().out
+    assert _interrupt(up) == 0
