@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -498,27 +499,63 @@ def _stack_json(
     }
 
 
+def _shown(path: Path | str) -> str:
+    """`path` relative to the current directory when it is below it, else absolute."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
+def _program(path: str) -> str:
+    """How to type the program at `path` here: its bare name when PATH finds this very
+    file (an activated venv), else its path (`make run` runs .venv/bin/hybridroute
+    without activating the venv, so `hybridroute` alone is not found)."""
+    found = shutil.which(Path(path).name)
+    if found and os.path.abspath(found) == os.path.abspath(path):
+        return Path(path).name
+    return _shown(path)
+
+
 def _usage(stack: dict[str, Any], path: Path) -> str:
     app = stack["apps"]["demo-app"]
+    python = _program(sys.executable)
+    launcher = sys.argv[0]
+    cli = _program(launcher) if Path(launcher).name == "hybridroute" else f"{python} -m hybridroute"
+    from hybridroute.status import DEFAULT_STACK  # what status, demo, audit read by default
+
+    shown = _shown(path)
+    stack_arg = "" if shown == str(DEFAULT_STACK) else f" --stack {shown}"
+    commands = [
+        (f"{cli} demo{stack_arg}", "a mix of requests, and where each went"),
+        (f"{cli} status{stack_arg}", "health, endpoints, the active policy"),
+        (f"{cli} audit query{stack_arg}", "the audit record of every decision"),
+        (f"{cli} audit verify{stack_arg}", "check the trail is intact"),
+    ]
+    width = max(len(command) for command, _ in commands)
+    listed = "\n".join(f"    {command:<{width}}   # {what}" for command, what in commands)
     return f"""
 hybridroute is up. Stack description: {path}
 
-Call the router with tritonclient:
+Call the router with tritonclient (installed in {python}):
 
     import numpy as np, tritonclient.grpc as grpcclient
     client = grpcclient.InferenceServerClient(
         "{stack["router"]["address"]}", ssl=True,
         root_certificates="{stack["router"]["ca"]}",
-        private_key="{app["key"]}", certificate_chain="{app["cert"]}")
+        private_key="{app["key"]}",
+        certificate_chain="{app["cert"]}")
     x = grpcclient.InferInput("text", [1], "BYTES")
     x.set_data_from_numpy(np.array([b"my card 4111 1111 1111 1111 was charged twice"],
                                    dtype=object))
     print(client.infer("ticket-triage", [x]).as_numpy("label"))   # stays on-prem
 
-Try `hybridroute demo --stack {path}` for a mix of requests and where each went,
-and `hybridroute status --stack {path}`. The audit trail of every decision:
-`hybridroute audit query --stack {path}`, checked with `hybridroute audit verify
---stack {path}`. Ctrl-C stops everything.
+In another terminal, in {Path.cwd()}:
+
+{listed}
+
+Ctrl-C here stops everything.
 """
 
 

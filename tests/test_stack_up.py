@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -229,3 +230,34 @@ def test_up_on_a_state_dir_from_an_older_run_completes_what_is_missing(
     assert main(["demo", "--stack", str(state / "stack.json")]) == 0  # every app's cert
     assert "0 of" in capsys.readouterr().out
     assert _interrupt(up) == 0
+
+
+def test_the_banner_names_the_commands_as_they_can_be_typed_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run` starts .venv/bin/hybridroute without activating the venv: `hybridroute`
+    alone is then not a command, so the banner says `.venv/bin/hybridroute`."""
+    from hybridroute import stack
+
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    for name in ("hybridroute", "python"):
+        (venv_bin / name).write_text("")
+        (venv_bin / name).chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr("sys.argv", [".venv/bin/hybridroute", "up"])
+    monkeypatch.setattr("sys.executable", str(venv_bin / "python"))
+    info = {
+        "router": {"address": "127.0.0.1:8100", "ca": "/s/pki/ca.pem"},
+        "apps": {"demo-app": {"cert": "/s/pki/app-demo-app.pem", "key": "/s/k"}},
+    }
+    banner = stack._usage(info, tmp_path / ".hybridroute" / "stack.json")
+    assert "(installed in .venv/bin/python)" in banner
+    lines = [ln.strip() for ln in banner.splitlines()]
+    for command in ("demo", "status", "audit query", "audit verify"):  # default stack.json
+        typed = re.compile(rf"\.venv/bin/hybridroute {command} +# ")
+        assert any(typed.match(ln) for ln in lines), banner
+    monkeypatch.setenv("PATH", f"{venv_bin}:/usr/bin:/bin")  # an activated venv
+    banner = stack._usage(info, tmp_path / "elsewhere" / "stack.json")
+    assert re.search(r"^    hybridroute demo --stack elsewhere/stack\.json +# ", banner, re.M)
