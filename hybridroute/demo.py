@@ -44,6 +44,7 @@ __all__ = [
     "DemoKind",
     "Outcome",
     "build_request",
+    "new_session",
     "node_request_counts",
     "render_table",
     "run_demo",
@@ -210,10 +211,12 @@ def send_all(
     kinds: tuple[DemoKind, ...],
     count: int,
     progress: Callable[[int], None] = lambda _: None,
+    session: str | None = None,
 ) -> list[Outcome]:
     """Send `count` requests cycling through `kinds` in order (so a session's PII request
-    precedes its pinned follow-up), one channel per caller, sequentially."""
-    session = f"demo-{uuid.uuid4().hex[:12]}"
+    precedes its pinned follow-up), one channel per caller, sequentially. The kinds that
+    send a session id send `session` (default: a new one)."""
+    session = session or new_session()
     with ExitStack() as stack_:
         stubs = {
             app: pb_grpc.GRPCInferenceServiceStub(stack_.enter_context(_channel(stack, app)))
@@ -225,6 +228,11 @@ def send_all(
             outcomes.append(_send(stubs[kind.caller], kind, session))
             progress(i + 1)
         return outcomes
+
+
+def new_session() -> str:
+    """A session id of its own for each run, so its audit records can be found."""
+    return f"demo-{uuid.uuid4().hex[:12]}"
 
 
 def _check_reachable(stack: dict[str, Any], timeout: float = 5.0) -> str | None:
@@ -352,7 +360,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """Handler of `hybridroute demo`: 0 nothing sensitive reached the cloud, 1 something
     did, 2 the stack cannot be used."""
     path = args.stack or DEFAULT_STACK
-    stack = load_stack(path)
+    stack = load_stack(path, otherwise="--stack FILE")
     problem = _check_reachable(stack)
     if problem:
         print(
@@ -366,12 +374,18 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"sending {count} requests through the router at {stack['router']['address']} ...")
     progress = _Progress(count)
     started, before = time.monotonic(), node_request_counts(stack)
-    outcomes = send_all(stack, KINDS, count, progress.update)
+    session = new_session()
+    outcomes = send_all(stack, KINDS, count, progress.update, session=session)
     elapsed = time.monotonic() - started
     progress.finish()
     print(render_table(outcomes))
     print("\n".join(witness(stack, before, node_request_counts(stack), outcomes)))
     print(summary(outcomes, elapsed))
+    if any(o.kind.session for o in outcomes):
+        print(
+            f"session id {session}: `hybridroute audit query --stack {path} --session "
+            f"{session}` lists its requests"
+        )
     leaks = [o for o in outcomes if o.leaked]
     if leaks:
         kinds = sorted({o.kind.name for o in leaks})

@@ -86,14 +86,17 @@ class StatusTarget:
     stack: dict[str, Any] | None = None  # stack.json, when the target came from one
 
 
-def load_stack(path: Path) -> dict[str, Any]:
-    """Read a stack.json, turning every way it can be wrong into a UsageError."""
+def load_stack(
+    path: Path, otherwise: str = "--stack FILE (or --router ADDR --ca F --cert F --key F)"
+) -> dict[str, Any]:
+    """Read a stack.json, turning every way it can be wrong into a UsageError.
+    `otherwise`: what else the calling command accepts, for the missing-file message."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(
-            f"no stack file at {path}: start one with `hybridroute up` "
-            "or pass --stack FILE (or --router ADDR --ca F --cert F --key F)"
+            f"no stack file at {path}: start one with `hybridroute up` (in another "
+            f"terminal: it runs until Ctrl-C) or pass {otherwise}"
         ) from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read stack file {path}: {exc}") from None

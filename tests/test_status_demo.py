@@ -213,6 +213,29 @@ def test_demo_command_prints_where_each_kind_went(stack, capsys) -> None:
     assert "node counters" in out and "warning" not in out
 
 
+def test_demo_names_its_session_so_the_audit_trail_can_be_searched_for_it(stack, capsys) -> None:
+    """The README's `audit query --session SESSION-ID`: the demo says which id it sent."""
+    code, out, _ = _run(capsys, "demo", "--stack", _stack_file(stack))
+    assert code == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("session id demo-"))
+    session = line.split()[2].rstrip(":")
+    assert f"audit query --stack {_stack_file(stack)} --session {session}`" in line
+    argv = ["audit", "query", "--stack", _stack_file(stack), "--session", session]
+    code, out, _ = _run(capsys, *argv, "--format", "json")
+    assert code == 0
+    records = [json.loads(ln) for ln in out.splitlines() if ln.strip()]
+    sessions = sum(k.session for k in demo.KINDS)
+    assert len(records) == 3 * sessions  # each session kind, 3 rounds, and nothing else
+
+
+def test_demo_without_a_stack_file_says_what_it_takes(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "demo")
+    assert code == 2
+    assert "start one with `hybridroute up`" in err and "--stack FILE" in err
+    assert "--router" not in err  # status takes --router; demo does not
+
+
 def test_demo_flags_a_sensitive_request_served_by_the_cloud(stack, monkeypatch, capsys) -> None:
     email = next(k for k in demo.KINDS if "email" in k.name)
     leak = [demo.Outcome(email, "cloud", "cloud", "OK")]
