@@ -63,8 +63,13 @@ _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 Metadata = tuple[tuple[str, str], ...]
 
 
-class PoolError(Exception):
-    """A pool cannot be built from the policy; the message names the pool and the cause."""
+class PoolError(ValueError):
+    """A pool cannot be built from the policy; the message names the pool and the cause.
+
+    A ValueError, like the other ways a policy's content can be unusable: the policy
+    store refuses such a reload and keeps the last good policy, instead of letting the
+    error escape the SIGHUP handler or kill the file watcher.
+    """
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from hybridroute.certs.pki import init_pki
 from hybridroute.node.server import NodeOptions, NodeServer
 from hybridroute.router.health import HealthSettings
 from hybridroute.router.policy.schema import Policy, compile_policy
+from hybridroute.router.policy.store import PolicyStore
 from hybridroute.router.pools import PoolError, Pools, UpstreamTLS
 
 FAST = {"interval": "100ms", "timeout": "100ms", "healthy_threshold": 1, "unhealthy_threshold": 2}
@@ -428,3 +429,38 @@ def test_health_settings_are_validated() -> None:
     with pytest.raises(ValueError):
         HealthSettings(unhealthy_threshold=0)
     assert HealthSettings() == HealthSettings(1.0, 0.5, 1, 2)
+
+
+def test_a_reload_whose_pool_cannot_be_built_is_refused_and_the_old_policy_serves(
+    tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the policy store, as SIGHUP and the file watcher reload: a pool the new
+    policy cannot build (its token variable unset) is a refused reload, not an error
+    that escapes (it would kill the file watcher and leave no trace in `status`)."""
+    monkeypatch.delenv("HR_TEST_RELOAD_TOKEN", raising=False)
+    onprem = {"zone": "onprem", "endpoints": [DEAD]}
+    path = tmp_path / "live.yaml"
+
+    def write(pools: dict[str, dict[str, Any]]) -> None:
+        make_policy(tmp_path, pools, "next")
+        path.write_text((tmp_path / "next.yaml").read_text())
+
+    async def scenario() -> None:
+        pools = Pools(tls(pki))
+        write({"on": onprem})
+        store = PolicyStore(path, pools.apply)
+        await store.start()
+        good = store.current.version_hash
+        cloud = {"zone": "cloud", "endpoints": ["127.0.0.1:2"]}
+        write({"on": onprem, "cloudy": {**cloud, "bearer_token_env": "HR_TEST_RELOAD_TOKEN"}})
+        result = await store.reload("SIGHUP")
+        assert not result.accepted and store.current.version_hash == good
+        assert result.error and "pool 'cloudy'" in result.error
+        assert "HR_TEST_RELOAD_TOKEN" in result.error
+        assert store.last_refused is result and pools.names == ("on",)
+        monkeypatch.setenv("HR_TEST_RELOAD_TOKEN", "t0ken")
+        assert (await store.reload("SIGHUP")).accepted  # fixed: the next reload takes it
+        assert set(pools.names) == {"on", "cloudy"}
+        await pools.close()
+
+    run(scenario())
