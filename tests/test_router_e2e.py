@@ -7,6 +7,7 @@ never move the cloud node's counter).
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 from pathlib import Path
 
@@ -204,6 +205,41 @@ def test_metadata_calls_are_routed_and_work_with_tritonclient(stack: Stack) -> N
         assert node_requests(stack, "cloud-1") == before + 1
     finally:
         client.close()
+
+
+def test_the_kserve_sdk_grpc_client_works_through_the_router(stack: Stack) -> None:
+    """KServe's own Python SDK (its asyncio V2 gRPC client, with its own generated
+    stubs) talks to the router over mutual TLS, and what it sends is classified like
+    anything else: a clean public text goes to the cloud, personal data stays on-prem."""
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    app = stack.info["apps"]["demo-app"]
+    creds = channel_credentials(
+        Path(stack.info["router"]["ca"]), Path(app["cert"]), Path(app["key"])
+    )
+    public = [("x-data-classification", "public")]
+
+    async def session() -> tuple[object, list[float]]:
+        client = InferenceGRPCClient(stack.router_address, creds=creds, timeout=10)
+        try:
+            assert await client.is_server_live() and await client.is_server_ready()
+            assert await client.is_model_ready("iris", headers=public)
+            row = InferInput("input", [1, 4], "FP64", data=np.array([[6.7, 3.0, 5.2, 2.3]]))
+            iris = await client.infer(InferRequest("iris", [row]), headers=public)
+            counts = [node_requests(stack, "cloud-1")]
+            for text in (CLEAN, "please call me back on jane.doe@example.com"):
+                tensor = InferInput("text", [1], "BYTES", data=[text])
+                request = InferRequest("ticket-triage", [tensor], request_id="kserve-1")
+                await client.infer(request, headers=public)
+                counts.append(node_requests(stack, "cloud-1"))
+            return iris.get_output_by_name("label").as_numpy().tolist(), counts
+        finally:
+            await client.close()
+
+    label, cloud = asyncio.run(session())
+    assert label == [2]
+    assert cloud[1] == cloud[0] + 1  # the clean text went to the cloud
+    assert cloud[2] == cloud[1]  # the email did not
 
 
 def test_router_metrics_count_requests_by_route_zone_and_code(stack: Stack) -> None:
