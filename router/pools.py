@@ -13,7 +13,10 @@ Why it is built this way:
 - `pick` returns only healthy endpoints and None when there are none: no panic mode.
   A sensitive request with no healthy on-prem node must fail, not go elsewhere.
 - A reload keeps each unchanged endpoint object (channel, health, in-flight count), so
-  it neither drops connections nor forgets which nodes are down.
+  it neither drops connections nor forgets which nodes are down. New endpoints (a
+  changed address, name, CA or pool name) get their first check before the new pools
+  replace the old ones, waiting at most one check timeout: a reload that rebuilds a
+  pool's channels must not leave a moment in which it has no healthy endpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DRAIN_GRACE = 10.0  # seconds a removed endpoint's in-flight calls get to finish
+_FIRST_CHECK_SLACK = 0.2  # beyond the check timeout, for a new endpoint's first result
 
 # Sized for a proxy: large tensors pass, the router does its own single retry, dead
 # connections are noticed, and a restarted node is reconnected to within a second.
@@ -232,10 +236,22 @@ class Pools:
             for plan in plans:
                 members = [self._endpoint(plan, a, endpoints) for a in plan.addresses]
                 pools[plan.name] = Pool(plan.name, plan.zone, members)
+            await self._first_checks(
+                [e for k, e in endpoints.items() if k not in self._endpoints],
+                max((p.health.timeout for p in plans), default=0.0) + _FIRST_CHECK_SLACK,
+            )
             removed = [e for k, e in self._endpoints.items() if k not in endpoints]
             self._pools, self._endpoints = pools, endpoints
             for endpoint in removed:
                 await self._retire(endpoint)
+
+    async def _first_checks(self, new: Sequence[Endpoint], within: float) -> None:
+        """Wait until each of `new` has a check result, or `within` seconds have passed
+        (each check is bounded by its timeout; a result may be a failure)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while any(e.last_check is None for e in new):
+                    await self._monitor.next_result()
 
     def get(self, name: str) -> Pool:
         try:

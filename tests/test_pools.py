@@ -464,3 +464,63 @@ def test_a_reload_whose_pool_cannot_be_built_is_refused_and_the_old_policy_serve
         await pools.close()
 
     run(scenario())
+
+
+def test_a_reload_that_rebuilds_a_pools_channels_leaves_no_gap_without_healthy_endpoints(
+    tmp_path: Path, pki: Path, model_repo: Path
+) -> None:
+    """A changed channel setting (here the expected name) makes new endpoints, unhealthy
+    until checked: the pool must not be swapped in before they were, or every request
+    in between finds no healthy endpoint and fails while all nodes are up."""
+
+    async def scenario() -> None:
+        a, b = await start_node(model_repo, pki), await start_node(model_repo, pki)
+        pools = Pools(tls(pki))
+        both = {"zone": "onprem", "endpoints": [addr(a), addr(b)]}
+        await pools.apply(make_policy(tmp_path, {"on": both}, "v1"))
+        await checked(pools)
+        old = pools.get("on").endpoints
+        picks: list[bool] = []
+
+        async def traffic() -> None:
+            while True:
+                picks.append(pools.get("on").pick() is not None)
+                await asyncio.sleep(0)
+
+        sender = asyncio.create_task(traffic())
+        await asyncio.sleep(0.05)
+        await pools.apply(make_policy(tmp_path, {"on": {**both, "server_name": "localhost"}}))
+        new = pools.get("on").endpoints
+        assert not set(new) & set(old)
+        assert [e.healthy for e in new] == [True, True]
+        await asyncio.sleep(0.05)
+        sender.cancel()
+        assert len(picks) > 10
+        assert picks.count(False) == 0, "picks found no healthy endpoint during the reload"
+        await stop_all(pools, [a, b])
+
+    run(scenario())
+
+
+def test_a_reload_waits_for_new_endpoints_at_most_their_check_timeout(
+    tmp_path: Path, pki: Path
+) -> None:
+    """A new endpoint that never answers (a black hole) delays the reload by about one
+    check timeout, not more: the reload then goes ahead with it unhealthy."""
+
+    async def scenario() -> None:
+        hole = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # never speaks
+        port = hole.sockets[0].getsockname()[1]
+        pools = Pools(tls(pki))
+        onprem = {"zone": "onprem", "endpoints": [DEAD]}
+        await pools.apply(make_policy(tmp_path, {"on": onprem}, "v1"))
+        slow = {**FAST, "interval": "1s", "timeout": "300ms"}
+        spec = {"zone": "onprem", "endpoints": [f"127.0.0.1:{port}"], "health": slow}
+        started = time.monotonic()
+        await pools.apply(make_policy(tmp_path, {"on": onprem, "hole": spec}, "v2"))
+        assert 0.25 < time.monotonic() - started < 1.0
+        assert not pools.get("hole").endpoints[0].healthy
+        await pools.close()
+        hole.close()
+
+    run(scenario())
