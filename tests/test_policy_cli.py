@@ -288,6 +288,36 @@ def test_invalid_policy_or_cases_fail_with_their_lines(
     assert code == 1 and "the policy is invalid" in err and f"{bad}:22: rules[1].route" in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["diff", DEFAULT, "{missing}"],
+        ["diff", "{missing}", DEFAULT],
+        ["replay", "{missing}", "--db", "{missing}.db"],
+        ["test", "{missing}", CASES],
+        ["explain", "{missing}", "--request", CASES],
+    ],
+)
+def test_a_policy_file_that_is_not_there_is_named_not_called_invalid(
+    argv: list[str | Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "new.yaml"  # a typo in a README command
+    code, out, err = run(capsys, "policy", *(str(a).format(missing=missing) for a in argv))
+    assert code == 2 and out == ""  # could not run; 1 would read as `diff --exit-code` changes
+    assert err == f"hybridroute: error: policy file not found: {missing}\n"
+
+
+def test_a_cases_or_request_file_that_is_not_there_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "cases.yaml"
+    for argv in (["test", DEFAULT, missing], ["diff", DEFAULT, DEFAULT, "--cases", missing]):
+        code, out, err = run(capsys, "policy", *argv)
+        assert code == 2 and out == "" and f"cases file not found: {missing}" in err, argv
+    code, _, err = run(capsys, "policy", "explain", DEFAULT, "--request", tmp_path)
+    assert code == 2 and f"request file {tmp_path} is a directory" in err
+
+
 # --- explain ------------------------------------------------------------------------
 
 REQUEST = f"""\
@@ -393,8 +423,8 @@ def test_diff_lists_rule_setting_and_outcome_changes_cloud_first(
     assert code == 0
     assert re.search(r"\+ added    partner-deny \(.*new\.yaml:\d+\): deny; match", out)
     assert "~ changed  classified-on-prem" in out
-    old, new = '["internal", "confidential", "restricted"]', '["confidential", "restricted"]'
-    assert f'match: {{"label": {old}}} -> {{"label": {new}}}' in out
+    was, now = '["internal", "confidential", "restricted"]', '["confidential", "restricted"]'
+    assert f'match: {{"label": {was}}} -> {{"label": {now}}}' in out
     assert "~ changed  unlabelled-on-prem" in out and 'route: "onprem" -> "cloud"' in out
     assert "~ callers: + partner-app" in out
     outcomes = out.split("outcomes:", 1)[1]

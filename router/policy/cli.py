@@ -16,7 +16,8 @@ Exit codes, the same for every subcommand, so CI can gate on them:
   under `--fail-under`, a signature that does not verify, and the opt-in gates
   (`check --strict` on warnings, `diff --exit-code` on changed outcomes, `replay
   --fail-on-cloud` when traffic would newly go to the cloud);
-- 2: the command could not run: bad arguments, an unreadable key or audit database.
+- 2: the command could not run: bad arguments, a policy, cases or request file that
+  is not there, an unreadable key or audit database.
 
 The handlers only parse, call and print; the work is in `policy.lint`,
 `policy.testing`, `policy.render`, `policy.diff`, `policy.replay` and `signing`.
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
     Sub: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "load_policy_or_report", "register"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "load_policy_or_report", "register", "require_files"]
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -78,11 +79,23 @@ def register(sub: Sub) -> None:
     _add_signing(policy_sub)
 
 
+def require_files(what: str, *paths: Path) -> None:
+    """A file named on the command line that is not there is a usage error naming it
+    (exit 2), not an invalid policy or cases file to run `policy check` on."""
+    for path in paths:
+        if not path.exists():
+            raise UsageError(f"{what} not found: {path}")
+        if path.is_dir():
+            raise UsageError(f"{what} {path} is a directory, not a file")
+
+
 def load_policy_or_report(path: Path) -> Policy | None:
-    """The compiled policy, or None after printing its errors (the caller exits 1)."""
+    """The compiled policy, or None after printing its errors (the caller exits 1); a
+    file that is not there is a `UsageError`."""
     from hybridroute.config import ConfigError
     from hybridroute.router.policy.schema import compile_policy
 
+    require_files("policy file", path)
     try:
         return compile_policy(path)
     except ConfigError as exc:
@@ -192,6 +205,8 @@ def _test(args: argparse.Namespace) -> int:
     from hybridroute.router.policy import testing as pt
     from hybridroute.router.policy.render import trace_lines
 
+    require_files("policy file", args.policy)
+    require_files("cases file", *args.cases)
     policy = load_policy_or_report(args.policy)
     if policy is None:
         return EXIT_FAILED
@@ -259,6 +274,8 @@ def _explain(args: argparse.Namespace) -> int:
     from hybridroute.router.policy.render import explain_dict, explain_lines
     from hybridroute.router.policy.testing import explain_request, load_request
 
+    require_files("policy file", args.policy)
+    require_files("request file", args.request)
     policy = load_policy_or_report(args.policy)
     if policy is None:
         return EXIT_FAILED

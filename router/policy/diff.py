@@ -182,8 +182,15 @@ def _change_lines(change: OutcomeChange) -> list[str]:
 
 def run_diff(args: argparse.Namespace) -> int:
     """Handler of `hybridroute policy diff` (parser in `policy.cli`)."""
-    from hybridroute.router.policy.cli import EXIT_FAILED, EXIT_OK, load_policy_or_report
+    from hybridroute.router.policy.cli import (
+        EXIT_FAILED,
+        EXIT_OK,
+        load_policy_or_report,
+        require_files,
+    )
 
+    require_files("policy file", args.old, args.new)
+    require_files("cases file", *args.cases)
     old, new = load_policy_or_report(args.old), load_policy_or_report(args.new)
     if old is None or new is None:
         return EXIT_FAILED
