@@ -253,3 +253,29 @@ def test_status_and_decision_filters_match_in_any_case(
     assert seqs("--status", "unavailable") == seqs("--status", "UNAVAILABLE")
     assert seqs("--status", "ok") == seqs("--status", "OK") != []
     assert seqs("--decision", "DENIED") == seqs("--decision", "denied") != []
+
+
+@pytest.mark.parametrize("format_", ["table", "json", "csv"])
+def test_a_query_that_matches_nothing_says_so_on_stderr(
+    format_: str,
+    trail: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db = trail / "audit.db"
+    argv = ["audit", "query", "--db", str(db), "--zone", "nowhere", "--format", format_]
+    code, out, err = _cli(capsys, *argv)
+    assert code == 0  # a query that finds nothing is no error (as documented)
+    assert err == f"no records match the filters ({db} holds 46)\n"
+    # stdout stays what a script parses: nothing, or CSV's header alone; no bare table header
+    assert out == ("" if format_ != "csv" else out.splitlines()[0] + "\n")
+    assert format_ != "csv" or out.startswith("seq,time,kind,")
+
+
+def test_a_query_that_matches_something_says_nothing_on_stderr(
+    trail: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for format_ in ("table", "json", "csv"):
+        argv = ["audit", "query", "--db", str(trail / "audit.db"), "--format", format_]
+        code, out, err = _cli(capsys, *argv, "--zone", "onprem")
+        assert code == 0 and out and err == "", format_

@@ -4,7 +4,8 @@ Every subcommand reads the database named by `--db FILE`, or the one a running s
 describes (`--stack FILE`: `audit.db` and `audit.verify_key` of `stack.json`; default
 `.hybridroute/stack.json` when it exists). Exit codes, so scripts can gate on them:
 
-- 0: done (for `verify`: everything verified);
+- 0: done (for `verify`: everything verified; for `query`, also when no record
+  matches, which it says on stderr);
 - 1: `verify` found a problem, or `prune` refused because the trail does not verify;
 - 2: usage error: a missing or unreadable file, a file that is not an audit database
   or is locked, a bad time, a wrong key.
@@ -263,23 +264,38 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from hybridroute.router.audit.query import count, csv_lines, rows, table
+    from hybridroute.router.audit.query import Filters, count, csv_lines, rows, table
 
     filters = _filters(args)
     limit = args.limit if args.limit is not None else (50 if args.format == "table" else 0)
     conn = _open(args)
     try:
-        matches = rows(conn, filters, last=limit or None)
+        found = 0
+
+        def counted() -> Iterator[dict[str, object]]:
+            nonlocal found
+            for record in rows(conn, filters, last=limit or None):
+                found += 1
+                yield record
+
         if args.format == "json":
-            for record in matches:
+            for record in counted():
                 print(json.dumps(record, sort_keys=True))
         elif args.format == "csv":
-            sys.stdout.writelines(csv_lines(matches))
-        else:
+            sys.stdout.writelines(csv_lines(counted()))
+        elif matches := list(counted()):
             print(table(matches))
             total = count(conn, filters)
             if limit and total > limit:
                 print(f"(the last {limit} of {total} matching records; --limit 0 for all)")
+        if not found:  # said on stderr: stdout stays what a script parses (empty, or CSV's header)
+            stored = count(conn, Filters())
+            print(
+                f"no records match the filters ({_db(args)} holds {stored})"
+                if stored
+                else f"no records: the audit trail {_db(args)} is empty",
+                file=sys.stderr,
+            )
     finally:
         conn.close()
     return 0
