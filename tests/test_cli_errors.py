@@ -279,3 +279,20 @@ def test_a_query_that_matches_something_says_nothing_on_stderr(
         argv = ["audit", "query", "--db", str(trail / "audit.db"), "--format", format_]
         code, out, err = _cli(capsys, *argv, "--zone", "onprem")
         assert code == 0 and out and err == "", format_
+
+
+def test_verify_without_a_key_names_both_ways_to_give_one(
+    trail: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .hybridroute/stack.json to fall back on
+    for command in (["verify"], ["prune", "--before", "90d"]):
+        code, out, err = _cli(capsys, "audit", *command, "--db", str(trail / "audit.db"))
+        assert code == 2 and out == "", command
+        assert "--key FILE" in err and "--stack FILE" in err, (command, err)
+    code, _, err = _cli(capsys, "audit", "hash", "x")
+    assert code == 2 and "--key FILE" in err and "--stack FILE" in err, err
+    code, _, err = _cli(capsys, "audit", "query", "--session", "x")  # its option is --hmac-key
+    assert code == 2 and "give --hmac-key FILE" in err and "--stack FILE" in err, err

@@ -189,7 +189,10 @@ def _verify_keys(args: argparse.Namespace) -> list[Ed25519PublicKey]:
     if not paths and (found := _stack_audit(args).get("verify_key")):
         paths = [Path(found)]
     if not paths:
-        raise UsageError("give --key FILE: the public key the checkpoints are signed with")
+        raise UsageError(
+            "give --key FILE (the public key the checkpoints are signed with) or --stack "
+            "FILE of `hybridroute up` (its audit.verify_key)"
+        )
     try:
         return [load_verify_key(path) for path in paths]
     except ValueError as exc:
@@ -219,13 +222,16 @@ def _open(args: argparse.Namespace, *, write: bool = False) -> sqlite3.Connectio
     return conn
 
 
-def _hasher(args: argparse.Namespace, key: Path | None) -> KeyedHasher:
+def _hasher(args: argparse.Namespace, key: Path | None, option: str = "--key") -> KeyedHasher:
     from hybridroute.router.audit.codec import KeyedHasher
 
     if key is None:
         db = args.db or (Path(p) if (p := _stack_audit(args).get("db")) else None)
         if db is None:
-            raise UsageError("give --key FILE (the trail's HMAC key) or --db FILE")
+            raise UsageError(
+                f"give {option} FILE (the trail's HMAC key), --db FILE (the key beside it) or "
+                "--stack FILE of `hybridroute up`"
+            )
         key = db.parent / "audit-hmac.key"
     try:
         return KeyedHasher.from_file(key)
@@ -306,7 +312,7 @@ def _filters(args: argparse.Namespace) -> Filters:
 
     equals = {name: getattr(args, name) for name in _FILTERS if getattr(args, name)}
     if args.session or args.client_request_id:
-        hasher = _hasher(args, args.hmac_key)
+        hasher = _hasher(args, args.hmac_key, "--hmac-key")
         if args.session:
             equals["session"] = hasher.digest(args.session)
         if args.client_request_id:
