@@ -2,20 +2,25 @@
 
 Each area owns its subcommands: `certs/cli.py`, `node/cli.py`, `router/cli.py` expose
 `register(subparsers)`, which adds parsers whose `handler` takes the parsed arguments
-and returns an exit code. This module only wires them together and turns a
-`UsageError` into a one-line message instead of a traceback.
+and returns an exit code. This module only wires them together, turns a
+`UsageError` into a one-line message instead of a traceback, and ends any command
+whose output is cut short by its reader (`... | head -1`) quietly, as any other Unix
+tool: exit 141, the status of a process ended by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from hybridroute import __version__
 
-__all__ = ["UsageError", "main", "whole_number"]
+__all__ = ["SIGPIPE_EXIT", "UsageError", "discard_stdout", "main", "whole_number"]
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell shows for a reader that went away
 
 
 class UsageError(Exception):
@@ -76,7 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def discard_stdout() -> None:
+    """The reader of stdout is gone: point stdout at /dev/null, so that later output and
+    the flush at exit do not report the same broken pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code (141 when its reader closed stdout early)."""
+    try:
+        try:
+            return _run(argv)
+        finally:  # write what is buffered now, where a closed pipe is caught, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        discard_stdout()
+        return SIGPIPE_EXIT
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

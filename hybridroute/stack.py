@@ -78,7 +78,15 @@ def default_policy_path() -> Path:
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)
+    """A line of `up`'s progress. When its reader has gone (`up | head`) the stack keeps
+    running, silently, until Ctrl-C or SIGTERM: a closed pipe must not end `up` halfway,
+    leaving the processes it started unsupervised."""
+    from hybridroute.cli import discard_stdout
+
+    try:
+        print(message, flush=True)
+    except BrokenPipeError:
+        discard_stdout()
 
 
 def _prepare_pki(state: Path) -> Path:

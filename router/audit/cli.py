@@ -11,7 +11,8 @@ describes (`--stack FILE`: `audit.db` and `audit.verify_key` of `stack.json`; de
   or is locked, a bad time, a wrong key.
 
 Output cut short by its reader (`... | head`) ends the command quietly, as it does
-any other Unix tool (exit 141, the status of a process ended by SIGPIPE).
+any other Unix tool (exit 141, the status of a process ended by SIGPIPE; for every
+`hybridroute` command, in `hybridroute.cli.main`).
 
 Only `prune` writes to the database; everything else opens it read-only, so reviewing
 a live router's trail never takes a write lock from it.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import sys
 import time
@@ -91,7 +91,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 Handler = Callable[[argparse.Namespace], int]
-SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell shows for a reader that went away
 
 
 def _command(
@@ -106,34 +105,15 @@ def _command(
 
 def _guarded(handler: Handler) -> Handler:
     """Run a subcommand so that a database problem is one line saying what to do (not a
-    traceback from wherever SQLite noticed it), and a closed stdout is no error."""
+    traceback from wherever SQLite noticed it). A closed stdout is `main`'s to handle."""
 
     def run(args: argparse.Namespace) -> int:
         try:
-            code = handler(args)
-            sys.stdout.flush()  # a short output is written here, not at exit
+            return handler(args)
         except sqlite3.Error as exc:
             raise _db_problem(_db(args), exc) from None
-        except BrokenPipeError:
-            _discard_stdout()
-            return SIGPIPE_EXIT
-        return code
 
     return run
-
-
-def _discard_stdout() -> None:
-    """The reader is gone: point stdout at /dev/null, so the flush at exit does not
-    report the same broken pipe again."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests)
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
 
 
 def _db_problem(db: Path, exc: sqlite3.Error) -> UsageError:
