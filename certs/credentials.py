@@ -12,6 +12,9 @@ valid yet is served from its start). A server does not start on an expired certi
 and serving one past its expiry is logged as an error. Connections that are
 already open keep the certificate they were set up with; client-side credentials are
 static, so clients pick up a rotated client certificate by building a new channel.
+grpc never checks a client certificate's dates (the server refuses it in the
+handshake), so `client_credentials` returns it for its presenter to check
+(`validity_problem`) and `reissue_command` says how to replace it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import shlex
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -36,11 +40,14 @@ __all__ = [
     "CertInfo",
     "CredentialsError",
     "channel_credentials",
+    "client_credentials",
     "describe_certificate",
     "load_certificates",
     "load_private_key",
     "peer_identities",
+    "reissue_command",
     "server_credentials",
+    "validity_problem",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -319,10 +326,54 @@ def channel_credentials(
         raise CredentialsError("a client certificate and its key must be given together")
     if cert is None or key is None:
         return grpc.ssl_channel_credentials(root_certificates=roots)
-    pair = _load_pair(Path(cert), Path(key))
-    return grpc.ssl_channel_credentials(
+    return _mutual(roots, Path(cert), Path(key))[0]
+
+
+def client_credentials(
+    ca: Path, cert: Path, key: Path
+) -> tuple[grpc.ChannelCredentials, x509.Certificate]:
+    """`channel_credentials` for mutual TLS, and the client certificate they present.
+
+    grpc never looks at that certificate's dates, and a server that refuses it for them
+    only fails the handshake, so whoever presents it checks them (`validity_problem`).
+    """
+    return _mutual(_load_ca(Path(ca)), Path(cert), Path(key))
+
+
+def _mutual(
+    roots: bytes, cert: Path, key: Path
+) -> tuple[grpc.ChannelCredentials, x509.Certificate]:
+    pair = _load_pair(cert, key)
+    creds = grpc.ssl_channel_credentials(
         root_certificates=roots, private_key=pair.key, certificate_chain=pair.chain
     )
+    return creds, pair.leaf
+
+
+def validity_problem(cert: x509.Certificate, now: dt.datetime | None = None) -> str | None:
+    """Why a peer refuses `cert` for its dates right now (naming it and the date that
+    matters), or None while it is valid."""
+    now = now or dt.datetime.now(dt.UTC)
+    if _expired(cert, now):
+        return f"certificate {_describe_leaf(cert)} has expired"
+    if _not_yet_valid(cert, now):
+        return (
+            f"certificate {_describe_leaf(cert)} is not valid before "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC (is this host's clock right?)"
+        )
+    return None
+
+
+def reissue_command(cert: x509.Certificate, path: Path, ca_dir: Path) -> str:
+    """The `hybridroute certs issue` line that replaces the certificate at `path` (and
+    its key, STEM.key beside it) with a new one of the same name, SANs and usages."""
+    words = ["hybridroute", "certs", "issue", _common_name(cert.subject) or "NAME"]
+    usages = _usages(cert)
+    words += [f"--{usage}" for usage in ("client", "server") if usage in usages]
+    for san in _sans(cert):
+        words += ["--san", san]
+    words += ["--ca-dir", str(ca_dir), "--out", str(path.parent), "--stem", path.stem]
+    return shlex.join([*words, "--force"])
 
 
 def _auth_values(auth: Mapping[str, Iterable[bytes] | bytes], key: str) -> list[bytes]:

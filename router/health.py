@@ -21,6 +21,11 @@ The state machine (per endpoint, thresholds per pool):
 
 Only SERVING passes; NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN, deadlines and any RPC error
 fail. Transitions are logged once each (INFO up, WARNING down), never per interval.
+
+A check cannot see every cause of its failure: a node refusing the router's expired
+client certificate only fails the handshake. The monitor's `diagnose` hook names a
+cause the router knows of on its own side; it runs after every check (so it can also
+notice the moment such a cause appears) and goes in front of a failed check's reason.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 __all__ = [
+    "Diagnose",
     "HealthMonitor",
     "HealthSettings",
     "HealthState",
@@ -132,6 +138,7 @@ class Monitored(Protocol):
 
 
 OnChange = Callable[[Monitored, bool], None]
+Diagnose = Callable[[Monitored], str | None]
 
 
 def _reason(exc: grpc.aio.AioRpcError) -> str:
@@ -173,8 +180,9 @@ class _Watch:
 class HealthMonitor:
     """Runs one check task per endpoint and applies passive ejections."""
 
-    def __init__(self, on_change: OnChange | None = None) -> None:
+    def __init__(self, on_change: OnChange | None = None, diagnose: Diagnose | None = None) -> None:
         self._on_change = on_change
+        self._diagnose = diagnose
         self._watches: dict[Monitored, _Watch] = {}
         self._result = asyncio.Event()  # set (and replaced) after every active result
 
@@ -219,6 +227,9 @@ class HealthMonitor:
             started = time.monotonic()
             epoch = target.health.epoch
             error = await check_once(target.channel, target.call_metadata, settings.timeout)
+            cause = self._cause(target)
+            if error is not None and cause is not None:
+                error = f"{cause}; {error}"[:_MAX_REASON]
             if target.health.epoch == epoch:
                 change = target.health.record(error, settings)
                 if change is not None:
@@ -227,6 +238,15 @@ class HealthMonitor:
                 self._result = asyncio.Event()
             jitter = 1 + random.uniform(-_JITTER, _JITTER)
             await asyncio.sleep(max(0.0, started + settings.interval * jitter - time.monotonic()))
+
+    def _cause(self, target: Monitored) -> str | None:
+        if self._diagnose is None:
+            return None
+        try:
+            return self._diagnose(target)
+        except Exception:  # like on_change: never the end of an endpoint's checks
+            log.exception("health diagnose hook failed")
+            return None
 
     def _changed(self, target: Monitored, healthy: bool, reason: str | None) -> None:
         if healthy:

@@ -10,6 +10,12 @@ Why it is built this way:
 - Everything that can be wrong with a pool's configuration (CA, client key, a missing
   token variable or file) is found in `apply`, before any state changes, so a bad
   reload leaves the running pools untouched and a good one never fails at request time.
+- The router's client certificate is read into each on-prem channel when the channel is
+  made, and grpc never looks at its dates: a node just refuses the handshake. So the
+  router does not start on one that has expired (or is not valid yet), and while it runs
+  the health checks look at the dates of the one each channel presents: ERROR in the
+  log once when it expires, and the cause in front of every failed check's reason (what
+  `hybridroute status` shows), with the command that issues a new one.
 - `pick` returns only healthy endpoints and None when there are none: no panic mode.
   A sensitive request with no healthy on-prem node must fail, not go elsewhere.
 - A reload keeps each unchanged endpoint object (channel, health, in-flight count), so
@@ -33,8 +39,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
-from hybridroute.certs.credentials import CredentialsError, channel_credentials
+from hybridroute.certs.credentials import (
+    CredentialsError,
+    channel_credentials,
+    client_credentials,
+    reissue_command,
+    validity_problem,
+)
 from hybridroute.router.health import HealthMonitor, HealthSettings, HealthState, Monitored
 
 if TYPE_CHECKING:
@@ -97,16 +111,24 @@ class Endpoint:
 
     Compared and hashed by identity: a reload that keeps the endpoint keeps the object.
     `call_metadata` (a bearer token, maybe) is deliberately absent from `repr`.
+    `client_cert`: the router's certificate its channel presents (mutual TLS only).
     """
 
     def __init__(
-        self, address: str, pool: str, zone: str, channel: grpc.aio.Channel, metadata: Metadata
+        self,
+        address: str,
+        pool: str,
+        zone: str,
+        channel: grpc.aio.Channel,
+        metadata: Metadata,
+        client_cert: x509.Certificate | None = None,
     ) -> None:
         self.address = address
         self.pool = pool
         self.zone = zone
         self.channel = channel
         self.call_metadata = metadata
+        self.client_cert = client_cert
         self.outstanding = 0
         self.health = HealthState()
         # Multicallables by method, built on first use (the forwarder's cache).
@@ -194,6 +216,7 @@ class _PoolPlan:
     server_name: str | None
     ca: Path | None
     credentials: grpc.ChannelCredentials | None
+    client_cert: x509.Certificate | None  # what `credentials` present (on-prem only)
     metadata: Metadata
     health: HealthSettings
 
@@ -215,7 +238,9 @@ class Pools:
         self._tls = tls
         self._default_health = default_health or HealthSettings()
         self._on_change = on_change
-        self._monitor = HealthMonitor(self._changed)
+        self._monitor = HealthMonitor(self._changed, self._diagnose)
+        self._started = False  # after the first apply, which refuses an unusable client cert
+        self._cert_logged: set[bytes] = set()  # client certs whose problem is logged
         self._pools: dict[str, Pool] = {}
         self._endpoints: dict[_Key, Endpoint] = {}
         self._lock = asyncio.Lock()
@@ -231,6 +256,8 @@ class Pools:
         when any pool cannot be built."""
         async with self._lock:
             plans = [self._plan(name, spec) for name, spec in policy.pools.items()]
+            if not self._started:
+                self._refuse_unusable_client_cert(plans)
             pools: dict[str, Pool] = {}
             endpoints: dict[_Key, Endpoint] = {}
             for plan in plans:
@@ -242,6 +269,7 @@ class Pools:
             )
             removed = [e for k, e in self._endpoints.items() if k not in endpoints]
             self._pools, self._endpoints = pools, endpoints
+            self._started = True
             for endpoint in removed:
                 await self._retire(endpoint)
 
@@ -314,17 +342,63 @@ class Pools:
         if self._on_change is not None and isinstance(target, Endpoint):
             self._on_change(target, healthy)
 
+    # --- the router's client certificate ---------------------------------------------
+
+    def _refuse_unusable_client_cert(self, plans: Sequence[_PoolPlan]) -> None:
+        """At start: every on-prem node would refuse the handshake, so do not start."""
+        for plan in plans:
+            if plan.client_cert is None:
+                continue
+            problem = validity_problem(plan.client_cert)
+            if problem is not None:
+                raise PoolError(
+                    f"{self._tls.cert} (upstream.cert, the router's client certificate for "
+                    f"on-prem nodes): {problem}, so every on-prem node would refuse it; issue "
+                    f"a new one from the CA the nodes trust ({self._reissue(plan.client_cert)})"
+                    " and start the router again"
+                )
+
+    def _diagnose(self, target: Monitored) -> str | None:
+        """After each check: is the client certificate this endpoint's channel presents
+        out of its dates? Logged once per certificate; the cause for the check's reason."""
+        cert = target.client_cert if isinstance(target, Endpoint) else None
+        problem = None if cert is None else validity_problem(cert)
+        if cert is None or problem is None:
+            return None
+        seen = cert.fingerprint(hashes.SHA256())
+        if seen not in self._cert_logged:
+            self._cert_logged.add(seen)
+            log.error(
+                "the router's client certificate %s (upstream.cert): %s; on-prem nodes "
+                "refuse every new connection from this router. Issue a new one (%s) and "
+                "restart the router (its channels keep the certificate they were made with)",
+                self._tls.cert,
+                problem,
+                self._reissue(cert),
+            )
+        return f"router client certificate {self._tls.cert}: {problem}"
+
+    def _reissue(self, cert: x509.Certificate) -> str:
+        command = reissue_command(cert, self._tls.cert, self._tls.ca.parent)
+        if self._tls.key != self._tls.cert.with_suffix(".key"):
+            command += f", then move {self._tls.cert.stem}.key to {self._tls.key}"
+        return command
+
     # --- building ------------------------------------------------------------------
 
     def _plan(self, name: str, spec: PoolSpec) -> _PoolPlan:
         ca = self._ca_for(spec)
+        credentials, client_cert = (
+            (None, None) if self._tls.insecure else self._credentials(name, spec.zone, ca)
+        )
         return _PoolPlan(
             name=name,
             zone=spec.zone,
             addresses=tuple(dict.fromkeys(spec.endpoints)),
             server_name=spec.server_name,
             ca=ca,
-            credentials=None if self._tls.insecure else self._credentials(name, spec.zone, ca),
+            credentials=credentials,
+            client_cert=client_cert,
             metadata=_bearer_metadata(name, spec),
             health=self._health_for(spec),
         )
@@ -334,13 +408,18 @@ class Pools:
             return Path(spec.ca)
         return self._tls.ca if spec.zone == "onprem" else self._tls.cloud_ca
 
-    def _credentials(self, name: str, zone: str, ca: Path | None) -> grpc.ChannelCredentials:
-        """mTLS with the router's identity on-prem; server-only TLS for cloud endpoints."""
+    def _credentials(
+        self, name: str, zone: str, ca: Path | None
+    ) -> tuple[grpc.ChannelCredentials, x509.Certificate | None]:
+        """mTLS with the router's identity on-prem (and that identity's certificate);
+        server-only TLS for cloud endpoints."""
         try:
             if zone == "onprem":
                 assert ca is not None  # on-prem always has the router's CA at least
-                return channel_credentials(ca, self._tls.cert, self._tls.key)
-            return grpc.ssl_channel_credentials() if ca is None else channel_credentials(ca)
+                return client_credentials(ca, self._tls.cert, self._tls.key)
+            if ca is None:
+                return grpc.ssl_channel_credentials(), None
+            return channel_credentials(ca), None
         except CredentialsError as exc:
             raise PoolError(f"pool '{name}': {exc}") from exc
 
@@ -361,7 +440,9 @@ class Pools:
         endpoint = self._endpoints.get(key)
         if endpoint is None:
             channel = self._channel(address, plan)
-            endpoint = Endpoint(address, plan.name, plan.zone, channel, plan.metadata)
+            endpoint = Endpoint(
+                address, plan.name, plan.zone, channel, plan.metadata, plan.client_cert
+            )
             log.info("endpoint %s added to %s pool %s", address, plan.zone, plan.name)
         endpoint.call_metadata = plan.metadata
         into[key] = endpoint

@@ -7,7 +7,9 @@ under test; health intervals are 100 ms so transitions show up within a second.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
@@ -16,12 +18,16 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from support import free_port
+from support import HYBRIDROUTE, free_port
 
 from hybridroute.certs.credentials import server_credentials
-from hybridroute.certs.pki import init_pki
+from hybridroute.certs.pki import PkiLayout, init_pki
 from hybridroute.node.server import NodeOptions, NodeServer
 from hybridroute.router.health import HealthSettings
 from hybridroute.router.policy.schema import Policy, compile_policy
@@ -524,3 +530,149 @@ def test_a_reload_waits_for_new_endpoints_at_most_their_check_timeout(
         hole.close()
 
     run(scenario())
+
+
+# ------------------------------------------------ the router's client certificate
+
+
+def mint_router_cert(
+    pki: Path, out: Path, *, not_before: dt.datetime, not_after: dt.datetime
+) -> x509.Certificate:
+    """The router's client certificate from the session CA with exactly this validity
+    (which `certs issue` will not make), as `out`/router.pem and router.key."""
+    layout = PkiLayout(pki)
+    ca_cert = x509.load_pem_x509_certificate(layout.ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(layout.ca.key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "router")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("router")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "router.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (out / "router.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert
+
+
+def client_tls(pki: Path, own: Path) -> UpstreamTLS:
+    """The session CA, and the router's client certificate from `own`."""
+    return UpstreamTLS(ca=pki / "ca.pem", cert=own / "router.pem", key=own / "router.key")
+
+
+def test_the_router_does_not_start_on_a_client_certificate_nodes_would_refuse(
+    tmp_path: Path, pki: Path
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    day = dt.timedelta(days=1)
+    onprem = {"on": {"zone": "onprem", "endpoints": [DEAD]}}
+    stale, early, mismatched = tmp_path / "stale", tmp_path / "early", tmp_path / "mismatched"
+    old = mint_router_cert(pki, stale, not_before=now - 9 * day, not_after=now - day)
+    mint_router_cert(pki, early, not_before=now + day, not_after=now + 9 * day)
+    mint_router_cert(pki, mismatched, not_before=now - day, not_after=now + day)
+    (mismatched / "router.key").write_bytes((early / "router.key").read_bytes())
+
+    async def refused(own: Path) -> str:
+        pools = Pools(client_tls(pki, own))
+        with pytest.raises(PoolError) as caught:
+            await pools.apply(make_policy(tmp_path, onprem))
+        assert pools.names == () and not pools.all_checked
+        await pools.close()
+        return str(caught.value)
+
+    async def scenario() -> None:
+        why = await refused(stale)
+        assert why.startswith(f"{stale / 'router.pem'} (upstream.cert, the router's client")
+        assert f"expires={old.not_valid_after_utc:%Y-%m-%d} has expired" in why
+        assert "every on-prem node would refuse it" in why
+        command = (
+            f"hybridroute certs issue router --client --san router --ca-dir {pki} "
+            f"--out {stale} --stem router --force"
+        )
+        assert command in why and why.endswith("start the router again")
+        why = await refused(early)
+        assert f"is not valid before {now + day:%Y-%m-%d}" in why and "clock" in why
+        why = await refused(mismatched)
+        assert "private key does not match certificate" in why and str(mismatched) in why
+
+    run(scenario())
+
+
+def test_router_serve_names_the_expired_client_certificate_without_a_traceback(
+    tmp_path: Path, pki: Path
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    stale = tmp_path / "stale"
+    mint_router_cert(pki, stale, not_before=now - dt.timedelta(days=9), not_after=now)
+    make_policy(tmp_path, {"on": {"zone": "onprem", "endpoints": [DEAD]}})
+    config = tmp_path / "router.yaml"
+    config.write_text(f"""
+listen: 127.0.0.1:0
+tls: {{cert: {pki}/router.pem, key: {pki}/router.key, client_ca: {pki}/ca.pem}}
+policy: {tmp_path / "p.yaml"}
+upstream: {{ca: {pki}/ca.pem, cert: {stale}/router.pem, key: {stale}/router.key}}
+""")
+    done = subprocess.run(
+        [*HYBRIDROUTE, "router", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    err = done.stderr
+    assert "router not started:" in err and f"{stale}/router.pem" in err
+    assert "has expired" in err and "hybridroute certs issue router" in err
+    assert "Traceback" not in err
+
+
+def test_a_client_certificate_expiring_while_running_is_logged_once_and_named_in_health(
+    tmp_path: Path, pki: Path, model_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    end = now + dt.timedelta(seconds=2)
+    own = tmp_path / "short"
+    mint_router_cert(pki, own, not_before=now - dt.timedelta(minutes=5), not_after=end)
+
+    async def scenario() -> None:
+        port = free_port()
+        node = await start_node(model_repo, pki, port)
+        pools = Pools(client_tls(pki, own))
+        await pools.apply(
+            make_policy(tmp_path, {"on": {"zone": "onprem", "endpoints": [addr(node)]}})
+        )
+        await checked(pools)
+        (endpoint,) = pools.get("on").endpoints
+        assert endpoint.healthy and not caplog.records
+        await asyncio.sleep(max(0.0, (end - dt.datetime.now(dt.UTC)).total_seconds()) + 0.3)
+        assert len(caplog.records) == 1  # at expiry, while the open connection still works
+        # A new handshake (the node restarted) is refused: the reason says why.
+        await node.stop(grace=0)
+        node = await start_node(model_repo, pki, port)
+        await asyncio.sleep(0.5)
+        assert not endpoint.healthy
+        (row,) = pools.snapshot()
+        assert row["last_error"].startswith(f"router client certificate {own / 'router.pem'}: ")
+        assert f"expires={end:%Y-%m-%d} has expired; " in row["last_error"]
+        await stop_all(pools, [node])
+
+    with caplog.at_level(logging.ERROR, logger="hybridroute.router"):
+        run(scenario())
+    (error,) = caplog.records
+    message = error.getMessage()
+    assert error.levelno == logging.ERROR and f"{own / 'router.pem'} (upstream.cert): " in message
+    assert "has expired" in message and "on-prem nodes refuse every new connection" in message
+    assert f"hybridroute certs issue router --client --san router --ca-dir {pki}" in message
