@@ -9,6 +9,10 @@ runs until Ctrl-C or SIGTERM, when it stops everything it started.
 Every process is a real `hybridroute` process with its log in `DIR/logs/`, so the
 stack is also what the end-to-end tests and the demo run against.
 
+The on-prem nodes share the model repository `DIR/models`, where `models deploy --to
+POOL` puts versions; the cloud stand-ins have their own, `DIR/cloud-models`, which no
+deploy writes to, so a version deployed on-prem stays off the cloud across restarts.
+
 Ports: the router on 8100 (or --base-port N), the policy's endpoints on their own
 addresses (or N+1, N+2, ...), the router's metrics on the next port after them. Fixed,
 so an unchanged stack restarts with an unchanged router config (the audit trail
@@ -129,29 +133,52 @@ def _prepare_pki(state: Path) -> Path:
 SAMPLE_MODELS = ("iris", "ticket-triage")
 
 
-def _prepare_models(state: Path) -> Path:
-    """The sample models that are missing, trained aside and moved in: a model already
-    there (maybe with versions deployed since) is left as it is."""
+@dataclass(frozen=True)
+class _Repositories:
+    """The model repositories of the stack's nodes: `DIR/models`, shared by the on-prem
+    nodes (what `models deploy --to POOL` writes to), and `DIR/cloud-models`, the cloud
+    stand-ins' own, which no deploy writes to: a version deployed on-prem is never
+    loaded by the cloud stand-in, not even when the stack starts again. (A state dir
+    from before had only `DIR/models`; its cloud stand-in gets fresh sample models.)"""
+
+    onprem: Path
+    cloud: Path
+
+    def of(self, zone: str) -> Path:
+        return self.onprem if zone == "onprem" else self.cloud
+
+
+def _prepare_models(state: Path) -> _Repositories:
+    """The sample models each repository lacks, trained once aside and copied in: a
+    model already there (maybe with versions deployed since) is left as it is."""
     from hybridroute.node.samples import write_samples
 
-    models = state / "models"
-    missing = [name for name in SAMPLE_MODELS if not (models / name).exists()]
-    if not missing:
-        _say(f"  models   {models} (existing)")
-        return models
-    models.mkdir(parents=True, exist_ok=True)
-    packaging = logging.getLogger("hybridroute.node.packaging")
-    level = packaging.level
-    packaging.setLevel(logging.WARNING)  # its lines would name the scratch directory
-    try:
-        with tempfile.TemporaryDirectory(prefix="samples-", dir=state) as scratch:
-            write_samples(Path(scratch))
-            for name in missing:
-                os.replace(Path(scratch) / name, models / name)
-    finally:
-        packaging.setLevel(level)
-    _say(f"  models   {models} (sample models {', '.join(missing)})")
-    return models
+    repos = _Repositories(state / "models", state / "cloud-models")
+    wanted = [(repos.onprem, "the on-prem nodes"), (repos.cloud, "the cloud stand-in")]
+    missing = {
+        repo: [name for name in SAMPLE_MODELS if not (repo / name).exists()] for repo, _ in wanted
+    }
+    if any(missing.values()):
+        packaging = logging.getLogger("hybridroute.node.packaging")
+        level = packaging.level
+        packaging.setLevel(logging.WARNING)  # its lines would name the scratch directory
+        try:
+            with tempfile.TemporaryDirectory(prefix="samples-", dir=state) as scratch:
+                trained = Path(scratch) / "trained"
+                write_samples(trained)
+                for i, (repo, names) in enumerate(missing.items()):
+                    repo.mkdir(parents=True, exist_ok=True)
+                    for name in names:  # copied aside, then moved in whole
+                        staged = Path(scratch) / f"{name}.{i}"
+                        shutil.copytree(trained / name, staged)
+                        os.replace(staged, repo / name)
+        finally:
+            packaging.setLevel(level)
+    for repo, who in wanted:
+        made = missing[repo]
+        what = f"sample models {', '.join(made)}" if made else "existing"
+        _say(f"  models   {repo} ({what}) for {who}")
+    return repos
 
 
 def _pools(policy_text: str) -> dict[str, dict[str, Any]]:
@@ -392,7 +419,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 def _start_nodes(
     plans: list[_NodePlan],
     pki: Path,
-    models: Path,
+    repos: _Repositories,
     logs: Path,
     env: dict[str, str],
     host: str,
@@ -410,7 +437,7 @@ def _start_nodes(
             "node",
             "serve",
             "--models",
-            str(models),
+            str(repos.of(plan.zone)),
             "--listen",
             plan.address,
             "--cert",
@@ -428,6 +455,7 @@ def _start_nodes(
         metrics_url = f"http://{metrics}/metrics"
         child = _Child(plan.name, plan.zone, plan.address, proc, log, metrics_url)
         child.extra["pool"] = plan.pool
+        child.extra["repository"] = str(repos.of(plan.zone))
         adopt(child)
         started.append(child)
     for child in started:
@@ -496,6 +524,7 @@ def _stack_json(
                 "pid": n.proc.pid,
                 "metrics": n.metrics,
                 "pool": n.extra["pool"],
+                "repository": n.extra["repository"],
                 "log": str(n.log),
             }
             for n in nodes
@@ -598,7 +627,7 @@ def run_stack(opts: StackOptions) -> int:
         _stop_leftovers(lock)
         check_stopping()
         pki = _prepare_pki(state)
-        models = _prepare_models(state)
+        repos = _prepare_models(state)
         check_stopping()
         policy, endpoints = _render_policy(opts, state)
         env = {
@@ -613,7 +642,7 @@ def run_stack(opts: StackOptions) -> int:
             [("router", listen), ("router metrics", metrics)]
             + [(plan.name, plan.address) for plan in plans]
         )
-        nodes = _start_nodes(plans, pki, models, logs, env, opts.host, adopt, check_stopping)
+        nodes = _start_nodes(plans, pki, repos, logs, env, opts.host, adopt, check_stopping)
         check_stopping()
         config = write_router_config(state, pki, policy, listen, metrics)
         proc, log = _spawn("router", ["router", "serve", "--config", str(config)], logs, env)

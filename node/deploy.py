@@ -7,8 +7,9 @@ Steps, reported per node:
    sample data, packaged on the fly (the `models package` flags).
 2. Copy it into each node's repository, `REPO/<name>/<version>`. The repository is
    `--repository DIR` if given, else the directory the node reports (NodeAdmin.Info).
-   Nodes sharing a repository (all nodes of `hybridroute up` share `state_dir/models`)
-   get one copy; a directory already holding identical files is left alone; different
+   Nodes sharing a repository (the on-prem nodes of `hybridroute up` share
+   `state_dir/models`; its cloud stand-in has its own, which no deploy reaches) get one
+   copy; a directory already holding identical files is left alone; different
    files are replaced only with `--force`. Copies are written under a hidden name and
    renamed, so a node never loads half a version. Nodes whose repository is not
    reachable from here (another host, no shared mount) are reported, not guessed at:

@@ -33,6 +33,7 @@ def state(tmp_path: Path, model_repo: Path) -> Iterator[Path]:
     is killed afterwards (and the test says so)."""
     state = tmp_path / "state"
     shutil.copytree(model_repo, state / "models")
+    shutil.copytree(model_repo, state / "cloud-models")
     yield state
     for pid in _running_in(state):
         os.kill(pid, signal.SIGKILL)
@@ -220,16 +221,62 @@ def test_up_on_a_state_dir_from_an_older_run_completes_what_is_missing(
     shutil.copytree(pki, state / "pki")  # apps demo-app, other-app, admin
     ca = (state / "pki" / "ca.pem").read_bytes()
     shutil.rmtree(state / "models" / "ticket-triage")
-    shutil.copytree(state / "models" / "iris" / "1", state / "models" / "iris" / "2")
+    _iris_version(state / "models", 2)
+    shutil.rmtree(state / "cloud-models")  # older runs had one repository for all nodes
     (state / "stack.json").write_text('{"router": {"address": "127.0.0.1:1", "pid": 1}}')
     up = _start_up(state, free_port_block(8), tmp_path / "up.log")
     assert "(existing; issued certificates for apps analytics, batch-jobs)" in up.output
-    assert "(sample models ticket-triage)" in up.output
+    assert "(sample models ticket-triage) for the on-prem nodes" in up.output
+    assert "(sample models iris, ticket-triage) for the cloud stand-in" in up.output
     assert (state / "pki" / "ca.pem").read_bytes() == ca
     assert (state / "models" / "iris" / "2").is_dir()
+    # iris 2, deployed on-prem since, is not what the cloud stand-in loads
+    assert not (state / "cloud-models" / "iris" / "2").exists()
+    assert "model iris/2 READY" in (state / "logs" / "node-1.log").read_text()
+    assert "model iris/2" not in (state / "logs" / "cloud-1.log").read_text()
     assert main(["demo", "--stack", str(state / "stack.json")]) == 0  # every app's cert
     assert "0 of" in capsys.readouterr().out
     assert _interrupt(up) == 0
+
+
+def _iris_version(repo: Path, version: int) -> Path:
+    """iris/1 of `repo` copied as iris/<version>, as `models deploy` would place it."""
+    target = repo / "iris" / str(version)
+    shutil.copytree(repo / "iris" / "1", target)
+    text = (target / "model.yaml").read_text()
+    (target / "model.yaml").write_text(text.replace("version: 1\n", f"version: {version}\n"))
+    return target
+
+
+def test_a_version_deployed_on_prem_stays_off_the_cloud_stand_in_across_restarts(
+    state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`models deploy --to onprem` writes to the on-prem nodes' repository only: the
+    cloud stand-in has its own, so the next `up` does not load the version there."""
+    build = tmp_path / "build"
+    shutil.copytree(state / "models" / "iris" / "1", build / "iris" / "1")
+    version = _iris_version(build, 2)
+    base = free_port_block(8)
+    first = _start_up(state, base, tmp_path / "first.log")
+    argv = ["models", "deploy", str(version), "--to", "onprem", "--stack"]
+    assert main([*argv, str(state / "stack.json"), "--json"]) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["node"], r["ok"]) for r in results] == [("node-1", True), ("node-2", True)]
+    assert _interrupt(first) == 0
+    second = _start_up(state, base, tmp_path / "second.log")
+    logs = state / "logs"
+    for node in ("node-1", "node-2"):
+        assert "model iris/2 READY" in (logs / f"{node}.log").read_text(), node
+    cloud = (logs / "cloud-1.log").read_text()
+    assert f"model iris/1 READY ({state.resolve() / 'cloud-models' / 'iris' / '1'})" in cloud
+    assert "iris/2" not in cloud and not (state / "cloud-models" / "iris" / "2").exists()
+    info = json.loads((state / "stack.json").read_text())
+    assert {n["name"]: n.get("repository") for n in info["nodes"]} == {
+        "node-1": str(state.resolve() / "models"),
+        "node-2": str(state.resolve() / "models"),
+        "cloud-1": str(state.resolve() / "cloud-models"),
+    }
+    assert _interrupt(second) == 0
 
 
 def test_the_banner_names_the_commands_as_they_can_be_typed_here(
