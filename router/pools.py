@@ -260,13 +260,23 @@ class Pools:
                 self._refuse_unusable_client_cert(plans)
             pools: dict[str, Pool] = {}
             endpoints: dict[_Key, Endpoint] = {}
+            kept: list[tuple[Endpoint, _PoolPlan]] = []
             for plan in plans:
-                members = [self._endpoint(plan, a, endpoints) for a in plan.addresses]
+                members = [self._endpoint(plan, a, endpoints, kept) for a in plan.addresses]
                 pools[plan.name] = Pool(plan.name, plan.zone, members)
-            await self._first_checks(
-                [e for k, e in endpoints.items() if k not in self._endpoints],
-                max((p.health.timeout for p in plans), default=0.0) + _FIRST_CHECK_SLACK,
-            )
+            new = [e for k, e in endpoints.items() if k not in self._endpoints]
+            try:
+                await self._first_checks(
+                    new, max((p.health.timeout for p in plans), default=0.0) + _FIRST_CHECK_SLACK
+                )
+            except BaseException:  # cancelled (the router stopping): the old pools stay
+                for endpoint in new:
+                    await self._monitor.unwatch(endpoint)
+                    await endpoint.channel.close(None)
+                raise
+            for endpoint, plan in kept:  # a token or health settings changed in place
+                endpoint.call_metadata = plan.metadata
+                self._monitor.watch(endpoint, plan.health)
             removed = [e for k, e in self._endpoints.items() if k not in endpoints]
             self._pools, self._endpoints = pools, endpoints
             self._started = True
@@ -434,8 +444,15 @@ class Pools:
             unhealthy_threshold=given.unhealthy_threshold,
         )
 
-    def _endpoint(self, plan: _PoolPlan, address: str, into: dict[_Key, Endpoint]) -> Endpoint:
-        """Reuse the endpoint with the same key, or make one; either way keep it checked."""
+    def _endpoint(
+        self,
+        plan: _PoolPlan,
+        address: str,
+        into: dict[_Key, Endpoint],
+        kept: list[tuple[Endpoint, _PoolPlan]],
+    ) -> Endpoint:
+        """Reuse the endpoint with the same key (added to `kept`, for `apply` to update
+        once the reload goes ahead), or make one and start checking it."""
         key = plan.key(address)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
@@ -443,10 +460,11 @@ class Pools:
             endpoint = Endpoint(
                 address, plan.name, plan.zone, channel, plan.metadata, plan.client_cert
             )
+            self._monitor.watch(endpoint, plan.health)
             log.info("endpoint %s added to %s pool %s", address, plan.zone, plan.name)
-        endpoint.call_metadata = plan.metadata
+        else:
+            kept.append((endpoint, plan))
         into[key] = endpoint
-        self._monitor.watch(endpoint, plan.health)
         return endpoint
 
     def _channel(self, address: str, plan: _PoolPlan) -> grpc.aio.Channel:

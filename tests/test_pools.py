@@ -676,3 +676,34 @@ def test_a_client_certificate_expiring_while_running_is_logged_once_and_named_in
     assert error.levelno == logging.ERROR and f"{own / 'router.pem'} (upstream.cert): " in message
     assert "has expired" in message and "on-prem nodes refuse every new connection" in message
     assert f"hybridroute certs issue router --client --san router --ca-dir {pki}" in message
+
+
+def test_a_reload_cancelled_while_new_endpoints_are_checked_leaves_nothing_behind(
+    tmp_path: Path, pki: Path
+) -> None:
+    """The router stopping (or the watcher being cancelled) mid-reload: the endpoints
+    that reload made are neither checked on forever nor left with an open channel."""
+
+    async def scenario() -> None:
+        hole = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # never speaks
+        port = hole.sockets[0].getsockname()[1]
+        pools = Pools(tls(pki))
+        onprem = {"zone": "onprem", "endpoints": [DEAD]}
+        await pools.apply(make_policy(tmp_path, {"on": onprem}, "v1"))
+        watched = set(pools._monitor._watches)
+        slow = {**FAST, "interval": "1s", "timeout": "500ms"}
+        spec = {"zone": "onprem", "endpoints": [f"127.0.0.1:{port}"], "health": slow}
+        reload = asyncio.create_task(
+            pools.apply(make_policy(tmp_path, {"on": onprem, "hole": spec}, "v2"))
+        )
+        await asyncio.sleep(0.1)
+        reload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reload
+        assert pools.names == ("on",)
+        orphans = set(pools._monitor._watches) - watched
+        assert not orphans, f"still checked: {orphans}"
+        await pools.close()
+        hole.close()
+
+    run(scenario())
