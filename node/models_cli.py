@@ -2,6 +2,8 @@
 
 Each command talks to every target node (see `node/admin_client.py`) and reports per
 node; the exit code is 1 when any node failed, so a script notices a partial rollout.
+The targets of `--stack` are its on-prem nodes: `list` says which cloud stand-ins it
+left out and why, so their absence does not read as "serves no model".
 `models deploy` (copy and load a version on a pool) lives in `node/deploy.py`.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -141,7 +144,31 @@ def _models_list(args: argparse.Namespace) -> int:
             continue
         lines += [line for line in found if not args.model or line.model == args.model]
     _print_index(lines, as_json=args.json)
+    for note in _not_listed(args):  # on stderr under --json: stdout stays one object a line
+        print(note, file=sys.stderr if args.json else sys.stdout)
     return 1 if failed else 0
+
+
+def _not_listed(args: argparse.Namespace) -> list[str]:
+    """Why the stack's cloud stand-ins are not in the list: they are no admin target."""
+    if args.stack is None or args.node:
+        return []
+    try:
+        nodes = json.loads(args.stack.read_text())["nodes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # resolve_targets read it a moment ago; nothing to add
+    notes = []
+    for node in nodes:
+        if not isinstance(node, dict) or node.get("zone") == "onprem":
+            continue
+        repo = node.get("repository")
+        serves = f"; it serves {repo}, which no deploy changes" if repo else ""
+        notes.append(
+            f"not listed: {node.get('name')} ({node.get('address')}, zone "
+            f"{node.get('zone')}), the cloud stand-in: like a cloud endpoint it takes "
+            f"only the router's bearer token, no admin calls{serves}"
+        )
+    return notes
 
 
 def _print_index(lines: Sequence[IndexLine], *, as_json: bool) -> None:

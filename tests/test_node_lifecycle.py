@@ -322,6 +322,32 @@ def test_cli_list_load_unload_with_a_stack_file(
         assert json.loads(capsys.readouterr().out)["code"] == "PERMISSION_DENIED"
 
 
+def test_cli_list_says_why_the_cloud_stand_in_is_not_listed(
+    repo: Path, pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The cloud stand-in takes only the router's bearer token, no admin call: `list`
+    skips it, and says so, rather than leave it looking like a node without models."""
+    with running_node(repo, pki) as node:
+        stack = write_stack(tmp_path / "stack.json", pki, [("node-1", node)])
+        assert main(["models", "list", "--stack", str(stack)]) == 0
+        out, err = capsys.readouterr()
+        table, note = out.splitlines()[:-1], out.splitlines()[-1]
+        assert [line.split()[0] for line in table] == ["NODE", "node-1"] and err == ""
+        assert note.startswith("not listed: cloud-1 (localhost:1, zone cloud), the cloud stand-in")
+        assert "only the router's bearer token, no admin calls" in note
+        assert main(["models", "list", "--stack", str(stack), "--json"]) == 0
+        out, err = capsys.readouterr()
+        assert [json.loads(line)["node"] for line in out.splitlines()] == ["node-1"]
+        assert err.startswith("not listed: cloud-1 (localhost:1, zone cloud)")
+        info = json.loads(stack.read_text())  # as `hybridroute up` writes it now
+        info["nodes"][-1]["repository"] = "/state/cloud-models"
+        stack.write_text(json.dumps(info))
+        assert main(["models", "list", "--stack", str(stack)]) == 0
+        assert "; it serves /state/cloud-models, which no deploy changes" in capsys.readouterr().out
+        assert main(["models", "list", "--stack", str(stack), "--node", "node-1"]) == 0
+        assert "not listed" not in capsys.readouterr().out  # asked for node-1 by name
+
+
 def test_cli_deploy_copies_once_per_repository_and_loads_on_every_node(
     repo: Path, model_repo: Path, pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
