@@ -234,10 +234,15 @@ class Pools:
         *,
         default_health: HealthSettings | None = None,
         on_change: Callable[[Endpoint, bool], None] | None = None,
+        on_retire: Callable[[Endpoint], None] | None = None,
     ) -> None:
+        """`on_change(endpoint, healthy)` when an endpoint's health changes;
+        `on_retire(endpoint)` when a reload removed the last endpoint of that pool, zone
+        and address, so whatever was reported about it can be forgotten."""
         self._tls = tls
         self._default_health = default_health or HealthSettings()
         self._on_change = on_change
+        self._on_retire = on_retire
         self._monitor = HealthMonitor(self._changed, self._diagnose)
         self._started = False  # after the first apply, which refuses an unusable client cert
         self._cert_logged: set[bytes] = set()  # client certs whose problem is logged
@@ -280,8 +285,11 @@ class Pools:
             removed = [e for k, e in self._endpoints.items() if k not in endpoints]
             self._pools, self._endpoints = pools, endpoints
             self._started = True
+            live = {_place(e) for e in endpoints.values()}
             for endpoint in removed:
                 await self._retire(endpoint)
+                if self._on_retire is not None and _place(endpoint) not in live:
+                    self._on_retire(endpoint)
 
     async def _first_checks(self, new: Sequence[Endpoint], within: float) -> None:
         """Wait until each of `new` has a check result, or `within` seconds have passed
@@ -483,6 +491,11 @@ class Pools:
         task = asyncio.create_task(endpoint.channel.close(DRAIN_GRACE))
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
+
+
+def _place(endpoint: Endpoint) -> tuple[str, str, str]:
+    """What reports name an endpoint by (the metrics' labels)."""
+    return endpoint.pool, endpoint.zone, endpoint.address
 
 
 def _bearer_metadata(pool: str, spec: PoolSpec) -> Metadata:

@@ -75,6 +75,7 @@ class RouterServer:
         self.pools = Pools(
             UpstreamTLS(up.ca, up.cert, up.key, up.cloud_ca, insecure=insecure_upstream),
             on_change=self._endpoint_changed,
+            on_retire=self._endpoint_retired,
         )
         self.policies = PolicyStore.for_config(
             config,
@@ -274,6 +275,12 @@ class RouterServer:
         self.metrics.endpoint_healthy.labels(endpoint.pool, endpoint.zone, endpoint.address).set(
             int(healthy)
         )
+
+    def _endpoint_retired(self, endpoint: Endpoint) -> None:
+        """A removed endpoint's last value would otherwise read on: one removed while
+        healthy would keep "no healthy on-prem endpoint" from alerting."""
+        with contextlib.suppress(KeyError):  # never reported (removed before a check)
+            self.metrics.endpoint_healthy.remove(endpoint.pool, endpoint.zone, endpoint.address)
 
 
 def _log_note_failure(future: asyncio.Future[None]) -> None:

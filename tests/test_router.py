@@ -196,6 +196,32 @@ def test_reload_good_then_bad_keeps_the_last_good_policy(harness: Harness) -> No
         assert admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=30).accepted
 
 
+def test_an_endpoint_a_reload_removed_leaves_the_health_gauge(harness: Harness) -> None:
+    """Its last value would read on: an endpoint removed while healthy would keep the
+    "no healthy on-prem endpoint" alert (a sum of this gauge) from firing."""
+    admin = _admin(harness)
+    registry = harness.router.metrics.registry
+    kept, removed = (f"127.0.0.1:{n.port}" for n in harness.nodes)
+
+    def healthy(address: str) -> float | None:
+        labels = {"pool": "onprem", "zone": "onprem", "endpoint": address}
+        return registry.get_sample_value("hybridroute_router_endpoint_healthy", labels)
+
+    assert healthy(kept) == 1 and healthy(removed) == 1
+    original = harness.policy.read_text()
+    try:
+        harness.policy.write_text(original.replace(f'"{removed}"', "").replace('", ]', '"]'))
+        assert admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=30).accepted
+        assert healthy(removed) is None and healthy(kept) == 1
+    finally:
+        harness.policy.write_text(original)
+        assert admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=30).accepted
+    deadline = time.monotonic() + 10
+    while healthy(removed) != 1 and time.monotonic() < deadline:  # back, once checked
+        time.sleep(0.05)
+    assert healthy(removed) == 1
+
+
 def test_a_policy_sending_sensitive_data_to_the_cloud_is_refused_at_reload(
     harness: Harness,
 ) -> None:
