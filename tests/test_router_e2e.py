@@ -7,7 +7,9 @@ never move the cloud node's counter).
 
 from __future__ import annotations
 
-import asyncio
+import json
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -207,37 +209,61 @@ def test_metadata_calls_are_routed_and_work_with_tritonclient(stack: Stack) -> N
         client.close()
 
 
+# KServe's SDK in a process of its own: its generated stubs and tritonclient's both
+# define the `inference` protobuf package, and one process cannot import the two.
+_KSERVE_CLIENT = """
+import asyncio, json, sys
+import grpc, numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+address, ca, cert, key = sys.argv[1:]
+public = [("x-data-classification", "public")]
+
+async def main():
+    read = lambda path: open(path, "rb").read()
+    creds = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+    client = InferenceGRPCClient(address, creds=creds, timeout=10)
+    row = InferInput("input", [1, 4], "FP64", data=np.array([[6.7, 3.0, 5.2, 2.3]]))
+    iris = await client.infer(InferRequest("iris", [row]), headers=public)
+    print(json.dumps({
+        "live": await client.is_server_live(),
+        "ready": await client.is_server_ready(),
+        "model_ready": await client.is_model_ready("iris", headers=public),
+        "label": iris.get_output_by_name("label").as_numpy().tolist(),
+    }), flush=True)
+    for line in sys.stdin:  # one ticket text per line, answered "done"
+        text = InferInput("text", [1], "BYTES", data=[line.rstrip("\\n")])
+        await client.infer(InferRequest("ticket-triage", [text], request_id="k1"), headers=public)
+        print("done", flush=True)
+    await client.close()
+
+asyncio.run(main())
+"""
+
+
 def test_the_kserve_sdk_grpc_client_works_through_the_router(stack: Stack) -> None:
-    """KServe's own Python SDK (its asyncio V2 gRPC client, with its own generated
-    stubs) talks to the router over mutual TLS, and what it sends is classified like
-    anything else: a clean public text goes to the cloud, personal data stays on-prem."""
-    from kserve import InferenceGRPCClient, InferInput, InferRequest
-
+    """KServe's own Python SDK (its asyncio V2 gRPC client and its own stubs) talks to
+    the router over mutual TLS, and what it sends is classified like anything else: a
+    clean public text goes to the cloud, personal data stays on-prem."""
     app = stack.info["apps"]["demo-app"]
-    creds = channel_credentials(
-        Path(stack.info["router"]["ca"]), Path(app["cert"]), Path(app["key"])
-    )
-    public = [("x-data-classification", "public")]
-
-    async def session() -> tuple[object, list[float]]:
-        client = InferenceGRPCClient(stack.router_address, creds=creds, timeout=10)
-        try:
-            assert await client.is_server_live() and await client.is_server_ready()
-            assert await client.is_model_ready("iris", headers=public)
-            row = InferInput("input", [1, 4], "FP64", data=np.array([[6.7, 3.0, 5.2, 2.3]]))
-            iris = await client.infer(InferRequest("iris", [row]), headers=public)
-            counts = [node_requests(stack, "cloud-1")]
-            for text in (CLEAN, "please call me back on jane.doe@example.com"):
-                tensor = InferInput("text", [1], "BYTES", data=[text])
-                request = InferRequest("ticket-triage", [tensor], request_id="kserve-1")
-                await client.infer(request, headers=public)
-                counts.append(node_requests(stack, "cloud-1"))
-            return iris.get_output_by_name("label").as_numpy().tolist(), counts
-        finally:
-            await client.close()
-
-    label, cloud = asyncio.run(session())
-    assert label == [2]
+    args = [stack.router_address, stack.info["router"]["ca"], app["cert"], app["key"]]
+    with subprocess.Popen(
+        [sys.executable, "-c", _KSERVE_CLIENT, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as client:
+        assert client.stdin is not None and client.stdout is not None
+        first = json.loads(client.stdout.readline() or "{}")
+        assert first == {"live": True, "ready": True, "model_ready": True, "label": [2]}
+        cloud = [node_requests(stack, "cloud-1")]
+        for text in (CLEAN, "please call me back on jane.doe@example.com"):
+            client.stdin.write(text + "\n")
+            client.stdin.flush()
+            assert client.stdout.readline() == "done\n"
+            cloud.append(node_requests(stack, "cloud-1"))
+        client.stdin.close()
+        assert client.wait(timeout=30) == 0
     assert cloud[1] == cloud[0] + 1  # the clean text went to the cloud
     assert cloud[2] == cloud[1]  # the email did not
 
