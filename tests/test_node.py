@@ -313,6 +313,7 @@ def test_oversized_message_is_resource_exhausted(stub) -> None:
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # on purpose
 def test_estimator_failure_is_internal_names_the_model_and_node_keeps_serving(stub) -> None:
     poisoned = np.array([[1e300, 1.0, 1.0, 1.0]])  # overflows float32 inside the trees
     with pytest.raises(grpc.RpcError) as info:
