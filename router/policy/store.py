@@ -37,6 +37,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from hybridroute.config import ConfigError
 from hybridroute.router.policy.schema import Policy, compile_policy
 from hybridroute.router.policy.signing import (
@@ -207,11 +209,15 @@ class PolicyStore:
 
     async def watch(self, interval: float = 1.0) -> None:
         """Reload whenever the policy file or its signature file changes (identity,
-        size or mtime): a signature deployed after its policy is picked up too."""
+        size or mtime): a signature deployed after its policy is picked up too.
+        Whatever one attempt raises, the watcher goes on."""
         while True:
             await asyncio.sleep(interval)
-            if self._stamps() != self._stamp:
-                await self.reload("file changed")
+            try:
+                if self._stamps() != self._stamp:
+                    await self.reload("file changed")
+            except Exception as exc:  # the watcher must not die of one file
+                log.error("policy watcher: reload failed (%s); still watching", type(exc).__name__)
 
     # ------------------------------------------------------------------ internals
 
@@ -220,7 +226,10 @@ class PolicyStore:
 
     def _load(self) -> tuple[Policy, PolicySignature | None]:
         """Compile, then verify the signature against the hash of the compiled bytes."""
-        policy = compile_policy(self.path)
+        try:
+            policy = compile_policy(self.path)
+        except yaml.YAMLError as exc:  # one the YAML loader lets through (a NUL byte)
+            raise ConfigError(str(self.path), [(None, "", f"invalid YAML: {exc}")]) from None
         return policy, self._verify(policy)
 
     def _verify(self, policy: Policy) -> PolicySignature | None:

@@ -1,0 +1,84 @@
+"""Policy reloads against real files: what the file watcher sees while a file is being
+written, replaced or broken, and a reload cancelled half-way (`PolicyStore`)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from support import free_port
+from test_router import _policy_text
+
+from hybridroute.config import ConfigError
+from hybridroute.router.policy.schema import Policy
+from hybridroute.router.policy.store import PolicyStore
+
+
+async def _nothing(policy: Policy) -> None:
+    return None
+
+
+def _text() -> str:
+    return _policy_text([free_port()], free_port())
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _until(check: Callable[[], bool], within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def _watching(
+    path: Path, body: Callable[[PolicyStore], Awaitable[None]], apply: object = _nothing
+) -> None:
+    async def run() -> None:
+        store = PolicyStore(path, apply)  # type: ignore[arg-type]
+        watcher = asyncio.create_task(store.watch(interval=0.05))
+        try:
+            await body(store)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    asyncio.run(run())
+
+
+def test_the_watcher_outlives_a_file_yaml_cannot_read(tmp_path: Path) -> None:
+    """A NUL byte (a file cut short on some file systems, or a binary put there by
+    mistake) is refused like any invalid policy, with the file named; the watcher goes
+    on and loads the next good version."""
+    path = tmp_path / "policy.yaml"
+    good = _text()
+    path.write_text(good)
+
+    async def body(store: PolicyStore) -> None:
+        before = store.current.version_hash
+        path.write_bytes(good.encode() + b"\x00")
+        await _until(lambda: store.last_refused is not None)
+        assert store.last_refused is not None and store.last_refused.error is not None
+        assert str(path) in store.last_refused.error
+        assert store.current.version_hash == before
+        fixed = (good + "\n# fixed\n").encode()
+        path.write_bytes(fixed)
+        await _until(lambda: store.current.version_hash == _sha(fixed))
+
+    _watching(path, body)
+
+
+def test_a_router_does_not_start_on_a_file_yaml_cannot_read(tmp_path: Path) -> None:
+    """Refused as an invalid policy naming the file (`router serve`: exit 2 and the
+    reason), not an exception from the YAML reader."""
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(_text().encode() + b"\x00")
+    with pytest.raises(ConfigError) as info:
+        PolicyStore(path, _nothing)
+    assert str(path) in str(info.value) and "invalid YAML" in str(info.value)
