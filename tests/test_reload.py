@@ -52,6 +52,32 @@ def _watching(
     asyncio.run(run())
 
 
+def test_a_policy_written_in_place_is_not_loaded_half_written(tmp_path: Path) -> None:
+    """Editors and scripts that rewrite the file in place leave a moment where only the
+    start of it is there. A prefix of the shipped policy that stops before its rules is
+    itself a valid policy, one that no longer denies unknown callers: the watcher must
+    wait for the write to settle instead of loading that."""
+    path = tmp_path / "policy.yaml"
+    old = _text().encode()
+    path.write_bytes(old)
+    new = old.replace(b"pin_ttl: 30m", b"pin_ttl: 20m")
+    assert new != old
+    prefix = new[: new.index(b"\nrules:")]
+
+    async def body(store: PolicyStore) -> None:
+        with path.open("wb") as f:  # truncate, write a part, and the rest a moment later
+            f.write(prefix)
+            f.flush()
+            await asyncio.sleep(0.2)  # four polls of the watcher
+            f.write(new[len(prefix) :])
+        await _until(lambda: store.current.version_hash == _sha(new))
+        seen = [r.version_hash for r in store.history if r.accepted]
+        assert _sha(prefix) not in seen
+        assert all(r.accepted for r in store.history), [r.error for r in store.history]
+
+    _watching(path, body)
+
+
 def test_the_watcher_outlives_a_file_yaml_cannot_read(tmp_path: Path) -> None:
     """A NUL byte (a file cut short on some file systems, or a binary put there by
     mistake) is refused like any invalid policy, with the file named; the watcher goes

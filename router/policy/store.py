@@ -207,17 +207,35 @@ class PolicyStore:
             self._record(result)
             return result
 
-    async def watch(self, interval: float = 1.0) -> None:
+    async def watch(self, interval: float = 1.0, settle: float = 0.5) -> None:
         """Reload whenever the policy file or its signature file changes (identity,
         size or mtime): a signature deployed after its policy is picked up too.
-        Whatever one attempt raises, the watcher goes on."""
+
+        A file rewritten in place is read only once it has stopped changing for
+        `settle` seconds: half a policy can be a valid policy (one that stops before
+        its deny rules). A replacement by rename (editors, configmap symlink swaps) is
+        whole at once and only waits `settle`. Whatever one attempt raises, the
+        watcher goes on."""
         while True:
             await asyncio.sleep(interval)
             try:
-                if self._stamps() != self._stamp:
+                if self._stamps() == self._stamp:
+                    continue
+                await self._settled(settle)
+                if self._stamps() != self._stamp:  # not taken by another reload meanwhile
                     await self.reload("file changed")
             except Exception as exc:  # the watcher must not die of one file
                 log.error("policy watcher: reload failed (%s); still watching", type(exc).__name__)
+
+    async def _settled(self, settle: float) -> None:
+        """Return once the files' stamps stayed the same for `settle` seconds."""
+        seen = self._stamps()
+        while True:
+            await asyncio.sleep(settle)
+            now = self._stamps()
+            if now == seen:
+                return
+            seen = now
 
     # ------------------------------------------------------------------ internals
 
