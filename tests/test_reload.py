@@ -100,6 +100,42 @@ def test_the_watcher_outlives_a_file_yaml_cannot_read(tmp_path: Path) -> None:
     _watching(path, body)
 
 
+def test_a_reload_called_off_half_way_is_still_picked_up_by_the_watcher(tmp_path: Path) -> None:
+    """A reload the admin API started and its caller then abandoned (deadline) is
+    cancelled before the new policy took effect: the watcher must still see the file
+    as changed, not as handled."""
+    path = tmp_path / "policy.yaml"
+    text = _text()
+    path.write_text(text)
+    release = asyncio.Event()
+    calls = 0
+
+    async def slow_first(policy: Policy) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the first reload: its new endpoints take their time
+            await release.wait()
+
+    async def run() -> None:
+        store = PolicyStore(path, slow_first)
+        await store.start()
+        new = (text + "\n# changed\n").encode()
+        path.write_bytes(new)
+        reload = asyncio.create_task(store.reload("admin API"))
+        await _until(lambda: calls == 2)
+        reload.cancel()
+        await asyncio.gather(reload, return_exceptions=True)
+        assert store.current.version_hash != _sha(new)
+        watcher = asyncio.create_task(store.watch(interval=0.05))
+        try:
+            await _until(lambda: store.current.version_hash == _sha(new))
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    asyncio.run(run())
+
+
 def test_a_router_does_not_start_on_a_file_yaml_cannot_read(tmp_path: Path) -> None:
     """Refused as an invalid policy naming the file (`router serve`: exit 2 and the
     reason), not an exception from the YAML reader."""

@@ -414,3 +414,38 @@ def test_unscanned_binary_metadata_never_travels_to_the_cloud() -> None:
     to_onprem = dict(forwarded_metadata(metadata, "r1", zone="onprem"))
     assert to_onprem["x-note-bin"] == b"321-54-9876"
     assert "authorization" not in to_onprem and "grpc-timeout" not in to_onprem
+
+
+def test_a_reload_its_admin_caller_gave_up_on_is_still_picked_up_from_the_file(
+    harness: Harness,
+) -> None:
+    """The caller's deadline cancels the reload while a new endpoint gets its first
+    check; nothing changed, and the file watcher must still load the file."""
+    import hashlib
+    import socket
+
+    admin = _admin(harness)
+    original = harness.policy.read_text()
+    with socket.socket() as silent:  # accepts connections, never answers the handshake
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        kept = f"127.0.0.1:{harness.nodes[1].port}"
+        new = original.replace(f'"{kept}"]', f'"{kept}", "127.0.0.1:{silent.getsockname()[1]}"]')
+        new = new.replace(
+            "server_name: node\n    health: {interval: 1s, timeout: 500ms",
+            "server_name: node\n    health: {interval: 3s, timeout: 3s",
+        )
+        assert new.count("127.0.0.1:") == original.count("127.0.0.1:") + 1 and "3s" in new
+        try:
+            harness.policy.write_text(new)
+            with pytest.raises(grpc.RpcError) as info:
+                admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=0.3)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            wanted = hashlib.sha256(new.encode()).hexdigest()
+            deadline = time.monotonic() + 15
+            while admin.Status(admin_pb2.StatusRequest(), timeout=5).policy.version_hash != wanted:
+                assert time.monotonic() < deadline, "the watcher never loaded the file"
+                time.sleep(0.1)
+        finally:
+            harness.policy.write_text(original)
+            assert admin.ReloadPolicy(admin_pb2.ReloadPolicyRequest(), timeout=30).accepted

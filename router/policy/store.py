@@ -184,10 +184,16 @@ class PolicyStore:
     async def reload(self, why: str) -> ReloadResult:
         """Try the file as it is now; keep the current policy if it is not acceptable."""
         async with self._lock:
-            self._stamp = self._stamps()
+            # Taken before the file is read: a change while it is read is seen again.
+            previous, self._stamp = self._stamp, self._stamps()
             try:
                 policy, signature = await asyncio.to_thread(self._load)
                 await self._apply(policy)
+            except asyncio.CancelledError:
+                # Called off before the policy took effect (an admin caller gone, the
+                # router stopping): the file is not handled, so the watcher retries it.
+                self._stamp = previous
+                raise
             except (ConfigError, SignatureError, OSError, ValueError) as exc:
                 result = self._refused(exc, why)
                 log.error(
