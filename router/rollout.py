@@ -30,7 +30,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from hybridroute.protos import inference_pb2 as pb
-from hybridroute.protos.tensors import DATATYPES
+from hybridroute.protos.tensors import DATATYPES, decode_bytes_elements
 
 if TYPE_CHECKING:
     from hybridroute.router.policy.schema import Pool, Route
@@ -152,7 +152,7 @@ def outputs_agree(serving: bytes, candidate: bytes, compare: frozenset[str] | No
     try:
         ours = _outputs(pb.ModelInferResponse.FromString(serving))
         theirs = _outputs(pb.ModelInferResponse.FromString(candidate))
-    except (DecodeError, ValueError):
+    except (DecodeError, ValueError, OverflowError):
         return False
     names = ours.keys() if compare is None else compare
     return all(
@@ -164,18 +164,29 @@ _Tensor = tuple[str, tuple[int, ...], Any]  # datatype, shape, values
 
 
 def _outputs(response: pb.ModelInferResponse) -> dict[str, _Tensor]:
+    """Each output's values, read the same way whether the server answered raw or typed
+    (the protocol allows either): a numpy array of the datatype, or for BYTES the list
+    of elements (never numpy strings: they drop trailing NUL bytes)."""
     raw = response.raw_output_contents
     out: dict[str, _Tensor] = {}
     for i, tensor in enumerate(response.outputs):
+        dtype = DATATYPES.get(tensor.datatype)
         values: Any
         if raw:
-            values = raw[i] if i < len(raw) else b""
-            dtype = DATATYPES.get(tensor.datatype)
-            if dtype is not None and dtype.kind == "f":
-                values = np.frombuffer(values, dtype=dtype)
+            data = raw[i] if i < len(raw) else b""
+            if tensor.datatype == "BYTES":
+                values = decode_bytes_elements(tensor.name, data, 0, check_count=False)
+            elif dtype is not None:
+                values = np.frombuffer(data, dtype=dtype)
+            else:  # a datatype this router does not decode (BF16): its bytes
+                values = data
         else:
             fields = tensor.contents.ListFields()
-            values = np.asarray(list(fields[0][1])) if fields else np.asarray([])
+            items = list(fields[0][1]) if fields else []
+            if tensor.datatype == "BYTES" or dtype is None:
+                values = items
+            else:
+                values = np.asarray(items, dtype=dtype)
         out[tensor.name] = (tensor.datatype, tuple(tensor.shape), values)
     return out
 
@@ -184,10 +195,10 @@ def _same(a: _Tensor, b: _Tensor) -> bool:
     if a[0] != b[0] or a[1] != b[1]:
         return False
     x, y = a[2], b[2]
-    if isinstance(x, bytes) or isinstance(y, bytes):
-        return bool(x == y)
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+        return bool(x == y)  # BYTES elements, or the bytes of an undecoded datatype
     if x.shape != y.shape:
         return False
-    if x.dtype.kind == "f" or y.dtype.kind == "f":
+    if x.dtype.kind == "f":
         return bool(np.allclose(x, y, rtol=FLOAT_TOLERANCE, atol=0.0, equal_nan=True))
     return bool(np.array_equal(x, y))

@@ -532,3 +532,38 @@ def test_router_metrics_carry_the_right_labels(rollout: RolloutHarness) -> None:
     assert registry.get_sample_value("hybridroute_audit_queue_depth") is not None
     names = {s.labels.get("model") for family in registry.collect() for s in family.samples}
     assert not {"no-such-model-4711", "jane.doe@example.com"} & names  # invariant 4
+
+
+def _typed_or_raw(datatype: str, values: list[object], *, raw: bool) -> bytes:
+    response = pb.ModelInferResponse(model_name="m", model_version="1")
+    array = np.empty(len(values), dtype=object) if datatype == "BYTES" else np.array(values)
+    if datatype == "BYTES":
+        array[:] = values
+    encode_output(response, "out", datatype, array, raw=raw)
+    return response.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("datatype", "values"),
+    [("INT64", [0, 2, 1]), ("FP32", [0.5, 0.25]), ("BYTES", [b"spam", b"", b"eggs"])],
+)
+def test_outputs_agree_whether_an_endpoint_answers_raw_or_typed(
+    datatype: str, values: list[object]
+) -> None:
+    """The protocol lets a server answer raw or typed (Triton raw, others typed): the
+    same values agree either way. Mixed, an INT64 or BYTES output raised in the
+    shadow task (the copy counted nowhere), or disagreed when it had one element."""
+    for serving_raw, candidate_raw in ((True, False), (False, True), (True, True), (False, False)):
+        serving = _typed_or_raw(datatype, values, raw=serving_raw)
+        candidate = _typed_or_raw(datatype, values, raw=candidate_raw)
+        assert outputs_agree(serving, candidate, None), (serving_raw, candidate_raw)
+    single = _typed_or_raw(datatype, values[:1], raw=True)
+    assert outputs_agree(single, _typed_or_raw(datatype, values[:1], raw=False), None)
+
+
+def test_bytes_outputs_differing_in_trailing_nul_bytes_disagree() -> None:
+    """Typed BYTES went through numpy's fixed-width strings, which drop trailing NULs."""
+    for raw in (False, True):
+        plain = _typed_or_raw("BYTES", [b"label"], raw=raw)
+        padded = _typed_or_raw("BYTES", [b"label\x00"], raw=raw)
+        assert not outputs_agree(plain, padded, None), raw
