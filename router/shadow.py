@@ -48,6 +48,9 @@ _METHOD = "/inference.GRPCInferenceService/ModelInfer"
 RESULTS = ("agreed", "disagreed", "failed", "dropped", "refused", "no_endpoint")
 _Key = tuple[str, str]  # (route, model)
 _ONPREM = "onprem"
+# Replies up to this size (both together) are compared on the event loop, larger ones
+# in a worker thread: a million elements take the comparison hundreds of milliseconds.
+_INLINE_COMPARE_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +176,11 @@ class Shadows:
             result = "failed"
         else:
             elapsed = time.perf_counter() - started
-            agreed = outputs_agree(copy.serving, reply, plan.compare)
+            if len(reply) + len(copy.serving) > _INLINE_COMPARE_BYTES:
+                # Off the event loop: other requests' replies must not wait for it.
+                agreed = await asyncio.to_thread(outputs_agree, copy.serving, reply, plan.compare)
+            else:
+                agreed = outputs_agree(copy.serving, reply, plan.compare)
             result = "agreed" if agreed else "disagreed"
             self._metrics.shadow_latency.labels(*copy.labels, "candidate").observe(elapsed)
             self._metrics.shadow_latency.labels(*copy.labels, "serving").observe(

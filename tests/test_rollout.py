@@ -567,3 +567,47 @@ def test_bytes_outputs_differing_in_trailing_nul_bytes_disagree() -> None:
         plain = _typed_or_raw("BYTES", [b"label"], raw=raw)
         padded = _typed_or_raw("BYTES", [b"label\x00"], raw=raw)
         assert not outputs_agree(plain, padded, None), raw
+
+
+def test_comparing_a_large_copy_does_not_hold_up_the_event_loop() -> None:
+    """The comparison runs after the caller has its reply, but on the router's one
+    event loop: comparing a reply of a million elements there took a few hundred
+    milliseconds during which no other request moved. Large ones go to a thread."""
+    import asyncio
+
+    from hybridroute.router.metrics import RouterMetrics
+    from hybridroute.router.shadow import Shadows
+
+    big = np.empty(1_500_000, dtype=object)
+    big[:] = [b"label-%d" % (i % 3) for i in range(len(big))]
+    response = pb.ModelInferResponse(model_name="iris", model_version="1")
+    encode_output(response, "label", "BYTES", big, raw=True)
+    reply = response.SerializeToString()
+
+    class Big(_Forwarder):
+        async def mirror(self, method: str, raw: bytes, *, pool: str, **_: object) -> bytes:
+            await asyncio.sleep(0.05)
+            return reply
+
+    plan = ShadowPlan("2", 1.0, "gpu", "onprem", 5.0, None, 2, version_field("2"))
+    rollout = Rollout("onprem", "iris", (), (), (), (), plan)
+
+    async def run() -> float:
+        metrics = RouterMetrics()
+        shadows = Shadows(Big({"gpu": "onprem"}), metrics)  # type: ignore[arg-type]
+        reservation = shadows.reserve(rollout, sensitive=False)
+        assert reservation is not None
+        shadows.send(
+            reservation, b"", serving=reply, serving_seconds=0.0, sensitive=False, metadata=()
+        )
+        copy = next(iter(shadows._tasks))
+        longest, last = 0.0, time.perf_counter()
+        while not copy.done():  # another request's work, ticking on the same loop
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+        labels = {"route": "onprem", "model": "iris", "version": "2", "result": "agreed"}
+        assert metrics.registry.get_sample_value("hybridroute_router_shadow_requests_total", labels)
+        return longest
+
+    assert asyncio.run(run()) < 0.15
