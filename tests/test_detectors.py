@@ -205,6 +205,68 @@ def test_unicode_and_invisible_characters_do_not_hide_a_value(
     assert list(BUILTIN[detector].find(text)) == found
 
 
+@pytest.mark.parametrize(
+    ("before", "value", "after"),
+    [
+        # groups joined by more than one space or dash: what forms and retyping produce
+        ("Charge ", "4111  1111  1111  1111", " today."),
+        ("Charge ", "4111 - 1111 - 1111 - 1111", "."),
+        ("Amex ", "3782  822463  10005", ""),
+        ("number ", "5555 5555 5555\n4444", " (wrapped in a PDF)"),
+        ("number ", "5555 5555\r\n5555 4444", ""),
+        # one group per line or per cell needs a card word: a column is usually data
+        ("Card number:\n", "4111\n1111\n1111\n1111", "\nExpiry 12/26"),
+        ("visa\t", "4012\t8888\t8888\t1881", ""),
+        # glued to a word: identifiers, keys, form fields
+        ("card_", "4111111111111111", ""),
+        ("id", "4111111111111111", "x"),
+        ('{"cc', "5555555555554444", '_exp": "09/27"}'),
+        ("pan=x", "4012 8888 8888 1881", "y"),
+    ],
+)
+def test_card_split_loosely_or_glued_to_a_word_is_found(
+    before: str, value: str, after: str
+) -> None:
+    text = before + value + after
+    found = [f for f in Scanner(BUILTIN.values()).scan(text) if f.detector == "credit_card"]
+    assert [(f.start, f.end) for f in found] == [(len(before), len(before) + len(value))]
+    assert list(BUILTIN["credit_card"].find(text)) == found
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Luhn-valid digits, but not laid out like a card once the gaps are loose
+        "Zip codes 94103  94110  94121 are in the city.",
+        "Zip codes:\n94103\n94110\n94121\n",
+        "Buckets 4111 -  1111 -  1111 -  1111 overflowed.",  # wider than a separator
+        "Columns 4111    1111    1111    1111 of the table.",
+        # one four-digit group per line with no card word near: a column of data
+        "Years in the report:\n2010\n2011\n2012\n2013\nTotal growth was 12 percent.",
+        "Rows 2010\t2011\t2012\t2013 of the sheet",
+        # "+" belongs to the phone pass
+        "Dial +4111111111111111 for nothing.",
+    ],
+)
+def test_loose_or_glued_digits_that_are_not_a_card(text: str) -> None:
+    assert [f for f in Scanner(BUILTIN.values()).scan(text) if f.detector == "credit_card"] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        # the other digit detectors still see each line on its own
+        ("SSN 078-05-1120\n2x", "078-05-1120"),
+        ("v1  078-05-1120 is on file", "078-05-1120"),
+        ("call 415-555-0132  4x", "415-555-0132"),
+        ("from 10.0.0.1\n2y", "10.0.0.1"),
+    ],
+)
+def test_a_loose_neighbour_does_not_hide_other_numbers(text: str, value: str) -> None:
+    found = Scanner(BUILTIN.values()).scan(text)
+    assert [text[f.start : f.end] for f in found] == [value]
+
+
 def test_finding_repr_never_contains_the_value() -> None:
     text = "card 4111 1111 1111 1111, ssn 078-05-1120, mail jane@example.com"
     findings = Scanner(BUILTIN.values()).scan(text)
@@ -344,6 +406,13 @@ PATHOLOGICAL = {
     "zero-width cards": "4111\u200b1111\u200b1111\u200b1111 " * 3276,
     "soft hyphens and dashes": "1\u00ad-" * 21845,
     "non-breaking digit groups": "1234\u00a0" * 13107,
+    "digit groups on lines": "1234\n" * 13107,
+    "double-spaced digit groups": "1234  " * 10922,
+    "spaced dashes": "1234 - " * 9363,
+    "tab-separated cards": "4111\t1111\t1111\t1111\t" * 3277,
+    "cards on lines after a card word": "card\n4111\n1111\n1111\n1111\n" * 2521,
+    "digits and wide gaps": "1  \t \n - " * 6554,
+    "glued cards": "x4111111111111111" * 3856,
 }
 
 
@@ -357,7 +426,7 @@ def test_adversarial_64k_inputs_scan_fast(name: str) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet="0123456789 -.:+@()abcDEF", max_size=300) | st.text(max_size=300))
+@given(st.text(alphabet="0123456789 -.:+@()abcDEF_\n\t", max_size=300) | st.text(max_size=300))
 def test_arbitrary_text_scans_cleanly(text: str) -> None:
     findings = Scanner(BUILTIN.values()).scan(text)
     assert findings == sorted(findings, key=lambda f: (f.start, f.end, f.detector))

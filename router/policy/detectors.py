@@ -4,9 +4,9 @@ Every request is scanned and its text is untrusted, so each pattern is anchored 
 rare character or bounded (linear worst case), and the digit-based detectors share one
 pass. A false negative sends sensitive data to the cloud while a false positive only
 costs cloud capacity: checksums (Luhn, mod-97, ``ipaddress``) carry precision, formats
-are broad, and only weak forms (bare SSN or phone digits) need a context word. Findings
-hold offsets, never values (invariant 4); any failure is a ScanError, so the caller
-fails closed (invariant 2).
+are broad, and only weak forms (bare SSN or phone digits, card groups one to a line)
+need a context word. Findings hold offsets, never values (invariant 4); any failure is
+a ScanError, so the caller fails closed (invariant 2).
 
 This module holds the findings, the built-in detectors, custom regex detectors and
 the `Scanner` that runs them: everything on the request path. The load-time check that
@@ -19,9 +19,10 @@ import ipaddress
 import re
 import unicodedata
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
+from itertools import pairwise
 from typing import Protocol
 
 from hybridroute.router.policy.patterns import check_pattern
@@ -82,6 +83,9 @@ _CONTEXT = {
     "phone": re.compile(
         r"\b(?:(?:tele|cell)?phones?|tel|mobile|cell|fax|sms|whatsapp|call(?:ing)?|contact)\b", re.I
     ),
+    "credit_card": re.compile(
+        r"card|\b(?:cc|pan|cvv|cvc|visa|master|amex|discover|maestro|credit|debit)\b", re.I
+    ),
 }
 _VERSION_BEFORE = re.compile(r"\b(?:version|ver|v|release|build|rev)\.?[\s:#]*\Z", re.I)
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
@@ -124,15 +128,34 @@ def _free(text: str, start: int, end: int, not_after: str) -> bool:
 
 # --- the digit pass: cards, SSNs, North-American phones, IPv4, IBAN entry --------------
 
-# A run of digits joined by single separators. A match starts at a number's first digit
-# and only right after two letters (IBAN check digits), with 9+ digits ahead (the fewest
-# an SSN, phone or card has) or in the shape of a dotted quad, so the dates, amounts and
-# versions of ordinary prose never reach Python.
+# A run of digit groups. A "strict" separator is one space, dash or dot, and groups so
+# joined form a segment: the unit the SSN, phone and IPv4 rules read. A "loose" one
+# (two spaces or a tab, a dash or a line break with a space or tab either side) joins
+# segments into one run only for the card rule: a card read out, retyped into a form or
+# wrapped in a PDF keeps its groups, not its single spaces. A match starts at a
+# number's first digit and only right after two letters (IBAN check digits), with 9+
+# digits ahead (the fewest an SSN, phone or card has), in the shape of a dotted quad, or
+# with 15 digits or separators ahead (as the shortest loosely written card has), so the
+# dates, amounts and versions of ordinary prose never reach Python. (That last test
+# counts characters, not digits: a character class costs next to nothing per number.)
+_SEP = r"(?>[ \t]?(?:-|\r?\n|\r)[ \t]?|[ \t]{1,2})"  # (atomic: the longest that fits)
 _CLUSTER = re.compile(
-    r"[0-9](?<![0-9][0-9])(?:(?<=[A-Za-z]{2}[0-9])|(?=[0-9 .\-]{6})"
-    r"(?:(?=(?:[ .\-]?[0-9]){8})|(?=[0-9]{0,2}(?:\.[0-9]{1,3}){3})))(?:[ .\-]?[0-9])*+"
-)
+    r"[0-9](?<![0-9][0-9])(?:(?<=[A-Za-z]{2}[0-9])|(?=[0-9 .\-\t\r\n]{6})"
+    r"(?:(?=(?:[ .\-]?[0-9]){8})|(?=[0-9]{0,2}(?:\.[0-9]{1,3}){3})|(?=[0-9 .\-\t\r\n]{15})))"
+    rf"(?:[ .\-]?[0-9]|({_SEP})[0-9])*+"
+)  # (group 1 takes part when a loose separator does)
 _DIGITS = re.compile(r"[0-9]+")
+_STRICT = (" ", "-", ".")
+# How a card's groups are printed: 4-4-4-4 (13 to 19 digits: the last group shorter or
+# a fifth one), or the 4-6-5 / 4-6-4 of American Express and Diners Club.
+_CARD_LAYOUTS = frozenset(
+    (
+        *((4, 4, 4, n) for n in range(1, 5)),
+        *((4, 4, 4, 4, n) for n in range(1, 4)),
+        (4, 6, 5),
+        (4, 6, 4),
+    )
+)
 
 
 def _glued(text: str, start: int, end: int) -> bool:
@@ -146,16 +169,31 @@ def _glued(text: str, start: int, end: int) -> bool:
 
 
 class _Run:
-    """One digit cluster split into groups, e.g. "078-05-1120" -> 078 | 05 | 1120."""
+    """Digit groups and what joins them, e.g. "078-05-1120" -> 078 | 05 | 1120 joined by
+    "-" twice. A whole cluster is one run, and each of its segments another."""
 
-    __slots__ = ("digits", "lens", "seps", "spans", "text")
+    __slots__ = ("digits", "lens", "loose", "seps", "spans", "text")
 
-    def __init__(self, text: str, start: int, end: int) -> None:
+    def __init__(self, text: str, spans: list[tuple[int, int]], loose: bool = False) -> None:
         self.text = text
-        self.spans = [m.span() for m in _DIGITS.finditer(text, start, end)]
-        self.seps = [text[b] for _, b in self.spans[:-1]]
-        self.digits = [text[a:b] for a, b in self.spans]
-        self.lens = [b - a for a, b in self.spans]
+        self.spans = spans
+        self.loose = loose  # some separator is not a strict one
+        if loose:
+            self.seps = [text[b:a] for (_, b), (a, _) in pairwise(spans)]
+        else:
+            self.seps = [text[b] for _, b in spans[:-1]]
+        self.digits = [text[a:b] for a, b in spans]
+        self.lens = [b - a for a, b in spans]
+
+    def segments(self) -> list[tuple[int, int]]:
+        """First and last group of each part joined by strict separators only."""
+        bounds, first = [], 0
+        for k, sep in enumerate(self.seps):
+            if sep not in _STRICT:
+                bounds.append((first, k))
+                first = k + 1
+        bounds.append((first, len(self.spans) - 1))
+        return bounds
 
     def finding(self, name: str, first: int, last: int) -> Finding:
         return Finding(name, self.spans[first][0], self.spans[last][1])
@@ -168,14 +206,21 @@ class _Run:
     def context(self, first: int, last: int, kind: str) -> bool:
         return _has_context(self.text, self.spans[first][0], self.spans[last][1], kind)
 
-    def cards(self, out: list[Finding]) -> None:
+    def cards(self, out: list[Finding], inside_glued: Container[int]) -> None:
         """A card starts at a group of 4+ digits (every issuer's layout does) and spans
         whole groups joined by spaces or dashes; the longest Luhn-valid span wins, so
-        "4111 1111 1111 1111 1225" still yields the card."""
+        "4111 1111 1111 1111 1225" still yields the card. The card itself may be stuck
+        to a word ("card_4111...", "id4111...x": the checksum, not the edges, is the
+        evidence), but may not follow "+" (a phone) nor start inside a segment stuck to
+        a word (the groups of "DE89 3704 0044 ..." belong to an IBAN). Loosely joined
+        groups must be laid out like a card, and groups joined only by line breaks or
+        tabs (a column or a row of a table far more often than a card) need a card word
+        near them."""
         i = 0
         while i < len(self.digits):
-            last = self._card_end(i) if self.lens[i] >= 4 else None
-            if last is not None:
+            ok = self.lens[i] >= 4 and i not in inside_glued
+            last = self._card_end(i) if ok else None
+            if last is not None and self.text[self.spans[i][0] - 1 : self.spans[i][0]] != "+":
                 out.append(self.finding("credit_card", i, last))
             i = i + 1 if last is None else last + 1
 
@@ -187,7 +232,19 @@ class _Run:
                 break
             if len(number) >= 13:
                 ends.append((j, number))
-        return next((j for j, n in reversed(ends) if _luhn_ok(n)), None)
+        if not self.loose:
+            return next((j for j, n in reversed(ends) if _luhn_ok(n)), None)
+        valid = (j for j, n in reversed(ends) if _luhn_ok(n) and self._laid_out(first, j))
+        return next(valid, None)
+
+    def _laid_out(self, first: int, last: int) -> bool:
+        seps = self.seps[first:last]
+        if all(sep in _STRICT for sep in seps):
+            return True
+        if tuple(self.lens[first : last + 1]) not in _CARD_LAYOUTS:
+            return False
+        table = all(sep.strip(" -") for sep in seps)  # each holds a tab or a line break
+        return not table or self.context(first, last, "credit_card")
 
     def ssns(self, out: list[Finding]) -> None:
         """AAA-GG-SSSS, AAA GG SSSS or AAA.GG.SSSS (one delimiter, not inside a longer
@@ -237,25 +294,43 @@ class _Run:
             i = j + 1
 
 
-def _numeric(text: str, start: int, end: int, names: frozenset[str], out: list[Finding]) -> None:
+def _numeric(text: str, m: re.Match[str], names: frozenset[str], out: list[Finding]) -> None:
+    start, end = m.span()
     if "iban" in names and start >= 2 and text[start - 2 : start].isalpha():
         _iban(text, start - 2, out)
-    if _glued(text, start, end):
+    cards = "credit_card" in names
+    if m.start(1) < 0:  # one segment: the common case, kept lean
+        glued = _glued(text, start, end)
+        if glued and not (cards and text[start : start + 4].isdigit()):
+            return  # (stuck to a word, only a card starting at its first group may be)
+        run = _Run(text, [d.span() for d in _DIGITS.finditer(text, start, end)])
+        digits = sum(run.lens)
+        if cards and digits >= 13:
+            run.cards(out, range(1, len(run.spans)) if glued else ())
+        for name, method, fewest in () if glued else _SEGMENT_DETECTORS:
+            if digits >= fewest and name in names:
+                method(run, out)
         return
-    run = _Run(text, start, end)
-    digits = sum(run.lens)
-    for name, method, fewest in _RUN_DETECTORS:
-        if digits >= fewest and name in names:
-            method(run, out)
+    run = _Run(text, [d.span() for d in _DIGITS.finditer(text, start, end)], loose=True)
+    parts = [(a, b, _glued(text, run.spans[a][0], run.spans[b][1])) for a, b in run.segments()]
+    if cards and sum(run.lens) >= 13:
+        run.cards(out, {i for a, b, glued in parts if glued for i in range(a + 1, b + 1)})
+    for a, b, glued in parts:
+        digits = sum(run.lens[a : b + 1])
+        if glued or digits < 4:
+            continue
+        segment = _Run(text, run.spans[a : b + 1])
+        for name, method, fewest in _SEGMENT_DETECTORS:
+            if digits >= fewest and name in names:
+                method(segment, out)
 
 
-_RUN_DETECTORS = (  # (name, method, fewest digits it can fire on)
-    ("credit_card", _Run.cards, 13),
+_SEGMENT_DETECTORS = (  # (name, method, fewest digits it can fire on)
     ("us_ssn", _Run.ssns, 9),
     ("phone", _Run.phones, 10),
     ("ip_address", _Run.ipv4s, 4),
 )
-_NUMERIC_NAMES = frozenset({"iban", *(entry[0] for entry in _RUN_DETECTORS)})
+_NUMERIC_NAMES = frozenset({"iban", "credit_card", *(entry[0] for entry in _SEGMENT_DETECTORS)})
 
 # --- IBAN -------------------------------------------------------------------------------
 
@@ -364,7 +439,7 @@ def _scan_builtins(text: str, names: frozenset[str]) -> list[Finding]:
     out: list[Finding] = []
     if names & _NUMERIC_NAMES:
         for m in _CLUSTER.finditer(text):
-            _numeric(text, m.start(), m.end(), names, out)
+            _numeric(text, m, names, out)
     if "phone" in names:
         _phones(text, out)
     if "email" in names and "@" in text:
