@@ -267,6 +267,44 @@ def test_a_loose_neighbour_does_not_hide_other_numbers(text: str, value: str) ->
     assert [text[f.start : f.end] for f in found] == [value]
 
 
+@pytest.mark.parametrize(
+    ("before", "value", "after"),
+    [
+        # a label and a colon right before the address: logs, key:value dumps
+        ("ip:", "2001:db8::1", ""),
+        ("IPv6:", "2001:db8::8a2e:370:7334", " failed"),
+        ("client addr:", "fe80::1ff:fe23:4567:890a", ","),
+        ("node:", "2001:db8::2", ""),  # "de:2001:db8::2" parses too, but is stuck to "no"
+        ("remote:", "fe80::1", " up"),
+        ("src=host:", "2a00:1450:4001:82a::200e", ";"),
+        ("peer:", "::ffff:192.0.2.128", ""),
+    ],
+)
+def test_ipv6_after_a_label_and_colon_is_found(before: str, value: str, after: str) -> None:
+    text = before + value + after
+    found = [f for f in Scanner(BUILTIN.values()).scan(text) if f.detector == "ip_address"]
+    assert [(f.start, f.end) for f in found] == [(len(before), len(before) + len(value))]
+    assert list(BUILTIN["ip_address"].find(text)) == found
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # loopback and unspecified: the same on every host, they identify no one
+        "The server listens on ::1 port 8080.",
+        "Bind to [::1]:8080, or to :: for every interface.",
+        "ip:::1 in the config",
+        # one group after "::" is a Python slice far more often than an address
+        "Reverse it with x[::-1] and take every other item with x[::2].",
+        # a label does not make a non-address one
+        "at:10:30:45 the job ran; std::vector and Foo::Bar compile.",
+        "Foo::dead:beef and xabcd::ef::1 are not addresses.",
+    ],
+)
+def test_ipv6_loopback_unspecified_and_lookalikes_do_not_fire(text: str) -> None:
+    assert [f for f in Scanner(BUILTIN.values()).scan(text) if f.detector == "ip_address"] == []
+
+
 def test_finding_repr_never_contains_the_value() -> None:
     text = "card 4111 1111 1111 1111, ssn 078-05-1120, mail jane@example.com"
     findings = Scanner(BUILTIN.values()).scan(text)

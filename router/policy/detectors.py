@@ -416,7 +416,13 @@ def _emails(text: str, out: list[Finding]) -> None:
 
 def _ipv6s(text: str, out: list[Finding]) -> None:
     """Anchored on ':hex:'. The candidate around it must parse with ``ipaddress`` and
-    hold two hex groups, so "::", "std::vector" or "10:30:45" do not fire."""
+    hold two hex groups, so "::", "std::vector" or "10:30:45" do not fire. Nor do "::1"
+    (loopback) and "::" (unspecified): the same on every host, they identify no one,
+    and one group after "::" is a Python slice ("x[::2]") far more often than an address.
+    A candidate stuck to a word on its left, or opening with a lone colon, follows a
+    label ("ip:2001:db8::1" reads back as ":2001:db8::1", "node:fe80::1" as
+    "de:fe80::1"), so the address is what follows the label's colon, which may be
+    followed by "::" ("peer:::ffff:192.0.2.1") but not by one more lone colon."""
     pos = 0
     while (m := _V6_HINT.search(text, pos)) is not None:
         back = _V6_REVERSED.match(text[max(0, m.start() - 39) : m.start()][::-1])
@@ -427,7 +433,15 @@ def _ipv6s(text: str, out: list[Finding]) -> None:
         if candidate.endswith(":") and not candidate.endswith("::"):
             candidate = candidate[:-1]
         end = start + len(candidate)
-        if not _free(text, start, end, ".:"):
+        if _word_at(text, end):
+            continue
+        if _word_at(text, start - 1) or (candidate[:1] == ":" and candidate[1:2] != ":"):
+            cut = candidate.find(":") + 1
+            rest = candidate[cut:]
+            if not cut or not rest or (rest[0] == ":" and rest[:2] != "::"):
+                continue  # ("std::vector", "Foo::dead:beef")
+            start, candidate = start + cut, rest
+        elif start and text[start - 1] in ".:":
             continue
         shaped = "::" in candidate or candidate.count(":") >= 6  # else "10:30:45"
         groups = sum(1 for g in candidate.split(":") if g)
