@@ -294,17 +294,32 @@ def _log_note_failure(future: asyncio.Future[None]) -> None:
 
 
 async def run_router(config: RouterConfig) -> int:
-    """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy. Returns the exit code."""
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads the policy. Returns the exit code.
+
+    A SIGHUP that arrives while the router is starting (its default action would end
+    the process: a config tool that signals right after an edit) is remembered, and
+    the policy is reloaded once the router has started.
+    """
+    loop = asyncio.get_running_loop()
+    early = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, early.set)
     router = RouterServer(config)
     await router.start()
     print(f"router ready on {config.listen.rpartition(':')[0]}:{router.port}", flush=True)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: asyncio.ensure_future(router.policies.reload("SIGHUP"))
-    )
+    reloads: set[asyncio.Future[ReloadResult]] = set()  # the loop keeps weak references only
+
+    def reload() -> None:
+        task = asyncio.ensure_future(router.policies.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    if early.is_set():
+        log.info("SIGHUP received while starting: reloading the policy now")
+        reload()
     await stop.wait()
     log.info("router shutting down (grace %.0fs)", config.grace_seconds)
     await router.stop()

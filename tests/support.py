@@ -85,13 +85,22 @@ def router_channel(node: NodeServer, pki: Path, identity: str = "router") -> grp
 class Process:
     """A `hybridroute` subprocess that prints a ready line; killed at exit if still alive."""
 
-    def __init__(self, args: Sequence[str], *, ready: str, log: Path, timeout: float = 60) -> None:
+    def __init__(
+        self, args: Sequence[str], *, ready: str | None, log: Path, timeout: float = 60
+    ) -> None:
+        """Start it and wait for `ready` in its output (None: do not wait)."""
         self.log_path = log
         self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [*HYBRIDROUTE, *args], stdout=self._log, stderr=subprocess.STDOUT, env=env
         )
+        if ready is not None:
+            self.wait_for(ready, timeout)
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        """Until `text` is in the output; fails if the process ends or time runs out."""
+        log, ready = self.log_path, text
         deadline = time.monotonic() + timeout
         while ready not in log.read_text():
             if self.proc.poll() is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -322,8 +323,12 @@ upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key}}
     assert "can send sensitive requests to cloud pool 'cloud'" in done.stderr
 
 
-def test_sighup_reloads_the_policy(tmp_path: Path, pki: Path) -> None:
+def test_sighup_reloads_the_policy(
+    tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from support import Process
+
+    monkeypatch.setenv("HYBRIDROUTE_CLOUD_TOKEN", "cloud-secret-token")  # the cloud pool's
 
     policy = tmp_path / "policy.yaml"
     text = _policy_text([free_port()], free_port())
@@ -357,6 +362,46 @@ watch_policy: false
         assert router.wait(30) == 0
     finally:
         router.stop()
+
+
+def test_a_sighup_while_the_router_starts_reloads_once_it_has_started(
+    tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUP's default action ends a process; one sent while the router waits for its
+    first health checks (a config tool signalling right after an edit) must not."""
+    from support import Process
+
+    monkeypatch.setenv("HYBRIDROUTE_CLOUD_TOKEN", "cloud-secret-token")
+    silent = socket.socket()  # accepts, never answers: each health check takes its timeout
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    policy = tmp_path / "policy.yaml"
+    text = _policy_text([silent.getsockname()[1]], free_port())
+    text = text.replace("{interval: 1s, timeout: 500ms,", "{interval: 5s, timeout: 4s,", 1)
+    policy.write_text(text)
+    config = tmp_path / "router.yaml"
+    config.write_text(f"""
+listen: 127.0.0.1:{free_port()}
+tls: {{cert: {pki}/router.pem, key: {pki}/router.key, client_ca: {pki}/ca.pem}}
+policy: {policy}
+upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key}}
+watch_policy: false
+""")
+    router = Process(
+        ["router", "serve", "--config", str(config)], ready=None, log=tmp_path / "r.log"
+    )
+    try:
+        router.wait_for("added to onprem pool onprem")  # now waiting for its first check
+        policy.write_text(text + "\n# edited while the router started\n")
+        router.signal(signal.SIGHUP)
+        router.wait_for("router ready on", timeout=30)
+        router.wait_for("policy reloaded (SIGHUP)", timeout=10)
+        assert "SIGHUP received while starting" in router.output
+        router.signal(signal.SIGTERM)
+        assert router.wait(30) == 0
+    finally:
+        router.stop()
+        silent.close()
 
 
 def test_numbers_only_requests_are_answered(harness: Harness) -> None:
