@@ -203,7 +203,10 @@ def load_yaml(path: str | Path, *, text: str | None = None) -> Located:
         raise ConfigError(source, [(None, "", "file not found")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(source, [(None, "", f"cannot read: {exc}")]) from exc
-    loader = _UniqueKeyLoader(content)
+    try:
+        loader = _UniqueKeyLoader(content)  # its reader refuses control characters at once
+    except yaml.YAMLError as exc:
+        raise _yaml_error(source, content, exc) from None
     builder = _Builder(loader)
     try:
         node = loader.get_single_node()
@@ -217,13 +220,22 @@ def load_yaml(path: str | Path, *, text: str | None = None) -> Located:
             source, [(where, "", f"nested more than {_MAX_DEPTH} levels deep")]
         ) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [(line, "", f"invalid YAML: {problem}")]) from None
+        raise _yaml_error(source, content, exc) from None
     finally:
         loader.dispose()
     return Located(data=data, source=source, lines=builder.lines)
+
+
+def _yaml_error(source: str, content: str, exc: yaml.YAMLError) -> ConfigError:
+    """PyYAML's error as `file:line: invalid YAML: problem`."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character no YAML may hold
+        line = content.count("\n", 0, exc.position) + 1
+        problem = f"character U+{exc.character:04X} is not allowed in YAML; remove it"
+        return ConfigError(source, [(line, "", f"invalid YAML: {problem}")])
+    mark = getattr(exc, "problem_mark", None)
+    where = int(mark.line) + 1 if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc)
+    return ConfigError(source, [(where, "", f"invalid YAML: {problem}")])
 
 
 def _describe(error: ErrorDetails, model: type[BaseModel], path: PathKey, key: bool) -> str:

@@ -74,6 +74,14 @@ def test_syntax_errors_and_missing_files_say_where(tmp_path: Path) -> None:
         load_model(tmp_path / "nope.yaml", Doc)
 
 
+def test_a_control_character_is_an_error_with_its_line_not_a_traceback(tmp_path: Path) -> None:
+    """PyYAML's reader refuses NUL and other control characters before parsing."""
+    for char in ("\x00", "\x07"):
+        path = _write(tmp_path, f"routes:\n  - name: a{char}b\n")
+        with pytest.raises(ConfigError, match=r"conf.yaml:2: invalid YAML: character U\+00"):
+            load_model(path, Doc)
+
+
 def test_self_containing_or_absurdly_deep_yaml_is_an_error_with_its_line(
     tmp_path: Path,
 ) -> None:
