@@ -31,7 +31,6 @@ notice the moment such a cause appears) and goes in front of a failed check's re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -202,11 +201,12 @@ class HealthMonitor:
         self._watches[target].settings = settings
 
     async def unwatch(self, target: Monitored) -> None:
+        """Stop checking `target`, once its task has ended. A cancellation of the caller
+        meanwhile (the router stopping during a reload) still reaches the caller."""
         entry = self._watches.pop(target, None)
         if entry is not None and entry.task is not None:
             entry.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await entry.task
+            await asyncio.wait({entry.task})
 
     async def close(self) -> None:
         for target in list(self._watches):

@@ -29,7 +29,7 @@ from support import HYBRIDROUTE, free_port
 from hybridroute.certs.credentials import server_credentials
 from hybridroute.certs.pki import PkiLayout, init_pki
 from hybridroute.node.server import NodeOptions, NodeServer
-from hybridroute.router.health import HealthSettings
+from hybridroute.router.health import HealthMonitor, HealthSettings, _Watch
 from hybridroute.router.policy.schema import Policy, compile_policy
 from hybridroute.router.policy.store import PolicyStore
 from hybridroute.router.pools import PoolError, Pools, UpstreamTLS
@@ -425,6 +425,33 @@ def test_apply_keeps_unchanged_endpoints_and_their_health_and_drops_removed(
         await checked(pools)
         assert all(e.healthy for e in named)
         await stop_all(pools, [a, b])
+
+    run(scenario())
+
+
+def test_unwatch_passes_its_callers_cancellation_on() -> None:
+    """The router stopping while a reload retires an endpoint cancels the reload; a
+    cancellation swallowed there left the stop waiting on a reload that went on."""
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)  # a check winding down
+            raise
+
+    async def scenario() -> None:
+        monitor, target = HealthMonitor(), object()
+        entry = _Watch(HealthSettings())
+        entry.task = asyncio.create_task(slow_to_stop())
+        monitor._watches[target] = entry  # type: ignore[index]
+        caller = asyncio.create_task(monitor.unwatch(target))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        await asyncio.wait({caller})
+        assert caller.cancelled()
+        await asyncio.wait({entry.task})  # and the check itself still ended
+        assert entry.task.cancelled()
 
     run(scenario())
 
