@@ -200,13 +200,21 @@ class HealthMonitor:
         """New settings take effect from the next check; state and counters stay."""
         self._watches[target].settings = settings
 
+    def stop_watching(self, target: Monitored) -> asyncio.Task[None] | None:
+        """Stop checking `target` without waiting: its task, cancelled (None if it had
+        none). Nothing it does from now on reports a change."""
+        entry = self._watches.pop(target, None)
+        if entry is None or entry.task is None:
+            return None
+        entry.task.cancel()
+        return entry.task
+
     async def unwatch(self, target: Monitored) -> None:
         """Stop checking `target`, once its task has ended. A cancellation of the caller
         meanwhile (the router stopping during a reload) still reaches the caller."""
-        entry = self._watches.pop(target, None)
-        if entry is not None and entry.task is not None:
-            entry.task.cancel()
-            await asyncio.wait({entry.task})
+        task = self.stop_watching(target)
+        if task is not None:
+            await asyncio.wait({task})
 
     async def close(self) -> None:
         for target in list(self._watches):

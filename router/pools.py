@@ -282,12 +282,15 @@ class Pools:
             for endpoint, plan in kept:  # a token or health settings changed in place
                 endpoint.call_metadata = plan.metadata
                 self._monitor.watch(endpoint, plan.health)
+            # From the swap on, nothing awaits: a reload cancelled now (the router
+            # stopping, an admin caller's deadline) has either changed nothing or
+            # everything, as the policy store that called it will believe.
             removed = [e for k, e in self._endpoints.items() if k not in endpoints]
             self._pools, self._endpoints = pools, endpoints
             self._started = True
             live = {_place(e) for e in endpoints.values()}
             for endpoint in removed:
-                await self._retire(endpoint)
+                self._retire(endpoint)
                 if self._on_retire is not None and _place(endpoint) not in live:
                     self._on_retire(endpoint)
 
@@ -483,14 +486,21 @@ class Pools:
             options.append(("grpc.ssl_target_name_override", plan.server_name))
         return grpc.aio.secure_channel(address, plan.credentials, options=options)
 
-    async def _retire(self, endpoint: Endpoint) -> None:
-        """Stop checking a removed endpoint; its in-flight calls get DRAIN_GRACE to finish."""
-        await self._monitor.unwatch(endpoint)
+    def _retire(self, endpoint: Endpoint) -> None:
+        """Stop checking a removed endpoint; its in-flight calls get DRAIN_GRACE to
+        finish, in the background (the check winds down first)."""
+        check = self._monitor.stop_watching(endpoint)
         endpoint.health.eject("removed from the policy")  # stale Pool objects skip it
         log.info("endpoint %s removed from pool %s", endpoint.address, endpoint.pool)
-        task = asyncio.create_task(endpoint.channel.close(DRAIN_GRACE))
+        task = asyncio.create_task(_close_after(check, endpoint.channel))
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
+
+
+async def _close_after(check: asyncio.Task[None] | None, channel: grpc.aio.Channel) -> None:
+    if check is not None:
+        await asyncio.wait({check})
+    await channel.close(DRAIN_GRACE)
 
 
 def _place(endpoint: Endpoint) -> tuple[str, str, str]:

@@ -456,6 +456,47 @@ def test_unwatch_passes_its_callers_cancellation_on() -> None:
     run(scenario())
 
 
+def test_a_reload_is_never_cancelled_after_its_pools_took_effect(
+    tmp_path: Path, pki: Path, model_repo: Path
+) -> None:
+    """The policy store keeps the old policy when a reload is cancelled: so the pools
+    must not be half-way either. Cancelled while a removed endpoint's check winds
+    down, the reload used to end cancelled with the new pools already in place."""
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.2)  # a check winding down
+            raise
+
+    async def scenario() -> None:
+        a, b = await start_node(model_repo, pki), await start_node(model_repo, pki)
+        pools = Pools(tls(pki))
+        await pools.apply(
+            make_policy(tmp_path, {"on": {"zone": "onprem", "endpoints": [addr(a), addr(b)]}}, "v1")
+        )
+        await checked(pools)
+        eb = pools.get("on").endpoints[1]
+        watch = pools._monitor._watches[eb]
+        assert watch.task is not None
+        watch.task.cancel()
+        watch.task = asyncio.create_task(slow_to_stop())
+        reload = asyncio.create_task(
+            pools.apply(
+                make_policy(tmp_path, {"on": {"zone": "onprem", "endpoints": [addr(a)]}}, "v2")
+            )
+        )
+        await asyncio.sleep(0.05)
+        reload.cancel()
+        await asyncio.wait({reload})
+        swapped = [e.address for e in pools.get("on").endpoints] == [addr(a)]
+        assert swapped and not reload.cancelled()  # it took effect, and says so
+        await stop_all(pools, [a, b])
+
+    run(scenario())
+
+
 def test_health_settings_are_validated() -> None:
     with pytest.raises(ValueError):
         HealthSettings(interval=0)
