@@ -6,7 +6,8 @@ identity are written once and tested once, not re-invented per server.
 
 Rotation: `server_credentials` uses grpc's dynamic certificate configuration. grpc
 calls our fetcher before every new TLS handshake; it re-reads the files only when their
-inode, size or mtime changed, and keeps serving the last good certificate when the new
+inode, size, mtime or ctime changed (`hybridroute.filestamp`: a key made readable by
+chmod or chown is read again), and keeps serving the last good certificate when the new
 files are unreadable, half-written, do not match each other or have expired (one not
 valid yet is served from its start). A server does not start on an expired certificate,
 and serving one past its expiry is logged as an error. Connections that are
@@ -22,7 +23,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import os
 import shlex
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -35,6 +35,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hybridroute.filestamp import Stamp, stamp
 
 __all__ = [
     "CertInfo",
@@ -170,24 +172,6 @@ def _describe_leaf(cert: x509.Certificate) -> str:
     return f"CN={cn} serial={cert.serial_number:x} expires={cert.not_valid_after_utc:%Y-%m-%d}"
 
 
-_Stamp = tuple[tuple[int, int, int, int, int] | None, ...]
-
-
-def _stamp(paths: tuple[Path, ...]) -> _Stamp:
-    """Identity of the files' current contents and access: cheap enough to check per
-    handshake. The ctime is in it so that a file that could not be read is read again
-    once its owner or mode is fixed (chown and chmod leave the mtime alone)."""
-    out: list[tuple[int, int, int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append(None)
-        else:
-            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(out)
-
-
 _Config = grpc.ServerCertificateConfiguration
 
 
@@ -211,7 +195,7 @@ class _ServerCertReloader:
         self._cert, self._key, self._client_ca = cert, key, client_ca
         self._paths = (cert, key) if client_ca is None else (cert, key, client_ca)
         self._lock = threading.Lock()
-        self._seen = _stamp(self._paths)
+        self._seen = self._stamps()
         self.initial, self.current = self._load()
         self._pending: tuple[_Config, x509.Certificate] | None = None
         self._expiry_logged = False
@@ -230,6 +214,9 @@ class _ServerCertReloader:
                 f"{self.current.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC",
             )
 
+    def _stamps(self) -> tuple[Stamp, ...]:
+        return tuple(stamp(path) for path in self._paths)
+
     def _load(self) -> tuple[_Config, x509.Certificate]:
         pair = _load_pair(self._cert, self._key)
         roots = None if self._client_ca is None else _load_ca(self._client_ca)
@@ -239,9 +226,9 @@ class _ServerCertReloader:
     def __call__(self) -> _Config | None:
         with self._lock:
             now = dt.datetime.now(dt.UTC)
-            stamp = _stamp(self._paths)
-            if stamp != self._seen:
-                self._seen = stamp  # stat before reading: a write racing us changes it again
+            stamps = self._stamps()
+            if stamps != self._seen:
+                self._seen = stamps  # stat before reading: a write racing us changes it again
                 self._pending = None
                 return self._changed(now)
             if self._pending is not None and not _not_yet_valid(self._pending[1], now):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import os
 import shutil
@@ -751,3 +752,49 @@ def test_a_key_made_readable_after_rotation_is_picked_up(
     assert "Permission denied" in caplog.records[-1].getMessage()
     os.chmod(live.key, 0o600)  # the fix: the mtime and the size stay as they were
     assert served_serial(server.port) == load_cert(live.cert).serial_number
+
+
+def test_the_audit_trail_notes_a_key_made_readable_after_rotation(
+    pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`CertWatch` (the router's cert.change notes) re-reads a key that could not be read
+    once chmod/chown fixes it, though its content, size and mtime stay the same."""
+    from hybridroute.router.audit.notes import CertWatch
+    from hybridroute.router.config import RouterConfig
+
+    layout, live = PkiLayout(pki), PkiLayout(tmp_path)
+    for path in (*layout.router.files(), layout.ca.cert):
+        shutil.copy2(path, tmp_path / path.name)
+    config = RouterConfig(
+        tls={"cert": live.router.cert, "key": live.router.key},
+        policy=tmp_path / "policy.yaml",
+        upstream={"ca": live.ca.cert, "cert": layout.router.cert, "key": layout.router.key},
+    )
+    real_read = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:  # what the kernel does for a non-root router
+        if path == live.router.key and not stat.S_IMODE(path.stat().st_mode) & stat.S_IRUSR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    watch = CertWatch(config)
+    staged = tmp_path / "rotated.key"
+    shutil.copy(layout.node.key, staged)  # another key, put in place by another user
+    os.chmod(staged, 0)
+    os.replace(staged, live.router.key)
+    (unreadable,) = watch.changes()
+    assert "Permission denied" in str(unreadable.fields["after"])
+    time.sleep(0.05)  # a tick of the file system's clock between the two changes
+    os.chmod(live.router.key, 0o600)  # the fix: the mtime and the size stay as they were
+    (readable,) = watch.changes()
+    assert readable.fields["role"] == "tls.key"
+    assert readable.fields["after"] == {"public_key_sha256": _public_sha256(layout.node.key)}
+
+
+def _public_sha256(key_path: Path) -> str:
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -144,3 +146,44 @@ def test_a_router_does_not_start_on_a_file_yaml_cannot_read(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as info:
         PolicyStore(path, _nothing)
     assert str(path) in str(info.value) and "invalid YAML" in str(info.value)
+
+
+def test_a_policy_made_readable_again_is_loaded_by_the_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new policy put in place by another user is refused as unreadable; the fix,
+    chmod or chown, changes neither its content, its size nor its mtime, so the watcher
+    must go by the ctime as well or it never loads the policy."""
+    path = tmp_path / "policy.yaml"
+    text = _text()
+    path.write_text(text)
+    real_read = Path.read_bytes
+
+    def read_bytes(p: Path) -> bytes:  # what the kernel does for a non-root router
+        if p == path and not stat.S_IMODE(p.stat().st_mode) & stat.S_IRUSR:
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_read(p)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+    async def body(store: PolicyStore) -> None:
+        new = (text + "\n# changed\n").encode()
+        staged = tmp_path / "policy.yaml.new"
+        staged.write_bytes(new)
+        os.chmod(staged, 0)
+        os.replace(staged, path)
+        await _until(lambda: store.last_refused is not None)
+        assert store.last_refused is not None and "Permission denied" in str(
+            store.last_refused.error
+        )
+        before = path.stat()
+        os.chmod(path, 0o644)  # the fix
+        after = path.stat()
+        assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+            before.st_ino,
+            before.st_size,
+            before.st_mtime_ns,
+        )
+        await _until(lambda: store.current.version_hash == _sha(new))
+
+    _watching(path, body)

@@ -32,6 +32,7 @@ from hybridroute.certs.credentials import (
     load_certificates,
     load_private_key,
 )
+from hybridroute.filestamp import stamp
 from hybridroute.router.audit.db import connect_readonly, newest_signed_policy_note
 from hybridroute.router.audit.events import AuditNote
 from hybridroute.router.config import RouterConfig
@@ -43,7 +44,6 @@ __all__ = ["CertWatch", "newest_signed_policy", "policy_note", "start_note", "st
 log = logging.getLogger(__name__)
 
 _KEYS = frozenset({"tls.key", "upstream.key"})
-Stamp = tuple[int, int, int, int] | None
 
 
 def _files(config: RouterConfig) -> dict[str, Path]:
@@ -81,30 +81,23 @@ def fingerprint(role: str, path: Path) -> dict[str, object]:
     }
 
 
-def _stamp(path: Path) -> Stamp:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class CertWatch:
     """Notices when a TLS file changes on disk (a stat per file per poll; the files
-    are parsed only when one changed) and says what it changed from and to."""
+    are parsed only when one changed) and says what it changed from and to. A file
+    that could not be read is read again once chmod or chown fixes it (the ctime)."""
 
     def __init__(self, config: RouterConfig) -> None:
         self._files = _files(config)
-        self._stamps = {role: _stamp(path) for role, path in self._files.items()}
+        self._stamps = {role: stamp(path) for role, path in self._files.items()}
         self.current = {role: fingerprint(role, p) for role, p in self._files.items()}
 
     def changes(self) -> list[AuditNote]:
         notes = []
         for role, path in self._files.items():
-            stamp = _stamp(path)
-            if stamp == self._stamps[role]:
+            seen = stamp(path)
+            if seen == self._stamps[role]:
                 continue
-            self._stamps[role] = stamp
+            self._stamps[role] = seen
             now = fingerprint(role, path)
             if now != self.current[role]:
                 fields = {"role": role, "path": str(path), "before": self.current[role]}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hybridroute.config import ConfigError
+from hybridroute.filestamp import Stamp, stamp
 from hybridroute.router.policy.schema import Policy, compile_policy
 from hybridroute.router.policy.signing import (
     CLOCK_SKEW,
@@ -82,15 +82,6 @@ class ReloadResult:
 
 
 OnResult = Callable[[ReloadResult], None]
-_Stamp = tuple[int, int, int, int] | None
-
-
-def _stamp(path: Path) -> _Stamp:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class PolicyStore:
@@ -213,7 +204,8 @@ class PolicyStore:
 
     async def watch(self, interval: float = 1.0, settle: float = 0.5) -> None:
         """Reload whenever the policy file or its signature file changes (identity,
-        size or mtime): a signature deployed after its policy is picked up too.
+        size, mtime or ctime): a signature deployed after its policy is picked up too,
+        and so is a file refused as unreadable once chmod or chown fixes it.
 
         A file rewritten in place is read only once it has stopped changing for
         `settle` seconds: half a policy can be a valid policy (one that stops before
@@ -243,8 +235,8 @@ class PolicyStore:
 
     # ------------------------------------------------------------------ internals
 
-    def _stamps(self) -> tuple[_Stamp, _Stamp]:
-        return _stamp(self.path), _stamp(signature_path(self.path))
+    def _stamps(self) -> tuple[Stamp, Stamp]:
+        return stamp(self.path), stamp(signature_path(self.path))
 
     def _load(self) -> tuple[Policy, PolicySignature | None]:
         """Compile, then verify the signature against the hash of the compiled bytes."""
