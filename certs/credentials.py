@@ -44,9 +44,11 @@ __all__ = [
     "channel_credentials",
     "client_credentials",
     "describe_certificate",
+    "has_expired",
     "load_certificates",
     "load_private_key",
     "peer_identities",
+    "public_der",
     "reissue_command",
     "server_credentials",
     "validity_problem",
@@ -135,7 +137,9 @@ def load_private_key(path: Path) -> PrivateKeyTypes:
     return _private_key_from(path, _read(path, "private key"))
 
 
-def _public_der(key: PublicKeyTypes) -> bytes:
+def public_der(key: PublicKeyTypes) -> bytes:
+    """The public key as DER SubjectPublicKeyInfo: equal for a private key's public key
+    and its certificate's exactly when they belong together."""
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -156,7 +160,7 @@ def _load_pair(cert: Path, key: Path) -> _Pem:
     key_pem = _read(key, "private key")
     leaf = _certificates_from(cert, chain_pem, "certificate")[0]
     private = _private_key_from(key, key_pem)
-    if _public_der(private.public_key()) != _public_der(leaf.public_key()):
+    if public_der(private.public_key()) != public_der(leaf.public_key()):
         raise CredentialsError(f"{key}: private key does not match certificate {cert}")
     return _Pem(chain_pem, key_pem, leaf)
 
@@ -179,8 +183,9 @@ def _not_yet_valid(leaf: x509.Certificate, now: dt.datetime) -> bool:
     return now < leaf.not_valid_before_utc
 
 
-def _expired(leaf: x509.Certificate, now: dt.datetime) -> bool:
-    return leaf.not_valid_after_utc <= now
+def has_expired(cert: x509.Certificate, now: dt.datetime | None = None) -> bool:
+    """Whether `cert` is past its end of validity (at `now`, by default the current time)."""
+    return cert.not_valid_after_utc <= (now or dt.datetime.now(dt.UTC))
 
 
 class _ServerCertReloader:
@@ -200,7 +205,7 @@ class _ServerCertReloader:
         self._pending: tuple[_Config, x509.Certificate] | None = None
         self._expiry_logged = False
         now = dt.datetime.now(dt.UTC)
-        if _expired(self.current, now):
+        if has_expired(self.current, now):
             raise CredentialsError(
                 f"{cert}: certificate {_describe_leaf(self.current)} has expired, so every "
                 "client would refuse it: issue a new one (hybridroute certs issue)"
@@ -235,7 +240,7 @@ class _ServerCertReloader:
                 config, leaf = self._pending
                 self._pending = None
                 return self._serve(config, leaf, "its validity has begun")
-            if not self._expiry_logged and _expired(self.current, now):
+            if not self._expiry_logged and has_expired(self.current, now):
                 self._expiry_logged = True
                 _LOG.error(
                     "serving server certificate %s from %s past its expiry: clients refuse "
@@ -252,7 +257,7 @@ class _ServerCertReloader:
         except CredentialsError as exc:
             problem = str(exc)
         else:
-            if _expired(leaf, now):
+            if has_expired(leaf, now):
                 problem = f"{self._cert}: the new certificate {_describe_leaf(leaf)} has expired"
             elif _not_yet_valid(leaf, now):
                 self._pending = (config, leaf)
@@ -341,7 +346,7 @@ def validity_problem(cert: x509.Certificate, now: dt.datetime | None = None) -> 
     """Why a peer refuses `cert` for its dates right now (naming it and the date that
     matters), or None while it is valid."""
     now = now or dt.datetime.now(dt.UTC)
-    if _expired(cert, now):
+    if has_expired(cert, now):
         return f"certificate {_describe_leaf(cert)} has expired"
     if _not_yet_valid(cert, now):
         return (

@@ -31,7 +31,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hybridroute.certs.credentials import CredentialsError, load_certificates, load_private_key
+from hybridroute.certs.credentials import (
+    CredentialsError,
+    has_expired,
+    load_certificates,
+    load_private_key,
+    public_der,
+)
 
 __all__ = [
     "CA_DAYS",
@@ -458,13 +464,6 @@ def init_pki(
     return issued
 
 
-def _public_der(key: _IssuerKey | x509.Certificate) -> bytes:
-    public = key.public_key()
-    return public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def _load_ca(ca_dir: Path) -> _Issuer:
     """The CA's certificate and key, refused unless a leaf they sign would be trusted:
     the key must be the certificate's, and the certificate must not have expired."""
@@ -473,13 +472,13 @@ def _load_ca(ca_dir: Path) -> _Issuer:
     key = load_private_key(layout.ca.key)
     if not isinstance(key, _ISSUER_KEY_TYPES):
         raise CredentialsError(f"{layout.ca.key}: unsupported CA key type {type(key).__name__}")
-    if _public_der(key) != _public_der(cert):
+    if public_der(key.public_key()) != public_der(cert.public_key()):
         raise CredentialsError(
             f"{layout.ca.key}: private key does not match the CA certificate "
             f"{layout.ca.cert}, so nothing signed with it would be trusted: restore the "
             "matching ca.key"
         )
-    if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+    if has_expired(cert):
         raise CredentialsError(
             f"{layout.ca.cert}: the CA expired on {cert.not_valid_after_utc:%Y-%m-%d}, so "
             f"nothing it signs would be trusted: make a new CA with 'hybridroute certs init "

@@ -24,13 +24,14 @@ import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 
 from hybridroute import __version__
 from hybridroute.certs.credentials import (
     CredentialsError,
     load_certificates,
     load_private_key,
+    public_der,
 )
 from hybridroute.filestamp import stamp
 from hybridroute.router.audit.db import connect_readonly, newest_signed_policy_note
@@ -62,10 +63,7 @@ def fingerprint(role: str, path: Path) -> dict[str, object]:
     """A certificate's SHA-256 fingerprint and identity, or a key's public fingerprint."""
     try:
         if role in _KEYS:
-            public = load_private_key(path).public_key()
-            der = public.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
+            der = public_der(load_private_key(path).public_key())
             return {"public_key_sha256": hashlib.sha256(der).hexdigest()}
         certs = load_certificates(path)
     except (CredentialsError, OSError, ValueError) as exc:
