@@ -53,11 +53,12 @@ class ZoneGuardRefusal(RouterError):
         super().__init__(grpc.StatusCode.INTERNAL, "routing refused by the zone guard")
 
 
-def zone_guard(sensitive: bool, endpoint: Endpoint, route: str, what: str = "request") -> None:
-    """Raise ZoneGuardRefusal unless `endpoint` may receive this request (invariant 1)."""
-    if sensitive and endpoint.zone != "onprem":
+def zone_guard(onprem_only: bool, endpoint: Endpoint, route: str, what: str = "request") -> None:
+    """Raise ZoneGuardRefusal unless `endpoint` may receive this request (invariants 1
+    and 2: `onprem_only` is a sensitive request's, or one no rule matched)."""
+    if onprem_only and endpoint.zone != "onprem":
         log.error(
-            "refusing to send a sensitive %s to %s endpoint %s (route %s)",
+            "refusing to send a sensitive or unmatched %s to %s endpoint %s (route %s)",
             what,
             endpoint.zone,
             endpoint.address,
@@ -123,7 +124,7 @@ class Forwarder:
                     f"no healthy endpoint for route '{decision.route}' (pools {pools})",
                 )
             route, endpoint = picked
-            zone_guard(decision.sensitive, endpoint, route)
+            zone_guard(decision.onprem_only, endpoint, route)
             tried.append(endpoint)
             timeout = None if deadline is None else deadline - time.monotonic()
             if timeout is not None and timeout <= 0:
@@ -151,7 +152,7 @@ class Forwarder:
         *,
         pool: str,
         route: str,
-        sensitive: bool,
+        onprem_only: bool,
         timeout: float,  # noqa: ASYNC109 - passed on to the upstream call
         metadata: Sequence[tuple[str, str]],
     ) -> bytes:
@@ -164,7 +165,7 @@ class Forwarder:
             endpoint = None
         if endpoint is None:
             raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no healthy endpoint in pool '{pool}'")
-        zone_guard(sensitive, endpoint, route, "shadow copy")
+        zone_guard(onprem_only, endpoint, route, "shadow copy")
         return await self._call(endpoint, method, raw, timeout, metadata)
 
     @staticmethod

@@ -391,13 +391,13 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             tried=tried,
         )
         if shadow:
-            reservation = self._shadows.reserve(rollout, sensitive=decision.sensitive)
+            reservation = self._shadows.reserve(rollout, onprem_only=decision.onprem_only)
             if reservation is not None:
                 plan = reservation.plan
                 event.shadow_pool, event.shadow_zone = plan.pool, plan.zone
                 event.shadow_version = plan.version
                 seconds = time.perf_counter() - started
-                copy = _Shadow(result, reservation, raw, seconds, decision.sensitive, metadata)
+                copy = _Shadow(result, reservation, raw, seconds, decision.onprem_only, metadata)
                 return result, copy
         return result, None
 
@@ -413,7 +413,7 @@ class _Shadow:
     reservation: Reservation
     raw: bytes
     serving_seconds: float
-    sensitive: bool
+    onprem_only: bool
     metadata: list[tuple[str, str]]
 
     def send(self, shadows: Shadows) -> None:
@@ -422,7 +422,7 @@ class _Shadow:
             self.raw,
             serving=self.forwarded.reply,
             serving_seconds=self.serving_seconds,
-            sensitive=self.sensitive,
+            onprem_only=self.onprem_only,
             metadata=self.metadata,
         )
 

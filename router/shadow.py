@@ -75,15 +75,15 @@ class Shadows:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[_Key, int] = {}
 
-    def reserve(self, rollout: Rollout, *, sensitive: bool) -> Reservation | None:
+    def reserve(self, rollout: Rollout, *, onprem_only: bool) -> Reservation | None:
         """Decide one copy to the rollout's candidate: a slot in flight, or None (the
         copy is counted as refused or dropped, and the request is not mirrored)."""
         plan = rollout.shadow
         assert plan is not None
         labels = (rollout.route, rollout.model, plan.version)
-        if sensitive and plan.zone != _ONPREM:  # invariant 1, before anything is recorded
+        if onprem_only and plan.zone != _ONPREM:  # invariants 1-2, before anything is recorded
             log.error(
-                "refusing to mirror a sensitive request to %s pool %s (route %s)",
+                "refusing to mirror a sensitive or unmatched request to %s pool %s (route %s)",
                 plan.zone,
                 plan.pool,
                 rollout.route,
@@ -106,14 +106,14 @@ class Shadows:
         *,
         serving: bytes,
         serving_seconds: float,
-        sensitive: bool,
+        onprem_only: bool,
         metadata: Sequence[tuple[str, str]],
     ) -> None:
         """Start the reserved copy of `raw` (after its record is committed); returns at
         once."""
         plan = reservation.plan
         copy = _Copy(
-            plan, reservation.labels, raw + plan.field, serving, serving_seconds, sensitive
+            plan, reservation.labels, raw + plan.field, serving, serving_seconds, onprem_only
         )
         task = asyncio.create_task(self._run(copy, (*metadata, ("x-hybridroute-shadow", "1"))))
         self._tasks.add(task)
@@ -164,7 +164,7 @@ class Shadows:
                 copy.request,
                 pool=plan.pool,
                 route=route,
-                sensitive=copy.sensitive,
+                onprem_only=copy.onprem_only,
                 timeout=plan.timeout,
                 metadata=metadata,
             )
@@ -201,7 +201,7 @@ class _Copy:
     request: bytes  # the caller's bytes with the candidate's version appended
     serving: bytes  # the reply the caller got
     serving_seconds: float
-    sensitive: bool
+    onprem_only: bool
 
 
 # --- what `hybridroute status` shows ---------------------------------------------------

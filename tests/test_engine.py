@@ -230,6 +230,19 @@ def test_unmatched_requests_take_the_default_route(policy: Policy) -> None:
     assert decision.policy_hash == policy.version_hash
 
 
+def test_onprem_only_holds_for_sensitive_and_unmatched_requests(policy: Policy) -> None:
+    """What the forwarder's and the shadows' zone guards go by (invariants 1 and 2)."""
+    unmatched = decide(policy, facts(label=None))
+    assert (unmatched.rule_id, unmatched.sensitive, unmatched.onprem_only) == (
+        "default",
+        False,
+        True,
+    )
+    assert decide(policy, facts(label="internal")).onprem_only
+    clean = decide(policy, facts())
+    assert clean.zone == "cloud" and not clean.onprem_only
+
+
 def test_fallbacks_follow_the_chain_within_allowed_zones(policy: Policy) -> None:
     clean = decide(policy, facts())
     assert clean.fallbacks == ("onprem", "onprem2") and clean.fallback == "onprem"

@@ -497,6 +497,56 @@ def test_a_reload_is_never_cancelled_after_its_pools_took_effect(
     run(scenario())
 
 
+def test_the_forwarder_never_sends_an_unmatched_request_to_the_cloud(
+    tmp_path: Path, pki: Path
+) -> None:
+    """The last line of invariants 1 and 2: a decision that names a cloud route for a
+    request no rule matched (a policy object built past every check) sends nothing."""
+    from hybridroute.router.forward import Forwarder, ZoneGuardRefusal
+    from hybridroute.router.metrics import RouterMetrics
+    from hybridroute.router.policy.engine import Decision
+
+    seen: list[tuple[tuple[str, str | bytes], ...]] = []
+
+    async def scenario() -> None:
+        server = await start_cloud(pki, seen)
+        address = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
+        pools = Pools(tls(pki, cloud_ca=pki / "ca.pem"))
+        policy = make_policy(
+            tmp_path,
+            {
+                "on": {"zone": "onprem", "endpoints": [DEAD]},
+                "out": {"zone": "cloud", "endpoints": [address]},
+            },
+        )
+        try:
+            await _send_unmatched_to(pools, policy)
+        finally:
+            await pools.close()
+            await server.stop(0)
+
+    async def _send_unmatched_to(pools: Pools, policy: Any) -> None:
+        await pools.apply(policy)
+        await until(lambda: pools.get("out").endpoints[0].healthy)
+        leaky = Decision(
+            action="route", route="out", zone="cloud", pool="out", rule_id="default",
+            sensitive=False, onprem_only=True, reasons=(), findings={}, fallbacks=(),
+            policy_hash=policy.version_hash, trace=(), detector_hits=(),
+        )  # fmt: skip
+        with pytest.raises(ZoneGuardRefusal):
+            await Forwarder(pools, RouterMetrics()).forward(
+                "/inference.GRPCInferenceService/ModelInfer",
+                b"",
+                policy,
+                leaky,
+                deadline=None,
+                metadata=(("x-marker", "unmatched"),),
+            )
+        assert not any(("x-marker", "unmatched") in call for call in seen)
+
+    run(scenario())
+
+
 def test_health_settings_are_validated() -> None:
     with pytest.raises(ValueError):
         HealthSettings(interval=0)

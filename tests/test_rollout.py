@@ -153,29 +153,29 @@ def test_a_copy_goes_only_to_the_recorded_pool_and_zone_and_only_when_sent() -> 
             labels = {"route": "onprem", "model": "iris", "version": version, "result": r}
             return count("hybridroute_router_shadow_requests_total", labels) or 0.0
 
-        async def send(reservation: object, sensitive: bool) -> None:
+        async def send(reservation: object, onprem_only: bool) -> None:
             shadows.send(
                 reservation,  # type: ignore[arg-type]
                 b"",
                 serving=_reply([0]),
                 serving_seconds=0.0,
-                sensitive=sensitive,
+                onprem_only=onprem_only,
                 metadata=(),
             )
             await asyncio.gather(*shadows._tasks)
 
-        assert shadows.reserve(cloud, sensitive=True) is None  # invariant 1: not recorded
+        assert shadows.reserve(cloud, onprem_only=True) is None  # invariant 1: not recorded
         assert result("refused") == 1
-        one = shadows.reserve(rollout, sensitive=True)
-        two = shadows.reserve(rollout, sensitive=False)
+        one = shadows.reserve(rollout, onprem_only=True)
+        two = shadows.reserve(rollout, onprem_only=False)
         assert one is not None and two is not None
-        assert shadows.reserve(rollout, sensitive=False) is None  # max_in_flight: 2
+        assert shadows.reserve(rollout, onprem_only=False) is None  # max_in_flight: 2
         assert result("dropped") == 1
         shadows.release(two)  # its record was not committed: never sent
         assert result("dropped") == 2 and forwarder.mirrored == []
         await send(one, True)
         assert forwarder.mirrored == ["gpu"] and result("agreed") == 1
-        three = shadows.reserve(rollout, sensitive=False)
+        three = shadows.reserve(rollout, onprem_only=False)
         assert three is not None
         forwarder.zones["gpu"] = "cloud"  # a reload moved the pool after the record
         await send(three, False)
@@ -595,10 +595,10 @@ def test_comparing_a_large_copy_does_not_hold_up_the_event_loop() -> None:
     async def run() -> float:
         metrics = RouterMetrics()
         shadows = Shadows(Big({"gpu": "onprem"}), metrics)  # type: ignore[arg-type]
-        reservation = shadows.reserve(rollout, sensitive=False)
+        reservation = shadows.reserve(rollout, onprem_only=False)
         assert reservation is not None
         shadows.send(
-            reservation, b"", serving=reply, serving_seconds=0.0, sensitive=False, metadata=()
+            reservation, b"", serving=reply, serving_seconds=0.0, onprem_only=False, metadata=()
         )
         copy = next(iter(shadows._tasks))
         longest, last = 0.0, time.perf_counter()

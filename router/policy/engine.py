@@ -150,6 +150,9 @@ class Decision:
     pool: str | None
     rule_id: str  # the deciding rule, "default" or "guard"
     sensitive: bool
+    # may reach on-prem endpoints only: sensitive, or matched no rule (doubt, invariant
+    # 2); what the forwarder's and the shadows' zone guards hold the request to
+    onprem_only: bool
     # why it is sensitive ("label:internal", "detector:email", "unreadable",
     # "text-too-large", "scan-error", "unknown-caller", "session-pinned", "rule:<id>"),
     # plus "guard:<rule id>" when the runtime guard overrode that rule's route
@@ -353,6 +356,7 @@ def decide(
         pool=policy.routes[route].pool if route is not None else None,
         rule_id=rule_id,
         sensitive=sensitive,
+        onprem_only=onprem_only,
         reasons=tuple(reasons),
         findings=MappingProxyType(scan.counts),
         fallbacks=_fallbacks(policy, route, onprem_only) if route is not None else (),
