@@ -24,7 +24,9 @@ from hybridroute.router.policy.detectors import (
     TextTooLarge,
     regex_detector,
 )
+from hybridroute.router.policy.engine import RequestFacts, TextField, decide
 from hybridroute.router.policy.patterns import check_pattern
+from hybridroute.router.policy.schema import compile_policy
 
 CORPUS = Path(__file__).with_name("detector_corpus.yaml")
 DETECTORS = ("credit_card", "us_ssn", "iban", "email", "ip_address", "phone")
@@ -334,6 +336,81 @@ def test_custom_detectors_read_the_text_without_its_disguises() -> None:
     text = "badges \uff25\uff2d\uff30\uff0d\uff10\uff10\uff14\uff12\uff11\uff11, EMP-00\u200b4211"
     found = Scanner([employee]).scan(text)
     assert [text[f.start : f.end] for f in found] == [text[7:17], "EMP-00\u200b4211"]
+
+
+# Policy-declared detectors whose pattern spells a character folding replaces: they
+# must read the text as sent, not only its folded view.
+POLICY_WITH_CUSTOM = """\
+version: 1
+pools:
+  onprem: {{zone: onprem, endpoints: ["127.0.0.1:8101"]}}
+  cloud: {{zone: cloud, endpoints: ["127.0.0.1:8201"]}}
+routes:
+  onprem: {{pool: onprem}}
+  cloud: {{pool: cloud}}
+callers: [demo-app]
+detectors:
+  custom: [{{name: {name}, pattern: '{pattern}'}}]
+sensitive_route: onprem
+default_route: onprem
+rules:
+  - {{id: clean-to-cloud, match: {{sensitive: false}}, route: cloud}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "pattern", "before", "value", "after"),
+    [
+        ("part_number", "PN\u2013\\d{6}", "ship ", "PN\u2013123456", " today"),
+        (
+            "arabic_id",
+            "[\u0660-\u0669]{9}",
+            "id ",
+            "\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669",
+            ".",
+        ),
+        ("patient", "M\u00fcller\u00a0\\d+", "Herr ", "M\u00fcller\u00a04711", ", room 2"),
+    ],
+)
+def test_custom_pattern_spelling_a_folded_character_still_matches(
+    tmp_path: Path, name: str, pattern: str, before: str, value: str, after: str
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY_WITH_CUSTOM.format(name=name, pattern=pattern), encoding="utf-8")
+    policy = compile_policy(path)
+    text = before + value + after
+    want = [Finding(name, len(before), len(before) + len(value))]
+    assert policy.scanner.scan(text) == want  # (all built-ins run in the same scanner)
+    assert Scanner([regex_detector(name, pattern)]).scan(text) == want
+    request = RequestFacts("demo-app", "cert", "m", label="public", texts=(TextField("t", text),))
+    decision = decide(policy, request)
+    assert (decision.sensitive, decision.zone) == (True, "onprem")
+    assert dict(decision.findings) == {name: 1}
+
+
+def test_a_value_found_as_sent_and_in_a_view_is_counted_once() -> None:
+    employee = regex_detector("employee_id", r"EMP-[0-9]{6}")
+    text = "EMP-004211 and \uff25\uff2d\uff30\uff0d\uff10\uff10\uff14\uff12\uff11\uff12"
+    found = Scanner([*BUILTIN.values(), employee]).scan(text)
+    assert [(f.detector, f.start, f.end) for f in found] == [
+        ("employee_id", 0, 10),
+        ("employee_id", 15, 25),
+    ]
+    text = "card 4111 1111 1111 1111, SSN \uff10\uff17\uff18-05-1120"
+    found = Scanner(BUILTIN.values()).scan(text)
+    assert [(f.detector, f.start, f.end) for f in found] == [
+        ("credit_card", 5, 24),
+        ("us_ssn", 30, 41),
+    ]
+
+
+def test_a_fold_that_joins_a_digit_to_a_card_does_not_hide_it() -> None:
+    """Folded, the Arabic-Indic three makes a 17-digit number that fails Luhn; as sent,
+    the card is stuck to a word, which a card may be."""
+    text = "ref \u06634111111111111111 x"
+    found = Scanner(BUILTIN.values()).scan(text)
+    assert [(f.detector, f.start, f.end) for f in found] == [("credit_card", 5, 21)]
+    assert list(BUILTIN["credit_card"].find(text)) == found
 
 
 def test_regex_detector_refuses_unsafe_or_broken_patterns() -> None:

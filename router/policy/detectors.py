@@ -486,12 +486,17 @@ BUILTIN: dict[str, Detector] = {
 # value in other characters: fullwidth or other-script digits, non-breaking spaces,
 # typographic dashes, and invisible characters (zero-width spaces, soft hyphens, byte
 # order marks, combining strokes, control characters) between the digits. So every
-# text is read in up to two views: "folded", each such character replaced by its plain
-# ASCII form (one character for one, so positions do not move), and, when the text
-# holds invisible characters, "stripped" of them too. The invisible ones are not simply
-# dropped from the one view: "id<ZWSP>4111..." must still read as a separate number.
-# Findings are mapped back to positions in the text as sent. Plain ASCII text without
-# control characters, the common case, is read as it is at no extra cost.
+# text is read as sent and in up to two views: "folded", each such character replaced
+# by its plain ASCII form (one character for one, so positions do not move), and, when
+# the text holds invisible characters, "stripped" of them too. The invisible ones are
+# not simply dropped from the one view: "id<ZWSP>4111..." must still read as a
+# separate number. A view is read in addition to the text as sent, never instead of
+# it: a custom pattern may spell the very characters folding replaces ("PN\u2013\d{6}",
+# Arabic-Indic digits, a name before a non-breaking space), and a fold can join what
+# was apart (a digit of another script stuck to a card). Findings are mapped back to
+# positions in the text as sent and their union kept, a value found in several
+# readings once (`_dedupe`). Plain ASCII text without control characters, the common
+# case, is read as it is at no extra cost.
 
 _ASCII_HIDDEN = bytes((*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F))  # controls
 _FILLERS = frozenset((0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10)))
@@ -550,21 +555,24 @@ def _unicode() -> _Unicode:
 
 
 def _in_views(text: str, scan: Callable[[str], list[Finding]]) -> list[Finding]:
-    """`scan` run over the folded and, if need be, the stripped view of `text`, with
-    every finding placed on the text as sent."""
+    """`scan` run over `text` as sent, then over its folded view if that differs and
+    its stripped view if need be, with every finding placed on the text as sent. The
+    findings of all readings are returned together, duplicates included."""
+    found = scan(text)
     if text.isascii():
         if len(text.encode("ascii").translate(None, _ASCII_HIDDEN)) == len(text):
-            return scan(text)  # (bytes.translate is 5x faster than a regex search here)
-        table, folded = _unicode(), text
+            return found  # (bytes.translate is 5x faster than a regex search here)
+        table, folded = _unicode(), text  # (ASCII has nothing to fold)
     else:
         table = _unicode()
         if table.maybe_special.search(text) is None:
-            return scan(text)
+            return found
         folded = text.translate(table.fold)
-    found = scan(folded)
+        if folded != text:
+            found += scan(folded)
     removed = [m.start() for m in table.maybe_hidden.finditer(folded)]
     if any(ord(folded[at]) in table.hidden for at in removed):
-        # (astral characters that are not invisible go too: a view may only add findings)
+        # (astral characters that are not invisible go too: a view only adds findings)
         # The stripped view's position p is text position p + (characters removed
         # before it); shifts[j] is where the j-th removed character would have been.
         shifts = [at - j for j, at in enumerate(removed)]
@@ -608,7 +616,8 @@ def regex_detector(
 
 def _dedupe(findings: list[Finding]) -> list[Finding]:
     """Drops a finding inside another of the same detector ("(415) 555-0132" within
-    "+1 (415) 555-0132"), then orders by position."""
+    "+1 (415) 555-0132", or the same value found in the text as sent and in a view),
+    then orders by position."""
     reach: dict[str, int] = {}
     kept = []
     for f in sorted(findings, key=lambda f: (f.start, -f.end, f.detector)):
