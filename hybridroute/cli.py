@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 
@@ -81,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stdout_closed() -> bool:
+    """Has the reader of stdout gone away? A pipe with no reader polls as an error.
+    When stdout is no real file (captured), a broken pipe can only be its own: yes."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+
+
 def discard_stdout() -> None:
     """The reader of stdout is gone: point stdout at /dev/null, so that later output and
     the flush at exit do not report the same broken pipe again."""
@@ -103,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:  # write what is buffered now, where a closed pipe is caught, not at exit
             sys.stdout.flush()
     except BrokenPipeError:
+        if not stdout_closed():
+            raise  # a socket's, say: a real error, not a reader that went away
         discard_stdout()
         return SIGPIPE_EXIT
 

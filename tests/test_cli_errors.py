@@ -296,3 +296,18 @@ def test_verify_without_a_key_names_both_ways_to_give_one(
     assert code == 2 and "--key FILE" in err and "--stack FILE" in err, err
     code, _, err = _cli(capsys, "audit", "query", "--session", "x")  # its option is --hmac-key
     assert code == 2 and "give --hmac-key FILE" in err and "--stack FILE" in err, err
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_not_hidden(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 141 says "your reader went away"; a socket's broken pipe while stdout is
+    fine is a real error and must show as one."""
+    import hybridroute.cli as cli
+
+    def lost_connection(argv: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_run", lost_connection)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["status"])
