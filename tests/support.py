@@ -1,9 +1,11 @@
 """Helpers for tests that run real servers: free ports, background event loops, nodes
-in-process, processes."""
+in-process, processes, and certificates minted from the session CA."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import ipaddress
 import os
 import signal
 import socket
@@ -17,6 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 if TYPE_CHECKING:
     from hybridroute.node.server import NodeServer
@@ -153,6 +159,66 @@ def free_port_block(count: int) -> int:
                 s.close()
         return base
     raise RuntimeError(f"no block of {count} free ports")
+
+
+def mint_leaf(
+    pki: Path,
+    out: Path,
+    stem: str,
+    *,
+    cn: str | None,
+    organization: str | None = None,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    client: bool = False,
+    server: bool = False,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> x509.Certificate:
+    """A leaf certificate from the session CA with exactly this subject, these SANs
+    (none without `dns` or `ips`), usages and validity (by default from five minutes ago
+    to a day from now): what `certs issue` will not make, or what another tool might
+    issue. Written as `out`/STEM.key, then `out`/STEM.pem."""
+    from hybridroute.certs.pki import PkiLayout
+
+    layout = PkiLayout(pki)
+    ca_cert = x509.load_pem_x509_certificate(layout.ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(layout.ca.key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    attrs = []
+    if organization is not None:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    if cn is not None:
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+    usages += [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attrs))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5) if not_before is None else not_before)
+        .not_valid_after(now + dt.timedelta(days=1) if not_after is None else not_after)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    )
+    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (out / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert
 
 
 class Stack:

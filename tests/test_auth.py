@@ -5,8 +5,6 @@ certificate), with certificates minted at test time from the session CA.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -15,10 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support import mint_leaf
 
 from hybridroute.certs.credentials import channel_credentials, server_credentials
 from hybridroute.certs.pki import PkiLayout, init_pki
@@ -99,41 +94,8 @@ def mint_client(
 ) -> grpc.ChannelCredentials:
     """A client certificate from the session CA with exactly this subject and these SANs
     (what another tool might issue), as channel credentials."""
-    layout = PkiLayout(pki)
-    ca_cert = x509.load_pem_x509_certificate(layout.ca.cert.read_bytes())
-    ca_key = serialization.load_pem_private_key(layout.ca.key.read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "elsewhere")]
-    if cn is not None:
-        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(attrs))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    )
-    names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-    names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
-    out.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = out / "client.pem", out / "client.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return channel_credentials(layout.ca.cert, cert_path, key_path)
+    mint_leaf(pki, out, "client", cn=cn, organization="elsewhere", dns=dns, ips=ips, client=True)
+    return channel_credentials(PkiLayout(pki).ca.cert, out / "client.pem", out / "client.key")
 
 
 def app(pki: Path, name: str) -> grpc.ChannelCredentials:

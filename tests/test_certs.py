@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from support import mint_leaf
 
 from hybridroute.certs.credentials import (
     CredentialsError,
@@ -595,33 +596,16 @@ def mint_node_cert(
 ) -> x509.Certificate:
     """A server certificate from the session CA with exactly this validity (which
     `issue_leaf` will not make), written over `out`'s node.pem/node.key."""
-    layout = PkiLayout(pki)
-    ca_cert = load_cert(layout.ca.cert)
-    ca_key = serialization.load_pem_private_key(layout.ca.key.read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    return mint_leaf(
+        pki,
+        out,
+        "node",
+        cn=cn,
+        dns=["localhost"],
+        server=True,
+        not_before=not_before,
+        not_after=not_after,
     )
-    live = PkiLayout(out).node
-    live.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    live.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert
 
 
 def served_serial(port: int) -> int:
