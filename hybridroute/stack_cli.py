@@ -19,7 +19,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=Path,
         default=Path(".hybridroute"),
         metavar="DIR",
-        help="where keys, models, logs and stack.json go (default ./.hybridroute)",
+        help="where up keeps its state: keys (pki/), the on-prem models (models/) and the "
+        "cloud stand-ins' (cloud-models/), logs/, the audit trail, stack.json, and up.lock, "
+        "held while up runs so that a second up on DIR refuses (default ./.hybridroute)",
     )
     up.add_argument(
         "--policy",
