@@ -171,8 +171,14 @@ class RouterMetrics:
         )
 
     def observe(self, event: AuditEvent, seconds: float) -> None:
-        """Count one answered request (from its audit event, so metrics and the trail
-        can never disagree about what happened) that took `seconds` to its reply."""
+        """Count one answered request that took `seconds` to its reply's release.
+
+        The counts come from its audit event, so metrics and the trail agree on what
+        happened (route, zone, pool, model, outcome, code). They do not agree on how
+        long it took: `seconds` runs until the reply is released, the audit commit
+        included, while the record's `latency_ms` stops before that commit (a record
+        cannot hold the time of its own commit). The difference is that wait,
+        `hybridroute_router_audit_wait_seconds`."""
         # Only a ModelInfer a node answered (it has a served version) proves the model
         # exists: a node answers ModelReady for any name, OK with ready=false.
         served = event.code == "OK" and event.outcome == "routed" and bool(event.served_version)
