@@ -130,7 +130,7 @@ class _Builder:
             message = f"the document expands to more than {_MAX_VALUES:,} values"
             raise _Problem(line, (), message + " (aliases count each time they are used)")
         if isinstance(node, yaml.ScalarNode):
-            return self.loader.construct_object(node, deep=True)
+            return self._scalar(node, line, path)
         if id(node) in self.active:
             message = "recursive alias: it refers to a node that contains it, so the data "
             raise _Problem(line, path, message + "would contain itself; write the values out")
@@ -142,9 +142,19 @@ class _Builder:
                 return self._mapping(node, path)
             if isinstance(node, yaml.SequenceNode):
                 return [self._item(item, (*path, i)) for i, item in enumerate(node.value)]
-            return self.loader.construct_object(node, deep=True)
+            return self._scalar(node, line, path)
         finally:
             self.active.discard(id(node))
+
+    def _scalar(self, node: yaml.Node, line: int, path: PathKey) -> Any:
+        """PyYAML's constructors raise plain errors for some values (`2020-13-01` is a
+        date with month 13, `!!bool maybe`): they are problems of this file and line."""
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
+            tag = str(node.tag).rpartition(":")[2] or "value"
+            detail = f" ({exc})" if isinstance(exc, ValueError) else ""
+            raise _Problem(line, path, f"cannot be read as a YAML {tag}{detail}") from None
 
     def _item(self, node: yaml.Node, path: PathKey) -> Any:
         self.lines[path] = node.start_mark.line + 1
@@ -158,7 +168,7 @@ class _Builder:
             line = key_node.start_mark.line + 1
             if not isinstance(key_node, yaml.ScalarNode):
                 raise _Problem(line, path, "mapping keys must be scalars")
-            key = loader.construct_object(key_node, deep=True)
+            key = self._scalar(key_node, line, path)
             if not isinstance(key, str | int | float | bool) and key is not None:
                 raise _Problem(line, path, "mapping keys must be scalars")
             if key in out:

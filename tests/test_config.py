@@ -82,6 +82,22 @@ def test_a_control_character_is_an_error_with_its_line_not_a_traceback(tmp_path:
             load_model(path, Doc)
 
 
+def test_values_pyyaml_cannot_construct_are_errors_with_their_line(tmp_path: Path) -> None:
+    """A date with month 13 or `!!bool maybe` made PyYAML raise plain Python errors,
+    which got past every handler (router start, reload, policy check)."""
+    cases = [
+        (
+            "routes: []\nwhen: 2020-13-01\n",
+            r"conf.yaml:2: when: cannot be read as a YAML timestamp",
+        ),
+        ("routes: []\nok: !!bool maybe\n", r"conf.yaml:2: ok: cannot be read as a YAML bool"),
+        ("routes: []\n? !!bool maybe\n: 1\n", r"conf.yaml:2: cannot be read as a YAML bool"),
+    ]
+    for text, expected in cases:
+        with pytest.raises(ConfigError, match=expected):
+            load_model(_write(tmp_path, text), Doc)
+
+
 def test_self_containing_or_absurdly_deep_yaml_is_an_error_with_its_line(
     tmp_path: Path,
 ) -> None:
