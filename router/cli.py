@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
+    import signal
+
+    # Until run_router handles it: SIGHUP's default action would end the process, and
+    # nothing has read the policy yet, so there is nothing to reload.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     from hybridroute.config import ConfigError
     from hybridroute.router.config import load_config
