@@ -90,6 +90,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self._shadows = shadows
         self._is_serving = is_serving
         self._background: set[asyncio.Future[RouterError | None]] = set()
+        self._missing_versions: set[tuple[str, str, str]] = set()  # logged once each
         routed: Behaviour = self._routed
         self._handlers: dict[str, Behaviour] = {
             "ServerLive": self._server_live,
@@ -372,24 +373,39 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         the split's draw; then, for the shadow's share, a copy to the candidate is
         reserved and written into `event` (pool, zone, version), for the caller to
         send once the record is committed."""
-        versioned = None
+        versioned, drawn = None, ""
         if rollout.versions and not version:
             i = rollout.pick(random.random())
-            versioned = raw + rollout.fields[i]
-            labels = (rollout.route, rollout.model, rollout.versions[i])
-            self._metrics.rollout_requests.labels(*labels).inc()
+            versioned, drawn = raw + rollout.fields[i], rollout.versions[i]
         shadow = rollout.shadow is not None and random.random() < rollout.shadow.share
         started = time.perf_counter()
-        result = await self._forwarder.forward(
-            f"{_PREFIX}ModelInfer",
-            raw,
-            policy,
-            decision,
-            deadline=deadline,
-            metadata=metadata,
-            versioned=versioned,
-            tried=tried,
-        )
+
+        async def forward(body: bytes | None) -> Forwarded:
+            return await self._forwarder.forward(
+                f"{_PREFIX}ModelInfer",
+                raw,
+                policy,
+                decision,
+                deadline=deadline,
+                metadata=metadata,
+                versioned=body,
+                tried=tried,
+            )
+
+        try:
+            result = await forward(versioned)
+        except grpc.aio.AioRpcError as exc:
+            if versioned is None or exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            # The drawn version is not on the node (unloaded, or not deployed yet).
+            # The caller named no version: the node's own choice answers, and the
+            # operator hears of it (once per version) instead of a share of failures.
+            self._version_missing(rollout, drawn)
+            result = await forward(None)
+        else:
+            if versioned is not None:
+                labels = (rollout.route, rollout.model, drawn)
+                self._metrics.rollout_requests.labels(*labels).inc()
         if shadow:
             reservation = self._shadows.reserve(rollout, onprem_only=decision.onprem_only)
             if reservation is not None:
@@ -400,6 +416,18 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 copy = _Shadow(result, reservation, raw, seconds, decision.onprem_only, metadata)
                 return result, copy
         return result, None
+
+    def _version_missing(self, rollout: Rollout, version: str) -> None:
+        key = (rollout.route, rollout.model, version)
+        if key not in self._missing_versions:
+            self._missing_versions.add(key)
+            log.warning(
+                "route %s splits %s to version %s, which the node does not have: those "
+                "requests are answered by the node's default version until the version "
+                "is loaded or the policy's split changes",
+                *key,
+            )
+        self._metrics.rollout_requests.labels(rollout.route, rollout.model, "missing").inc()
 
     def _count(self, event: AuditEvent, started: float) -> None:
         self._metrics.observe(event, time.perf_counter() - started)

@@ -143,7 +143,8 @@ class RouterMetrics:
     def _add_rollouts(self) -> None:
         self.rollout_requests = Counter(
             "hybridroute_router_rollout_requests",
-            "Requests a canary split sent to a model version, by route",
+            "Requests a canary split sent to a model version, by route; version "
+            '"missing": the drawn version was not on the node, so its default answered',
             ["route", "model", "version"],
             registry=self.registry,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
@@ -611,3 +612,42 @@ def test_comparing_a_large_copy_does_not_hold_up_the_event_loop() -> None:
         return longest
 
     assert asyncio.run(run()) < 0.15
+
+
+def test_a_split_to_a_version_the_node_lacks_is_answered_by_its_default(
+    tmp_path: Path, pki: Path, two_versions: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Unloading the canary before taking it out of the policy must not fail the
+    split's share of requests that named no version: the node's default answers, the
+    operator is told once, and the metric counts them as "missing"."""
+    h = RolloutHarness(tmp_path, pki, two_versions)
+    try:
+        for node in h.nodes:
+            assert node.lifecycle is not None
+            h.loop.run(node.lifecycle.unload("iris", 2))
+        with caplog.at_level(logging.WARNING, logger="hybridroute.router.frontdoor"):
+            served = Counter(h.infer(i % len(IRIS_X))[0].model_version for i in range(60))
+        assert served == Counter({"1": 60})
+        missing = h.sample(
+            "hybridroute_router_rollout_requests_total",
+            route="onprem",
+            model="iris",
+            version="missing",
+        )
+        assert 0 < missing < 60  # the split's 20 % share, drawn at random
+        warned = [r for r in caplog.records if "does not have" in r.getMessage()]
+        assert len(warned) == 1
+        # A caller naming the missing version still hears that it is not there.
+        request = pb.ModelInferRequest(model_name="iris", model_version="2")
+        request.inputs.add(name="input", datatype="FP64", shape=[1, 4])
+        request.raw_input_contents.append(IRIS_X[:1].tobytes())
+        with (
+            pytest.raises(grpc.RpcError) as info,
+            mtls_channel(h.address, h.pki) as channel,
+        ):
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(
+                request.SerializeToString(), timeout=10
+            )
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        h.close()
