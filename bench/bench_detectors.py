@@ -2,9 +2,12 @@
 
 Scans a realistic 1 KB and 64 KB request text, with and without PII, using all six
 built-in detectors in one Scanner (as the router does), and prints the median of five
-runs of N scans in microseconds per scan.
+runs of N scans in microseconds per scan. A second table scans ~900 KB texts (near the
+default scan limit) that ordinary prose does not exercise: a column of numbers, a
+table of numbers, prose with one non-ASCII character. The detectors run on the
+router's event loop, so what one such request costs stalls every other request.
 
-    .venv/bin/python bench/bench_detectors.py
+    .venv/bin/python -m bench.bench_detectors
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 
 from hybridroute.router.policy.detectors import BUILTIN, Scanner
 
@@ -41,6 +45,7 @@ PII = [
     "For the tax form she gave her SSN as 078-05-1120 on the phone.",
 ]
 CASES = (("1 KB", 1024, 2000), ("64 KB", 65536, 40))
+LARGE = 900_000
 
 
 def make_text(size: int, with_pii: bool, seed: int = 7) -> str:
@@ -54,6 +59,39 @@ def make_text(size: int, with_pii: bool, seed: int = 7) -> str:
         parts.append(sentence)
         length += len(sentence) + 1
     return " ".join(parts)[:size]
+
+
+def worst_cases(size: int = LARGE, seed: int = 7) -> dict[str, str]:
+    """Texts of `size` characters, ordinary prose first (the yardstick)."""
+    rng = random.Random(seed)
+    prose = make_text(size, False)
+    middle = size // 2
+    numbers = "".join(f"{rng.randrange(10_000):04d}\n" for _ in range(size // 5 + 1))[:size]
+
+    def table(cell: Callable[[], str]) -> str:
+        rows: list[str] = []
+        length = 0
+        while length < size:
+            rows.append("\t".join(cell() for _ in range(8)) + "\n")
+            length += len(rows[-1])
+        return "".join(rows)[:size]
+
+    def one(char: str) -> str:
+        return prose[:middle] + char + prose[middle + 1 :]
+
+    return {
+        "prose": prose,
+        "4-digit numbers, one a line": numbers,
+        "the same after a card word": "Card numbers:\n" + numbers[: size - 14],
+        "TSV of numbers": table(lambda: str(rng.randrange(10 ** rng.randint(1, 6)))),
+        "TSV of decimals": table(
+            lambda: f"{rng.randrange(10 ** rng.randint(1, 5))}.{rng.randrange(100)}"
+        ),
+        "prose, one NBSP": one("\u00a0"),
+        "prose, one emoji": one("\U0001f600"),
+        "prose, one ZWSP": one("\u200b"),
+        "prose, NBSP per sentence": prose.replace(". ", ".\u00a0"),
+    }
 
 
 def median_us(scanner: Scanner, text: str, scans: int, runs: int = 5) -> float:
@@ -81,6 +119,15 @@ def main() -> None:
                 f"{findings:>8} {us:>9.1f} {mb_s:>7.1f}"
             )
     print("(median of 5 runs of N scans; all six built-in detectors in one Scanner)")
+    print()
+    print(f"{'~900 KB text':<28} {'findings':>8} {'ms/scan':>8} {'x prose':>8}")
+    prose_us = 0.0
+    for label, text in worst_cases().items():
+        findings = len(scanner.scan(text))
+        us = median_us(scanner, text, 1)
+        prose_us = prose_us or us
+        print(f"{label:<28} {findings:>8} {us / 1000:>8.1f} {us / prose_us:>8.1f}")
+    print("(median of 5 scans)")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from itertools import pairwise
+from itertools import accumulate
 from typing import Protocol
 
 from hybridroute.router.policy.patterns import check_pattern
@@ -87,6 +87,10 @@ _CONTEXT = {
         r"card|\b(?:cc|pan|cvv|cvc|visa|master|amex|discover|maestro|credit|debit)\b", re.I
     ),
 }
+# The card words anywhere, even inside a longer word: when none is near a run of digit
+# groups, `_has_context` finds none near any part of it (the window it searches may cut
+# a word short, "pan|el", and then matches where the whole word does not).
+_CARD_WORD_ANYWHERE = re.compile(_CONTEXT["credit_card"].pattern.replace(r"\b", ""), re.I)
 _VERSION_BEFORE = re.compile(r"\b(?:version|ver|v|release|build|rev)\.?[\s:#]*\Z", re.I)
 _DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)
 
@@ -146,6 +150,39 @@ _CLUSTER = re.compile(
 )  # (group 1 takes part when a loose separator does)
 _DIGITS = re.compile(r"[0-9]+")
 _STRICT = (" ", "-", ".")
+# A cluster with loose separators may be a column or a table of numbers of a hundred
+# thousand groups: the card rule and the segment rules pick what they read in it by
+# regex, so most of its groups never reach Python. (Patterns that open with a character
+# class rather than a lookbehind let the engine skip ahead: 2-3 ms over 900 KB, not 15.)
+# - a separator with no tab or line break in it, and one a card may cross without a
+#   card word near (spaces and dashes: a dot ends a card);
+_NOT_TABLE = re.compile(r"[ .\-](?<=[0-9][ .\-])[ .\-]{0,2}(?=[0-9])")
+_CROSSABLE = re.compile(r"[ \-](?<=[0-9][ \-])[ \-]{0,2}(?=[0-9])")
+# - a group a card may start at without a card word: 4+ digits, and 13+ or a space or a
+#   dash after a digit within 31 characters (the most that 18 digits and three of the
+#   four separators a laid-out card has take; a strictly joined card is met sooner);
+_CARD_START = re.compile(
+    r"[0-9](?<![0-9][0-9])(?=[0-9]{3})(?:(?=[0-9]{12})|(?=[0-9 .\-\t\r\n]{0,30}?[0-9][ \-]))"
+)
+_LONG_GROUP = re.compile(r"[0-9](?<![0-9][0-9])(?=[0-9]{12})")
+# - how far a card reaches from its start (19 digits and 18 single separators, or 4 of
+#   up to 4 characters: 37), and how near an end of a cluster a card must start to have
+#   a card word near (48 characters before it, or 24 after its end);
+_CARD_REACH = 48
+_NEAR_END = 64
+# - a segment that may hold an SSN, a phone or a dotted quad: its first digit (not after
+#   a digit, nor after a digit and a strict separator), 9+ digits or 4+ groups in it,
+#   then all of it;
+_SEGMENT_WORTH_READING = re.compile(
+    r"[0-9](?=[0-9 .\-]{6})(?<![0-9][0-9])(?<![0-9][ .\-][0-9])"
+    r"(?=(?:[ .\-]?[0-9]){8}|(?:[0-9]*[ .\-][0-9]){3})"
+    r"[0-9]*(?:[ .\-][0-9]+)*+"
+)
+_STRICT_CHAIN = re.compile(r"[0-9]*(?:[ .\-][0-9]+)*+")
+# - and in a table of numbers (no separator but tabs and line breaks), only a group of
+#   9+ digits can be an SSN, a phone or a card.
+_NINE_DIGITS = re.compile(r"[0-9]{9,}")
+_GAPS = re.compile(r"([^0-9]+)")
 # How a card's groups are printed: 4-4-4-4 (13 to 19 digits: the last group shorter or
 # a fifth one), or the 4-6-5 / 4-6-4 of American Express and Diners Club.
 _CARD_LAYOUTS = frozenset(
@@ -170,30 +207,31 @@ def _glued(text: str, start: int, end: int) -> bool:
 
 class _Run:
     """Digit groups and what joins them, e.g. "078-05-1120" -> 078 | 05 | 1120 joined by
-    "-" twice. A whole cluster is one run, and each of its segments another."""
+    "-" twice: a segment (groups joined by strict separators), or a stretch of a cluster
+    with loose separators in it (`_Run.loose`, for the card rule)."""
 
-    __slots__ = ("digits", "lens", "loose", "seps", "spans", "text")
+    __slots__ = ("digits", "lens", "seps", "spans", "text", "word_near")
 
-    def __init__(self, text: str, spans: list[tuple[int, int]], loose: bool = False) -> None:
+    def __init__(self, text: str, spans: list[tuple[int, int]]) -> None:
         self.text = text
         self.spans = spans
-        self.loose = loose  # some separator is not a strict one
-        if loose:
-            self.seps = [text[b:a] for (_, b), (a, _) in pairwise(spans)]
-        else:
-            self.seps = [text[b] for _, b in spans[:-1]]
+        self.seps = [text[b] for _, b in spans[:-1]]
         self.digits = [text[a:b] for a, b in spans]
         self.lens = [b - a for a, b in spans]
+        self.word_near: bool | None = None  # a card word around the run: looked up once
 
-    def segments(self) -> list[tuple[int, int]]:
-        """First and last group of each part joined by strict separators only."""
-        bounds, first = [], 0
-        for k, sep in enumerate(self.seps):
-            if sep not in _STRICT:
-                bounds.append((first, k))
-                first = k + 1
-        bounds.append((first, len(self.spans) - 1))
-        return bounds
+    @classmethod
+    def loose(cls, text: str, start: int, end: int) -> _Run:
+        """The groups from `start` to `end` with loose separators among them, split by
+        one regex call (per group, only C code runs here)."""
+        parts = _GAPS.split(text[start:end])  # group, separator, group, ..., group
+        offsets = list(accumulate(map(len, parts), initial=start))
+        run = cls.__new__(cls)
+        run.text, run.word_near = text, None
+        run.digits, run.seps = parts[0::2], parts[1::2]
+        run.lens = list(map(len, run.digits))
+        run.spans = list(zip(offsets[0::2], offsets[1::2], strict=True))
+        return run
 
     def finding(self, name: str, first: int, last: int) -> Finding:
         return Finding(name, self.spans[first][0], self.spans[last][1])
@@ -232,19 +270,42 @@ class _Run:
                 break
             if len(number) >= 13:
                 ends.append((j, number))
-        if not self.loose:
-            return next((j for j, n in reversed(ends) if _luhn_ok(n)), None)
-        valid = (j for j, n in reversed(ends) if _luhn_ok(n) and self._laid_out(first, j))
-        return next(valid, None)
+        return next((j for j, n in reversed(ends) if _luhn_ok(n)), None)
 
-    def _laid_out(self, first: int, last: int) -> bool:
-        seps = self.seps[first:last]
-        if all(sep in _STRICT for sep in seps):
-            return True
-        if tuple(self.lens[first : last + 1]) not in _CARD_LAYOUTS:
-            return False
-        table = all(sep.strip(" -") for sep in seps)  # each holds a tab or a line break
-        return not table or self.context(first, last, "credit_card")
+    def loose_card_end(self, first: int) -> int | None:
+        """`_card_end` for a run with loose separators: groups joined by any of them must
+        be laid out like a card, and if every separator holds a tab or a line break need
+        a card word; both are checked before the checksum, which most spans of a table
+        of numbers then never reach."""
+        lens, seps = self.lens, self.seps
+        digits, strict, table, ends = 0, True, True, []
+        for j in range(first, len(lens)):
+            if j > first:
+                sep = seps[j - 1]
+                if sep == ".":
+                    break
+                strict = strict and sep in _STRICT
+                table = table and bool(sep.strip(" -"))  # (a tab or a line break in it)
+            digits += lens[j]
+            if digits > 19:
+                break
+            if digits >= 13 and (strict or tuple(lens[first : j + 1]) in _CARD_LAYOUTS):
+                ends.append((j, table and not strict))
+            if not strict and j - first == 4:  # (no layout has more than five groups)
+                break
+        for j, needs_word in reversed(ends):
+            if needs_word and not self._card_word(first, j):
+                continue
+            if _luhn_ok("".join(self.digits[first : j + 1])):
+                return j
+        return None
+
+    def _card_word(self, first: int, last: int) -> bool:
+        """A card word near groups first..last; none near the whole run (looked up
+        once) means none near any part of it."""
+        if self.word_near is None:
+            self.word_near = _card_word_around(self.text, self.spans[0][0], self.spans[-1][1])
+        return self.word_near and self.context(first, last, "credit_card")
 
     def ssns(self, out: list[Finding]) -> None:
         """AAA-GG-SSSS, AAA GG SSSS or AAA.GG.SSSS (one delimiter, not inside a longer
@@ -298,31 +359,149 @@ def _numeric(text: str, m: re.Match[str], names: frozenset[str], out: list[Findi
     start, end = m.span()
     if "iban" in names and start >= 2 and text[start - 2 : start].isalpha():
         _iban(text, start - 2, out)
-    cards = "credit_card" in names
     if m.start(1) < 0:  # one segment: the common case, kept lean
-        glued = _glued(text, start, end)
-        if glued and not (cards and text[start : start + 4].isdigit()):
-            return  # (stuck to a word, only a card starting at its first group may be)
-        run = _Run(text, [d.span() for d in _DIGITS.finditer(text, start, end)])
-        digits = sum(run.lens)
-        if cards and digits >= 13:
-            run.cards(out, range(1, len(run.spans)) if glued else ())
-        for name, method, fewest in () if glued else _SEGMENT_DETECTORS:
-            if digits >= fewest and name in names:
-                method(run, out)
-        return
-    run = _Run(text, [d.span() for d in _DIGITS.finditer(text, start, end)], loose=True)
-    parts = [(a, b, _glued(text, run.spans[a][0], run.spans[b][1])) for a, b in run.segments()]
-    if cards and sum(run.lens) >= 13:
-        run.cards(out, {i for a, b, glued in parts if glued for i in range(a + 1, b + 1)})
-    for a, b, glued in parts:
-        digits = sum(run.lens[a : b + 1])
-        if glued or digits < 4:
+        _segment(text, start, end, names, out)
+    elif _NOT_TABLE.search(text, start, end) is None and not (
+        "credit_card" in names and _card_word_around(text, start, end)
+    ):
+        # Groups joined only by tabs and line breaks, no card word near: a column or a
+        # table of numbers. Each group is a segment of its own, and only one of 9+
+        # digits can be anything (a card then needs 13, an SSN 9, a phone 10).
+        for group in _NINE_DIGITS.finditer(text, start, end):
+            _segment(text, group.start(), group.end(), names, out)
+    else:
+        _loose(text, start, end, names, out)
+
+
+def _card_word_around(text: str, start: int, end: int) -> bool:
+    """A card word, or a word holding one, in the context window of a run of digit
+    groups: none there means none in the window of any part of it (the run itself
+    holds only digits and separators)."""
+    before = _CARD_WORD_ANYWHERE.search(text, max(0, start - 48), start)
+    return before is not None or _CARD_WORD_ANYWHERE.search(text, end, end + 24) is not None
+
+
+def _segment(text: str, start: int, end: int, names: frozenset[str], out: list[Finding]) -> None:
+    """Digit groups joined by strict separators only."""
+    cards = "credit_card" in names
+    glued = _glued(text, start, end)
+    if glued and not (cards and text[start : start + 4].isdigit()):
+        return  # (stuck to a word, only a card starting at its first group may be)
+    run = _Run(text, [d.span() for d in _DIGITS.finditer(text, start, end)])
+    digits = sum(run.lens)
+    if cards and digits >= 13:
+        run.cards(out, range(1, len(run.spans)) if glued else ())
+    for name, method, fewest in () if glued else _SEGMENT_DETECTORS:
+        if digits >= fewest and name in names:
+            method(run, out)
+
+
+def _loose(text: str, start: int, end: int, names: frozenset[str], out: list[Finding]) -> None:
+    """Digit groups some of which a loose separator joins: the card rule reads across
+    it, the other rules each segment (groups joined by strict separators) on its own."""
+    if "credit_card" in names:
+        _loose_cards(text, start, end, out)
+    # (The cluster is read alone: its first group starts a segment even after "1.".)
+    for m in _SEGMENT_WORTH_READING.finditer(text[start:end]):
+        first, last = m.start() + start, m.end() + start
+        if _glued(text, first, last):
             continue
-        segment = _Run(text, run.spans[a : b + 1])
+        segment = _Run(text, [d.span() for d in _DIGITS.finditer(text, first, last)])
+        digits = sum(segment.lens)
         for name, method, fewest in _SEGMENT_DETECTORS:
             if digits >= fewest and name in names:
                 method(segment, out)
+
+
+def _loose_cards(text: str, start: int, end: int, out: list[Finding]) -> None:
+    """The card rule (`_Run.cards`) over a cluster with loose separators, tried only at
+    the groups a card may start at (`_card_starts`). Those close together share one
+    run, built to reach past the last of them as far as a card can."""
+    starts = _card_starts(text, start, end)
+    glue = _SegmentGlue(text, start)
+    done = start  # where the last card found ends: the next one starts after it
+    k = 0
+    while k < len(starts):
+        j = k + 1
+        while j < len(starts) and starts[j] - starts[j - 1] <= _CARD_REACH:
+            j += 1
+        run = _Run.loose(text, starts[k], _group_end(text, starts[j - 1], end))
+        for at in starts[k:j]:
+            if at < done or glue.inside(text, at, end):
+                continue
+            i = bisect_left(run.spans, (at,))
+            last = run.loose_card_end(i) if run.lens[i] >= 4 else None
+            if last is not None:
+                done = run.spans[last][1]
+                if text[at - 1 : at] != "+":
+                    out.append(run.finding("credit_card", i, last))
+        k = j
+
+
+def _card_starts(text: str, start: int, end: int) -> list[int]:
+    """Where groups a card may start at begin. A card joined only by tabs and line
+    breaks needs a card word near it, and none can be inside the cluster (digits and
+    separators only): so away from the cluster's ends only a group of 13+ digits, or
+    one a space or a dash follows closely enough, may start one."""
+    if end - start <= 2 * _NEAR_END:
+        return [m.start() for m in _DIGITS.finditer(text, start, end)]
+    found = {m.start() for m in _DIGITS.finditer(text, start, start + _NEAR_END)}
+    found.update(
+        m.start()
+        for m in _DIGITS.finditer(text, end - _NEAR_END, end)
+        if not text[m.start() - 1].isdigit()
+    )
+    crossable = _CROSSABLE.search(text, start, end) is not None
+    found.update(
+        m.start() for m in (_CARD_START if crossable else _LONG_GROUP).finditer(text, start, end)
+    )
+    return sorted(found)
+
+
+def _group_end(text: str, at: int, end: int) -> int:
+    """Where the last group that ends within _CARD_REACH of the group at `at` ends, or
+    that group itself if it is longer: as far as a card starting there can reach."""
+    own = _DIGITS.match(text, at)
+    own_end = own.end() if own else at
+    reach = at + _CARD_REACH
+    if reach >= end:
+        return end
+    if own_end >= reach:
+        return own_end
+    while text[reach].isdigit() or not text[reach - 1].isdigit():
+        reach -= 1  # (back to a group's end: own_end at the latest)
+    return reach
+
+
+class _SegmentGlue:
+    """Whether a group of a loose cluster is inside (not first in) a segment stuck to a
+    word, where no card may start. Asked in increasing order, it reads each segment
+    once."""
+
+    __slots__ = ("first", "glued", "last", "start")
+
+    def __init__(self, text: str, start: int) -> None:
+        self.start = start  # the cluster's
+        self.first = self.last = -1  # the segment last read
+        self.glued = False
+
+    def inside(self, text: str, at: int, end: int) -> bool:
+        if at - 2 < self.start or text[at - 1] not in _STRICT or not text[at - 2].isdigit():
+            return False  # (the first group of its segment)
+        if not self.first <= at < self.last:
+            first = at - 2
+            while True:  # back over digits, then over a strict separator after a digit
+                while first > self.start and text[first - 1].isdigit():
+                    first -= 1
+                if first - 2 < self.start or text[first - 1] not in _STRICT:
+                    break
+                if not text[first - 2].isdigit():
+                    break
+                first -= 2
+            chain = _STRICT_CHAIN.match(text, at, end)
+            self.first, self.last = first, chain.end() if chain else at
+            self.glued = _glued(text, self.first, self.last)
+        return self.glued
 
 
 _SEGMENT_DETECTORS = (  # (name, method, fewest digits it can fire on)
