@@ -429,21 +429,23 @@ def test_apply_keeps_unchanged_endpoints_and_their_health_and_drops_removed(
     run(scenario())
 
 
+async def _slow_to_stop() -> None:
+    """A check task that takes a while to wind down once cancelled."""
+    try:
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.2)
+        raise
+
+
 def test_unwatch_passes_its_callers_cancellation_on() -> None:
     """The router stopping while a reload retires an endpoint cancels the reload; a
     cancellation swallowed there left the stop waiting on a reload that went on."""
 
-    async def slow_to_stop() -> None:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            await asyncio.sleep(0.2)  # a check winding down
-            raise
-
     async def scenario() -> None:
         monitor, target = HealthMonitor(), object()
         entry = _Watch(HealthSettings())
-        entry.task = asyncio.create_task(slow_to_stop())
+        entry.task = asyncio.create_task(_slow_to_stop())
         monitor._watches[target] = entry  # type: ignore[index]
         caller = asyncio.create_task(monitor.unwatch(target))  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
@@ -463,13 +465,6 @@ def test_a_reload_is_never_cancelled_after_its_pools_took_effect(
     must not be half-way either. Cancelled while a removed endpoint's check winds
     down, the reload used to end cancelled with the new pools already in place."""
 
-    async def slow_to_stop() -> None:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            await asyncio.sleep(0.2)  # a check winding down
-            raise
-
     async def scenario() -> None:
         a, b = await start_node(model_repo, pki), await start_node(model_repo, pki)
         pools = Pools(tls(pki))
@@ -481,7 +476,7 @@ def test_a_reload_is_never_cancelled_after_its_pools_took_effect(
         watch = pools._monitor._watches[eb]
         assert watch.task is not None
         watch.task.cancel()
-        watch.task = asyncio.create_task(slow_to_stop())
+        watch.task = asyncio.create_task(_slow_to_stop())
         reload = asyncio.create_task(
             pools.apply(
                 make_policy(tmp_path, {"on": {"zone": "onprem", "endpoints": [addr(a)]}}, "v2")

@@ -323,6 +323,19 @@ upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key}}
     assert "can send sensitive requests to cloud pool 'cloud'" in done.stderr
 
 
+def _serve_config(tmp_path: Path, pki: Path, policy: Path) -> Path:
+    """router.yaml for `router serve` on `policy`, reloaded by SIGHUP only."""
+    config = tmp_path / "router.yaml"
+    config.write_text(f"""
+listen: 127.0.0.1:{free_port()}
+tls: {{cert: {pki}/router.pem, key: {pki}/router.key, client_ca: {pki}/ca.pem}}
+policy: {policy}
+upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key}}
+watch_policy: false
+""")
+    return config
+
+
 def test_sighup_reloads_the_policy(
     tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -333,14 +346,7 @@ def test_sighup_reloads_the_policy(
     policy = tmp_path / "policy.yaml"
     text = _policy_text([free_port()], free_port())
     policy.write_text(text)
-    config = tmp_path / "router.yaml"
-    config.write_text(f"""
-listen: 127.0.0.1:{free_port()}
-tls: {{cert: {pki}/router.pem, key: {pki}/router.key, client_ca: {pki}/ca.pem}}
-policy: {policy}
-upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key}}
-watch_policy: false
-""")
+    config = _serve_config(tmp_path, pki, policy)
     router = Process(
         ["router", "serve", "--config", str(config)],
         ready="router ready on",
@@ -379,14 +385,7 @@ def test_a_sighup_while_the_router_starts_reloads_once_it_has_started(
     text = _policy_text([silent.getsockname()[1]], free_port())
     text = text.replace("{interval: 1s, timeout: 500ms,", "{interval: 5s, timeout: 4s,", 1)
     policy.write_text(text)
-    config = tmp_path / "router.yaml"
-    config.write_text(f"""
-listen: 127.0.0.1:{free_port()}
-tls: {{cert: {pki}/router.pem, key: {pki}/router.key, client_ca: {pki}/ca.pem}}
-policy: {policy}
-upstream: {{ca: {pki}/ca.pem, cert: {pki}/router.pem, key: {pki}/router.key}}
-watch_policy: false
-""")
+    config = _serve_config(tmp_path, pki, policy)
     router = Process(
         ["router", "serve", "--config", str(config)], ready=None, log=tmp_path / "r.log"
     )
