@@ -416,6 +416,15 @@ def test_custom_pattern_spelling_a_folded_character_still_matches(
     assert dict(decision.findings) == {name: 1}
 
 
+def test_a_custom_pattern_spelling_a_folded_character_sees_past_invisible_ones() -> None:
+    """Folding would turn the en dash into "-", so only the text as sent, stripped of
+    its zero-width space, reads as the pattern spells it."""
+    part = regex_detector("part_number", "PN\u2013\\d{6}")
+    text = "ship PN\u2013123\u200b456 today"
+    found = Scanner([*BUILTIN.values(), part]).scan(text)
+    assert [(f.detector, f.start, f.end) for f in found] == [("part_number", 5, 15)]
+
+
 def test_a_value_found_as_sent_and_in_a_view_is_counted_once() -> None:
     employee = regex_detector("employee_id", r"EMP-[0-9]{6}")
     text = "EMP-004211 and \uff25\uff2d\uff30\uff0d\uff10\uff10\uff14\uff12\uff11\uff12"

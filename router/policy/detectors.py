@@ -767,9 +767,10 @@ def _has_hidden(text: str, table: _Unicode) -> bool:
 
 
 def _in_views(text: str, scan: Callable[[str], list[Finding]]) -> list[Finding]:
-    """`scan` run over `text` as sent, then over its folded view if that differs and
-    its stripped view if need be, with every finding placed on the text as sent. The
-    findings of all readings are returned together, duplicates included."""
+    """`scan` run over `text` as sent, then over its folded view if that differs, and
+    if there are invisible characters over the stripped view of each, with every
+    finding placed on the text as sent. The findings of all readings are returned
+    together, duplicates included."""
     found = scan(text)
     if text.isascii():
         if len(text.encode("ascii").translate(None, _ASCII_HIDDEN)) == len(text):
@@ -784,12 +785,20 @@ def _in_views(text: str, scan: Callable[[str], list[Finding]]) -> list[Finding]:
             found += scan(folded)
         if not _has_hidden(folded, table):
             return found
-    # The stripped view (astral characters that are not invisible go too: a view only
-    # adds findings). Its position p is text position p + (characters removed before
-    # it); shifts[j] is where the j-th removed character would have been.
-    removed = [m.start() for m in table.maybe_hidden.finditer(folded)]
+        if folded != text:  # a custom pattern may spell a folded character: strip as sent
+            found += _stripped(text, table, scan)
+    return found + _stripped(folded, table, scan)
+
+
+def _stripped(view: str, table: _Unicode, scan: Callable[[str], list[Finding]]) -> list[Finding]:
+    """`scan` over `view` without its invisible characters (astral characters that are
+    not invisible go too: a view only adds findings), placed on `view`'s positions: a
+    position p there is p + (characters removed before it); shifts[j] is where the
+    j-th removed character would have been."""
+    removed = [m.start() for m in table.maybe_hidden.finditer(view)]
     shifts = [at - j for j, at in enumerate(removed)]
-    for f in scan(table.maybe_hidden.sub("", folded)):
+    found = []
+    for f in scan(table.maybe_hidden.sub("", view)):
         start = f.start + bisect_right(shifts, f.start)
         end = f.end + bisect_right(shifts, f.end - 1)
         found.append(Finding(f.detector, start, end))
