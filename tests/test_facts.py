@@ -8,9 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hybridroute.protos import inference_pb2 as pb
-from hybridroute.protos.tensors import encode_bytes_elements
+from hybridroute.protos.tensors import TensorError, decode_inputs, encode_bytes_elements
 from hybridroute.router.facts import MAX_TEXT_FIELDS, Caller, request_facts
 from hybridroute.router.policy.engine import Decision, decide
 from hybridroute.router.policy.schema import compile_policy
@@ -194,3 +197,57 @@ def test_millions_of_tiny_texts_stop_at_the_budget() -> None:
     # ... and a request too large to scan is doubt: on-prem.
     decision = decide(POLICY, facts)
     assert (decision.zone, decision.reasons) == ("onprem", ("text-too-large",))
+
+
+# --- what a node reads, the router has read -------------------------------------------
+
+
+def _node_reads_personal_data(request: pb.ModelInferRequest) -> bool:
+    """Would the router's detectors fire on the texts a node decodes from `request`?"""
+    try:
+        tensors = decode_inputs(request)
+    except (TensorError, ValueError):
+        return False  # the node refuses the request (INVALID_ARGUMENT): nothing is read
+    texts = [
+        element.decode("utf-8", "replace")
+        for tensor in tensors
+        if tensor.datatype == "BYTES"
+        for element in tensor.array.ravel()
+    ]
+    return any(POLICY.scanner.scan(text) for text in texts)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_no_mutation_of_the_wire_bytes_hides_from_the_router_what_a_node_reads(
+    data: st.DataObject,
+) -> None:
+    """A parse differential is how data slips past a classifier: bytes the router reads
+    one way and the node another. Whatever bytes arrive (a request with one personal
+    value in one of three texts, changed at a few places), if the node would decode a
+    text in which the router's own detectors find personal data, the router has kept
+    the request away from the cloud."""
+    value = data.draw(st.sampled_from([f"SSN {SSN}", f"mail {EMAIL}"]), label="value")
+    texts = ["the export button does nothing", "ok", f"please update {value}, thanks"]
+    where = data.draw(st.integers(0, 2), label="where")
+    texts[where], texts[2] = texts[2], texts[where]  # one personal value, anywhere
+    request = ticket(texts[0])
+    request.inputs.add(name="note", datatype="BYTES", shape=[2])
+    request.raw_input_contents.append(encode_bytes_elements(texts[1:]))
+    raw = bytearray(request.SerializeToString())
+    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+        at = data.draw(st.integers(0, len(raw) - 1), label="at")
+        kind = data.draw(st.sampled_from(["replace", "insert", "delete"]), label="kind")
+        byte = data.draw(st.integers(0, 255), label="byte")
+        if kind == "replace":
+            raw[at] = byte
+        elif kind == "insert":
+            raw.insert(at, byte)
+        elif len(raw) > 1:
+            del raw[at]
+    try:
+        mutated = pb.ModelInferRequest.FromString(bytes(raw))
+    except DecodeError:
+        return  # the router answers INVALID_ARGUMENT: nothing goes anywhere
+    if _node_reads_personal_data(mutated):
+        assert decided(bytes(raw)).zone != "cloud"
