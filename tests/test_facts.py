@@ -231,9 +231,15 @@ def test_no_mutation_of_the_wire_bytes_hides_from_the_router_what_a_node_reads(
     texts = ["the export button does nothing", "ok", f"please update {value}, thanks"]
     where = data.draw(st.integers(0, 2), label="where")
     texts[where], texts[2] = texts[2], texts[where]  # one personal value, anywhere
-    request = ticket(texts[0])
-    request.inputs.add(name="note", datatype="BYTES", shape=[2])
-    request.raw_input_contents.append(encode_bytes_elements(texts[1:]))
+    request = pb.ModelInferRequest(model_name="ticket-triage")
+    text = request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    note = request.inputs.add(name="note", datatype="BYTES", shape=[2])
+    if data.draw(st.booleans(), label="typed"):  # contents.bytes_contents
+        text.contents.bytes_contents.append(texts[0].encode())
+        note.contents.bytes_contents.extend(t.encode() for t in texts[1:])
+    else:  # raw_input_contents, as tritonclient sends them
+        request.raw_input_contents.append(encode_bytes_elements(texts[:1]))
+        request.raw_input_contents.append(encode_bytes_elements(texts[1:]))
     raw = bytearray(request.SerializeToString())
     for _ in range(data.draw(st.integers(1, 3), label="mutations")):
         at = data.draw(st.integers(0, len(raw) - 1), label="at")
