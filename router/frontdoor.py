@@ -41,7 +41,7 @@ from hybridroute.router.config import RouterConfig
 from hybridroute.router.facts import Caller, request_facts
 from hybridroute.router.forward import Forwarded, Forwarder, RouterError
 from hybridroute.router.metrics import RouterMetrics
-from hybridroute.router.policy.engine import Decision, decide, label_key
+from hybridroute.router.policy.engine import Decision, RequestFacts, decide, label_key
 from hybridroute.router.policy.schema import Policy
 from hybridroute.router.policy.sessions import SessionPins
 from hybridroute.router.policy.store import PolicyStore
@@ -58,6 +58,12 @@ SERVICE = "inference.GRPCInferenceService"
 _PREFIX = f"/{SERVICE}/"
 
 _INTERNAL = "internal error in the router; the request was not completed"
+
+# Requests larger than this are classified in a worker thread: scanning up to the
+# policy's max_text_bytes (1 MiB by default) of text can take a good part of a second
+# for adversarial text, and on the event loop that would hold up every other request.
+# (The GIL is shared, but the loop gets its turn every switch interval.)
+_OFF_LOOP_BYTES = 64 * 1024
 
 # Caller metadata that must not travel upstream: the caller's own credentials, and
 # transport headers grpc sets itself.
@@ -301,22 +307,15 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             event.error = AUDIT_REFUSAL
             raise RouterError(grpc.StatusCode.UNAVAILABLE, AUDIT_REFUSAL)
         policy = self._policies.current  # one snapshot decides this request to the end
-        request, model, version = _parse(method, raw)
-        facts = request_facts(
-            request,
-            metadata,
-            caller,
-            model=model,
-            model_version=version,
-            wire_problem=hidden_data(_MESSAGES[method], raw),
-            repeated_metadata=bool(repeated),
-            text_budget=policy.max_text_bytes,
-        )
+        classify = (method, raw, metadata, bool(repeated), caller, policy)
+        if len(raw) > _OFF_LOOP_BYTES:  # its scan may take a while: not on the event loop
+            request, facts, decision = await asyncio.to_thread(self._classify, *classify)
+        else:
+            request, facts, decision = self._classify(*classify)
         event.model, event.model_version = facts.model, facts.model_version
         event.label = label_key(facts.label)
         event.session_id = facts.session_id
         event.client_request_id = request.id if request is not None and request.id else None
-        decision = decide(policy, facts, self._sessions)
         _describe(event, decision, policy)
         if decision.action == "deny":
             event.outcome = "denied"
@@ -326,7 +325,7 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         forwarded_md = forwarded_metadata(metadata, event.request_id, zone=decision.zone)
         deadline = _deadline(context)
         rollout = (
-            policy.rollouts.get((decision.route or "", model))
+            policy.rollouts.get((decision.route or "", facts.model))
             if policy.rollouts and request is not None
             else None
         )
@@ -345,7 +344,15 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 )
             else:
                 result, copy = await self._roll_out(
-                    rollout, raw, version, policy, decision, deadline, forwarded_md, event, tried
+                    rollout,
+                    raw,
+                    facts.model_version,
+                    policy,
+                    decision,
+                    deadline,
+                    forwarded_md,
+                    event,
+                    tried,
                 )
         except grpc.aio.AioRpcError as exc:
             # The node's own message may quote the request: it goes back to the caller,
@@ -356,6 +363,30 @@ class FrontDoor(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             _attempted(event, tried)
         event.route = result.route
         return result.reply if copy is None else copy
+
+    def _classify(
+        self,
+        method: str,
+        raw: bytes,
+        metadata: dict[str, str],
+        repeated: bool,
+        caller: Caller,
+        policy: Policy,
+    ) -> tuple[pb.ModelInferRequest | None, RequestFacts, Decision]:
+        """Parse what the policy needs, gather the facts and decide. Pure but for the
+        session pins (thread-safe), so a large request runs it in a worker thread."""
+        request, model, version = _parse(method, raw)
+        facts = request_facts(
+            request,
+            metadata,
+            caller,
+            model=model,
+            model_version=version,
+            wire_problem=hidden_data(_MESSAGES[method], raw),
+            repeated_metadata=repeated,
+            text_budget=policy.max_text_bytes,
+        )
+        return request, facts, decide(policy, facts, self._sessions)
 
     async def _roll_out(
         self,
