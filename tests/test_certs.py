@@ -138,12 +138,18 @@ def check(
     return reply.status
 
 
-def served_certificate(port: int, pki: Path) -> x509.Certificate:
-    """The certificate the server presents to a new TLS connection, read with stdlib `ssl`."""
-    layout = PkiLayout(pki)
-    ctx = ssl.create_default_context(cafile=str(layout.ca.cert))
-    ctx.check_hostname = False
-    ctx.load_cert_chain(layout.app("demo-app").cert, layout.app("demo-app").key)
+def served_certificate(port: int, pki: Path | None = None) -> x509.Certificate:
+    """The certificate the server presents to a new TLS connection, read with stdlib
+    `ssl`: verified against `pki`'s CA (as `demo-app`), or, without `pki`, whatever its
+    dates (an expired or not yet valid one too)."""
+    ctx = ssl.create_default_context()
+    if pki is None:
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    else:
+        layout = PkiLayout(pki)
+        ctx.load_verify_locations(cafile=str(layout.ca.cert))
+        ctx.check_hostname = False
+        ctx.load_cert_chain(layout.app("demo-app").cert, layout.app("demo-app").key)
     ctx.set_alpn_protocols(["h2"])
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
@@ -610,16 +616,7 @@ def mint_node_cert(
 
 def served_serial(port: int) -> int:
     """The serial of the certificate a new TLS connection is given, whatever its dates."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    ctx.set_alpn_protocols(["h2"])
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
-        ctx.wrap_socket(sock) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
+    return served_certificate(port).serial_number
 
 
 def tls_only_node(pki: Path, tmp_path: Path, serve: type[HealthServer]) -> HealthServer:

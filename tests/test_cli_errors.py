@@ -40,18 +40,24 @@ def _checkpoint_time_us(db: Path, seq: int) -> int:
 # --------------------------------------------------------------------- times (finding A)
 
 
+def _prune(
+    capsys: pytest.CaptureFixture[str], source: Path, tmp_path: Path, before: str
+) -> tuple[Path, tuple[int, str, str]]:
+    """`audit prune --before BEFORE` on a copy of the trail in `source`: (the copy, the
+    outcome)."""
+    db = _copy(source, tmp_path)
+    key = str(tmp_path / "audit-signing.pub")
+    return db, _cli(capsys, "audit", "prune", "--db", str(db), "--key", key, "--before", before)
+
+
 def test_prune_refuses_a_millisecond_time_before_removing_anything(
     trail: Path,  # noqa: F811
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    db = _copy(trail, tmp_path)
-    key = str(tmp_path / "audit-signing.pub")
-    cut_us = _checkpoint_time_us(db, 20)
+    cut_us = _checkpoint_time_us(trail / "audit.db", 20)
     millis = str(cut_us // 1000)  # what a JavaScript or Java clock gives
-    code, out, err = _cli(
-        capsys, "audit", "prune", "--db", str(db), "--key", key, "--before", millis
-    )
+    db, (code, out, err) = _prune(capsys, trail, tmp_path, millis)
     assert code == 2 and out == ""
     assert "after the year 9999 as unix seconds" in err
     assert f"if it is in milliseconds, give {cut_us // 1000 / 1000:.3f}".rstrip("0") in err
@@ -64,10 +70,7 @@ def test_prune_refuses_a_time_in_the_future(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    db = _copy(trail, tmp_path)
-    key = str(tmp_path / "audit-signing.pub")
-    argv = ["audit", "prune", "--db", str(db), "--key", key, "--before", "2999-01-01"]
-    code, out, err = _cli(capsys, *argv)
+    db, (code, out, err) = _prune(capsys, trail, tmp_path, "2999-01-01")
     assert code == 2 and out == ""
     assert "in the future" in err and "give a past time" in err
     assert _records(db) == 46
