@@ -100,7 +100,7 @@ def texts(*items: str | None) -> tuple[TextField, ...]:
     ("label", "reasons"),
     [
         ("public", ()),
-        (None, ()),
+        (None, ("unmatched",)),  # the test policy has no rule for unlabelled requests
         (" Public ", ()),
         ("internal", ("label:internal",)),
         ("confidential", ("label:confidential",)),
@@ -112,7 +112,7 @@ def texts(*items: str | None) -> tuple[TextField, ...]:
 def test_labels(policy: Policy, label: str | None, reasons: tuple[str, ...]) -> None:
     decision = decide(policy, facts(label=label))
     assert decision.reasons == reasons and decision.sensitive is bool(reasons)
-    assert decision.zone == ("onprem" if reasons else "cloud" if label else "onprem")
+    assert decision.zone == ("onprem" if reasons else "cloud")
     assert "secret" not in repr(decision)
 
 
@@ -231,13 +231,15 @@ def test_unmatched_requests_take_the_default_route(policy: Policy) -> None:
 
 
 def test_onprem_only_holds_for_sensitive_and_unmatched_requests(policy: Policy) -> None:
-    """What the forwarder's and the shadows' zone guards go by (invariants 1 and 2)."""
+    """What the forwarder's and the shadows' zone guards go by (invariants 1 and 2):
+    doubt is sensitive, so a request no rule matched is both, and says why."""
     unmatched = decide(policy, facts(label=None))
     assert (unmatched.rule_id, unmatched.sensitive, unmatched.onprem_only) == (
         "default",
-        False,
+        True,
         True,
     )
+    assert unmatched.reasons == ("unmatched",) and unmatched.zone == "onprem"
     assert decide(policy, facts(label="internal")).onprem_only
     clean = decide(policy, facts())
     assert clean.zone == "cloud" and not clean.onprem_only
@@ -292,7 +294,7 @@ def test_an_unmatched_request_stays_on_prem_when_default_route_was_bypassed(
     leaky = dataclasses.replace(policy, rules=(), default_route="cloud")
     decision = decide(leaky, facts())
     assert (decision.zone, decision.route, decision.rule_id) == ("onprem", "onprem", "guard")
-    assert decision.reasons == ("guard:default",)
+    assert decision.reasons == ("unmatched", "guard:default")
     routes = dict(policy.routes)
     routes["onprem2"] = routes["onprem2"].model_copy(update={"fallback": "cloud"})
     chained = decide(dataclasses.replace(policy, rules=(), routes=routes), facts())
@@ -308,12 +310,22 @@ def test_a_sensitive_decision_pins_its_session_until_the_ttl_passes(policy: Poli
     assert decide(policy, facts(**chat), pins, now=0.0).zone == "cloud"
     assert decide(policy, facts(**chat, texts=texts(SECRET_EMAIL)), pins, now=1.0).sensitive
     later = decide(policy, facts(**chat), pins, now=5.0)
-    assert later.reasons == ("session-pinned",) and later.zone == "onprem"
+    assert later.reasons == ("session-pinned", "unmatched") and later.zone == "onprem"
     assert later.rule_id == "default"  # `session_pinned: false` kept the last rule out
     # the pinned request was itself sensitive, so the pin slid to 5 + 10
     assert decide(policy, facts(**chat), pins, now=14.0).sensitive
     assert decide(policy, facts(**chat), pins, now=24.5).zone == "cloud"
     assert decide(policy, facts(session_id="chat-2"), pins, now=6.0).zone == "cloud"
+
+
+def test_an_unmatched_request_pins_its_session_like_any_sensitive_one(policy: Policy) -> None:
+    """Doubt is sensitive: what a session sent that no rule could place keeps its
+    later, clean requests on-prem too, for pin_ttl."""
+    pins = SessionPins(policy.sessions.pin_ttl, policy.sessions.max_sessions)
+    doubtful = decide(policy, facts(session_id="chat-3", label=None), pins, now=0.0)
+    assert doubtful.reasons == ("unmatched",) and doubtful.zone == "onprem"
+    later = decide(policy, facts(session_id="chat-3"), pins, now=1.0)
+    assert later.zone == "onprem" and "session-pinned" in later.reasons
 
 
 def test_denied_or_unknown_callers_requests_do_not_pin_sessions(policy: Policy) -> None:

@@ -7,12 +7,14 @@ both get the very same `decide()`. Order of work, as in the architecture's data 
 1. the sensitivity verdict, before any rule: label, detector findings, unreadable or
    oversized text, detector errors, unknown caller, pinned session. Each cause is a
    reason string; the verdict is "sensitive" when there is at least one;
-2. the rules, in order, first match wins (a matching rule may add `rule:<id>`);
-3. the runtime guard: a sensitive request, or one that matched no rule (doubt), whose
-   chosen route is not on-prem goes to the policy's `sensitive_route` instead (or is
-   denied if that is not on-prem either), and its fallbacks stay on-prem. The load-time
-   checks in `policy/checks.py` should make this unreachable; it is here so no policy
-   object, however built, can send sensitive data or an unmatched request to the cloud;
+2. the rules, in order, first match wins (a matching rule may add `rule:<id>`); a
+   request no rule matches is doubt, and doubt is sensitive (invariant 2): reason
+   `unmatched`, and it goes to the policy's `default_route`;
+3. the runtime guard: a sensitive request whose chosen route is not on-prem goes to the
+   policy's `sensitive_route` instead (or is denied if that is not on-prem either), and
+   its fallbacks stay on-prem. The load-time checks in `policy/checks.py` should make
+   this unreachable; it is here so no policy object, however built, can send
+   sensitive data or an unmatched request to the cloud;
 4. a sensitive request that was routed pins its session. Not a denied one (its data
    went nowhere) and not one from an unknown caller (all its requests are sensitive
    anyway): otherwise anyone could flood the bounded pin store and evict live pins.
@@ -150,12 +152,14 @@ class Decision:
     pool: str | None
     rule_id: str  # the deciding rule, "default" or "guard"
     sensitive: bool
-    # may reach on-prem endpoints only: sensitive, or matched no rule (doubt, invariant
-    # 2); what the forwarder's and the shadows' zone guards hold the request to
+    # may reach on-prem endpoints only: what the forwarder's and the shadows' zone
+    # guards hold the request to. The same as `sensitive` (an unmatched request is
+    # sensitive too); kept apart so those guards say what they check.
     onprem_only: bool
     # why it is sensitive ("label:internal", "detector:email", "unreadable",
-    # "text-too-large", "scan-error", "unknown-caller", "session-pinned", "rule:<id>"),
-    # plus "guard:<rule id>" when the runtime guard overrode that rule's route
+    # "text-too-large", "scan-error", "unknown-caller", "session-pinned", "rule:<id>",
+    # "unmatched"), plus "guard:<rule id>" when the runtime guard overrode that rule's
+    # route
     reasons: tuple[str, ...]
     findings: Mapping[str, int]  # detector name -> count
     fallbacks: tuple[str, ...]  # routes to try in order when `route` has no healthy endpoint
@@ -339,10 +343,11 @@ def decide(
     rule, trace = _first_match(policy.rules, subject)
     rule_id = "default" if rule is None else rule.id
     route: str | None = policy.default_route if rule is None else rule.route
-    if rule is not None and rule.marks_sensitive:
+    if rule is None:
+        reasons.append("unmatched")  # doubt is sensitive (invariant 2)
+    elif rule.marks_sensitive:
         reasons.append(f"rule:{rule.id}")
-    sensitive = bool(reasons)
-    onprem_only = sensitive or rule is None  # doubt is sensitive (invariant 2)
+    sensitive = onprem_only = bool(reasons)
     zone = policy.zone_of(route) if route is not None else None
     if route is not None and zone != "onprem" and (onprem_only or zone is None):
         route, rule_id = _guard(policy, route, zone, rule_id, reasons), "guard"
