@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from hybridroute.router.audit.codec import KeyedHasher, load_verify_key
+from hybridroute.router.audit.codec import KeyedHasher, canonical, chain_hash, load_verify_key
 from hybridroute.router.audit.db import connect_readonly
 from hybridroute.router.audit.events import AuditEvent, AuditNote, AuditUnavailable
 from hybridroute.router.audit.notes import CertWatch
@@ -398,6 +398,52 @@ def test_an_unwritable_wal_refuses_then_recovers(tmp_path: Path) -> None:
             _chattr("-i", wal)
 
 
+def _stopped_trail(cfg: AuditConfig, n: int) -> None:
+    async def run() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        for i in range(n):
+            await store.record(event(i))
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_readers_open_the_file_named_even_with_uri_characters_in_its_path(
+    tmp_path: Path,
+) -> None:
+    """`%41` is not `A`, and `#` or `?` do not end the path (SQLite opens URIs)."""
+    named = config(tmp_path / "trail %41 #1 ?x", db=tmp_path / "trail %41 #1 ?x" / "audit.db")
+    other = config(tmp_path / "trail A #1 ", db=tmp_path / "trail A #1 " / "audit.db")
+    _stopped_trail(named, 3)
+    _stopped_trail(other, 1)
+    assert len(records(named.db)) == 3 and len(records(other.db)) == 1
+    verified(named)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trail %41 #1 ?x", "trail A #1 "]
+
+
+def test_a_stopped_trail_in_a_read_only_folder_can_still_be_read(tmp_path: Path) -> None:
+    """An auditor's copy on read-only media: no -shm can be made there. With no WAL to
+    read it opens as immutable; with one, the error says to copy both files."""
+    folder = tmp_path / "copy"
+    cfg = config(folder)
+    _stopped_trail(cfg, 2)
+    try:
+        _chattr("+i", folder)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("chattr +i is not available here (needs root on ext4/xfs/btrfs)")
+    try:
+        assert len(records(cfg.db)) == 2
+        verified(cfg)
+        _chattr("-i", folder)
+        Path(f"{cfg.db}-wal").write_bytes(b"\x37\x7f\x06\x82" + bytes(28))
+        _chattr("+i", folder)
+        with pytest.raises(sqlite3.OperationalError, match="copy both files"):
+            connect_readonly(cfg.db)
+    finally:
+        _chattr("-i", folder)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "disk"
@@ -547,6 +593,114 @@ def test_a_missing_signing_key_is_not_silently_replaced(tmp_path: Path) -> None:
     cfg.signing_key.unlink()
     with pytest.raises(OSError, match="public half"):
         asyncio.run(start_stop())
+
+
+def _forge(db: Path, sql: str, rehash_from: int | None = None) -> None:
+    """What anyone who can write the file can do without a key: change rows, then
+    re-link the chain from `rehash_from` so that it verifies as far as hashes go."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.executescript(sql)
+        if rehash_from is not None:
+            (prev,) = conn.execute(
+                "SELECT hash FROM records WHERE seq = ?", (rehash_from - 1,)
+            ).fetchone()
+            rows = conn.execute(
+                "SELECT seq, body FROM records WHERE seq >= ? ORDER BY seq", (rehash_from,)
+            ).fetchall()
+            for seq, body in rows:
+                prev = chain_hash(prev, body)
+                conn.execute("UPDATE records SET hash = ? WHERE seq = ?", (prev, seq))
+        conn.commit()
+
+
+def _appended(seq: int) -> str:
+    body = canonical({"kind": "request", "seq": seq, "time_us": 1, "caller": "mallory"})
+    columns = "seq, time_us, kind, body, hash"
+    return f"INSERT INTO records ({columns}) VALUES ({seq}, 1, 'request', '{body}', '');"
+
+
+@pytest.mark.parametrize(
+    ("how", "sql", "rehash_from", "named"),
+    [
+        # A record that links, appended after the shutdown checkpoint.
+        ("appended", _appended(8), 8, "seq 8"),
+        # The newest checkpoints deleted, a sealed record turned from on-prem to
+        # cloud, the chain re-linked: hashes alone say nothing is wrong.
+        (
+            "rewritten",
+            "DELETE FROM checkpoints WHERE seq > 4; "
+            'UPDATE records SET body = replace(body, \'"zone":"onprem"\', '
+            '\'"zone":"cloud"\') WHERE seq = 6;',
+            6,
+            "seq 6",
+        ),
+    ],
+)
+def test_a_router_does_not_seal_records_it_did_not_write(
+    tmp_path: Path, how: str, sql: str, rehash_from: int, named: str
+) -> None:
+    """At start, records after the last checkpoint are sealed by the router's next
+    checkpoint; forged ones would come out genuinely signed. The router checks their
+    MACs (a key only it holds) and does not start on a tail it did not write."""
+    cfg = config(tmp_path, checkpoint_every=4)
+
+    async def run(events: list[AuditEvent]) -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        for e in events:
+            await store.record(e)
+        await store.close()
+
+    asyncio.run(run([event(i, zone="onprem", route="onprem") for i in range(6)]))
+    with contextlib.closing(connect_readonly(cfg.db)) as conn:
+        assert [s for (s,) in conn.execute("SELECT seq FROM checkpoints")] == [4, 7]
+    _forge(cfg.db, sql, rehash_from)
+    with contextlib.closing(connect_readonly(cfg.db)) as conn:
+        before = conn.execute("SELECT COUNT(*), MAX(seq) FROM checkpoints").fetchone()
+    with pytest.raises(OSError, match=f"{named}, after the last checkpoint") as raised:
+        asyncio.run(run([event(99)]))
+    assert "move it away" in str(raised.value)
+    with contextlib.closing(connect_readonly(cfg.db)) as conn:  # nothing was sealed
+        assert conn.execute("SELECT COUNT(*), MAX(seq) FROM checkpoints").fetchone() == before
+
+
+def _copy_trail(source: Path, target: Path) -> None:
+    """The database with its WAL and shared memory as they are now (or their absence)."""
+    for suffix in ("", "-wal", "-shm"):
+        there = Path(f"{target}{suffix}")
+        if Path(f"{source}{suffix}").exists():
+            shutil.copy(f"{source}{suffix}", there)
+        elif there.exists():
+            there.unlink()
+
+
+def test_a_tail_the_router_wrote_is_sealed_at_the_next_start(tmp_path: Path) -> None:
+    """The genuine case the MACs must not get in the way of: records a killed router
+    left unsealed are its own, and the next start seals them."""
+    cfg = config(tmp_path)
+
+    async def crash() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        for i in range(3):
+            await store.record(event(i))
+        _copy_trail(cfg.db, tmp_path / "left.db")  # what kill -9 leaves: no shutdown seal
+        await store.close()
+
+    asyncio.run(crash())
+    _copy_trail(tmp_path / "left.db", cfg.db)
+    with contextlib.closing(connect_readonly(cfg.db)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM checkpoints").fetchone()[0] == 0
+
+    async def restart() -> None:
+        store = AuditStore(cfg)
+        await store.start()
+        await store.close()
+
+    asyncio.run(restart())
+    with contextlib.closing(connect_readonly(cfg.db)) as conn:
+        assert conn.execute("SELECT MAX(seq) FROM checkpoints").fetchone()[0] == 4
+    verified(cfg)
 
 
 def test_a_rotated_signing_key_verifies_with_both_keys(tmp_path: Path) -> None:

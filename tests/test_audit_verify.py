@@ -90,7 +90,10 @@ def _insert_forged(db: Path, at: int) -> None:
             {"kind": "request", "seq": at, "time_us": 1, "outcome": "routed", "caller": "ghost"}
         )
         forged = hashlib.sha256(bytes.fromhex(prev) + body.encode()).hexdigest()
-        conn.execute("INSERT INTO records VALUES (?, 1, 'request', ?, ?)", (at, body, forged))
+        conn.execute(
+            "INSERT INTO records (seq, time_us, kind, body, hash) VALUES (?, 1, 'request', ?, ?)",
+            (at, body, forged),
+        )
 
 
 SWAP = [

@@ -4,10 +4,13 @@
                                 everything that matters is inside signed or hashed data),
                                 and `policy_floor`: the newest signed policy note a prune
                                 removed (rollback protection outlives the records)
-    records(seq, time_us, kind, body, hash)
+    records(seq, time_us, kind, body, hash, mac)
                                 seq 1, 2, 3, ... in commit order; body is the canonical
                                 JSON that was hashed (it repeats seq, time_us and kind,
-                                and verify checks the columns agree); hash chains it
+                                and verify checks the columns agree); hash chains it;
+                                mac authenticates (chain, seq, hash) under a key only the
+                                router holds, so that at start it seals only records it
+                                wrote (`audit.file`); verify neither needs nor checks it
     checkpoints(seq, hash, time_us, prev_seq, reason, key_id, signature)
                                 Ed25519 over (chain, seq, hash, time, prev_seq, reason)
     prunes(through_seq, through_hash, records, before_us, pruned_at_us)
@@ -72,7 +75,8 @@ CREATE TABLE IF NOT EXISTS records (
     time_us INTEGER NOT NULL,
     kind TEXT NOT NULL,
     body TEXT NOT NULL,
-    hash TEXT NOT NULL
+    hash TEXT NOT NULL,
+    mac TEXT
 );
 CREATE INDEX IF NOT EXISTS records_time ON records(time_us);
 -- Lifecycle notes only (a partial index: request records never touch it), so the
@@ -229,17 +233,46 @@ def checkpoint_tail(conn: sqlite3.Connection) -> None:
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
-    """A reader's connection; refuses to create a missing file (a typo is an error)."""
+    """A reader's connection; refuses to create a missing file (a typo is an error).
+
+    A trail copied somewhere read-only (an auditor's copy, read-only media) cannot be
+    opened the usual way: reading a WAL-mode file needs its `-shm` beside it, and
+    SQLite cannot make one there. With no WAL left to read (a stopped router's trail),
+    it is opened as immutable instead; with a WAL, it must be copied somewhere writable.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such audit database")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    conn.execute("PRAGMA query_only=ON")
+    conn = sqlite3.connect(_uri(path, "ro"), uri=True, timeout=5)
+    try:
+        conn.execute("PRAGMA query_only=ON")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        conn.close()
+        if os.access(path.parent, os.W_OK):
+            raise
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise sqlite3.OperationalError(
+                f"{path} is in a read-only folder and has a write-ahead log ({wal.name}) "
+                "that SQLite cannot read there: copy both files to a writable folder"
+            ) from None
+        conn = sqlite3.connect(_uri(path, "ro", immutable=True), uri=True, timeout=5)
+        conn.execute("PRAGMA query_only=ON")
     return conn
 
 
+def _uri(path: Path, mode: str, *, immutable: bool = False) -> str:
+    """A SQLite URI for `path`: any `%`, `?` or `#` in it escaped, not read as URI syntax."""
+    return f"{path.absolute().as_uri()}?mode={mode}" + ("&immutable=1" if immutable else "")
+
+
 def create_schema(conn: sqlite3.Connection, chain: str | None = None) -> str:
-    """Create the tables if needed and return the chain id (new, `chain`, or stored)."""
+    """Create the tables if needed and return the chain id (new, `chain`, or stored).
+    A file made before records carried a MAC gets the column (empty for old records)."""
     conn.executescript(_SCHEMA)
+    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(records)")}
+    if "mac" not in columns:
+        conn.execute("ALTER TABLE records ADD COLUMN mac TEXT")
     stored = meta(conn).get("chain")
     if stored is not None:
         return stored
@@ -330,9 +363,8 @@ class WalCheckpointer:
             with self._lock:
                 try:
                     if self._conn is None:
-                        uri = f"file:{self._path}?mode=rw"
                         self._conn = sqlite3.connect(
-                            uri,
+                            _uri(self._path, "rw"),
                             uri=True,
                             timeout=0.1,
                             isolation_level=None,

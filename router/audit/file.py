@@ -6,6 +6,13 @@ checkpoint that is due in one transaction, and notices when the file under it wa
 removed or replaced (its inode changes; SQLite would happily keep writing to an
 unlinked file). `audit.writer.Writer` adds the queue, failing and recovering.
 
+Every record also carries a MAC of (chain, seq, hash) under a key derived from the
+signing key, which only the router holds. The hash chain alone proves nothing about
+records after the last checkpoint: anyone who can write the file can append records
+that link, or change one and re-hash the rest. A router that finds such a tail at
+start would seal it with a genuine checkpoint, so it checks the tail's MACs first and
+does not start on records it did not write (`TailNotOurs`).
+
 Recovery has to trust what is on disk, not what it hoped: a reopened file must still
 be this router's chain and end where the router left it, or end with the very batch
 whose COMMIT reported an error (then those requests, refused meanwhile, get a
@@ -17,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -27,6 +36,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import astuple
 from pathlib import Path
 from random import random
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from hybridroute.router.audit import db as auditdb
 from hybridroute.router.audit.codec import (
@@ -45,15 +58,24 @@ from hybridroute.router.audit.events import AuditEvent, AuditNote, wants_full_de
 from hybridroute.router.audit.verify import check_tail
 from hybridroute.router.config import AuditConfig
 
-__all__ = ["PROBE_SECONDS", "ChainFile", "Entry", "FileMoved", "ForeignChain", "describe_error"]
+__all__ = [
+    "PROBE_SECONDS",
+    "ChainFile",
+    "Entry",
+    "FileMoved",
+    "ForeignChain",
+    "TailNotOurs",
+    "describe_error",
+]
 
 log = logging.getLogger(__name__)
 
 PROBE_SECONDS = 0.25
 _IDENTITY_SECONDS = 0.05
-_ONE_STATEMENT_ROWS = 512  # 2,560 bound values, well inside SQLite's limit of 32,766
+_ONE_STATEMENT_ROWS = 512  # 3,072 bound values, well inside SQLite's limit of 32,766
+_MAC_INFO = b"hybridroute-audit-record-mac/1"
 Entry = AuditEvent | AuditNote
-Row = tuple[int, int, str, str, str]  # seq, time_us, kind, body, hash
+Row = tuple[int, int, str, str, str, str]  # seq, time_us, kind, body, hash, mac
 
 
 class FileMoved(Exception):
@@ -62,6 +84,10 @@ class FileMoved(Exception):
 
 class ForeignChain(Exception):
     """The file's chain is not the one this router was writing: an operator must look."""
+
+
+class TailNotOurs(Exception):
+    """Records after the last checkpoint that this router's key did not write."""
 
 
 def describe_error(exc: BaseException, path: os.PathLike[str], timeout: float) -> str:
@@ -88,6 +114,7 @@ class ChainFile:
         self.hasher = KeyedHasher.from_file(config.hmac_key, create=True)
         self.signer = load_signing_key(config.signing_key, create=True)
         self.signing_key_id = key_id(self.signer.public_key())
+        self.mac_key = _mac_key(self.signer)
         self.conn: sqlite3.Connection | None = None
         self.chain = ""
         self.head = Head(0, "")
@@ -122,6 +149,7 @@ class ChainFile:
             self.tail_problem = check_tail(conn, self.signer.public_key(), self.chain)
             if self.tail_problem:
                 log.error("audit trail %s: %s (verify it)", self.path, self.tail_problem)
+            self._check_tail_macs(conn)
             row = conn.execute(
                 "SELECT body FROM records WHERE kind = 'router.start' ORDER BY seq DESC LIMIT 1"
             ).fetchone()
@@ -140,6 +168,31 @@ class ChainFile:
         self.identity = (_stat(self.path), None)
         if self.head.seq > self.sealed_seq:
             self.seal_due = time.monotonic()  # unsealed records from an earlier run
+
+    def _check_tail_macs(self, conn: sqlite3.Connection) -> None:
+        """Refuse to go on from records after the last checkpoint that this router did
+        not write (see the module docstring): it would seal them."""
+        sealed = conn.execute("SELECT MAX(seq) FROM checkpoints").fetchone()[0] or 0
+        rows = conn.execute(
+            "SELECT seq, hash, mac FROM records WHERE seq > ? ORDER BY seq", (sealed,)
+        )
+        for seq, hash_hex, mac in rows:
+            expected = self._mac(int(seq), str(hash_hex))
+            if not isinstance(mac, str) or not hmac.compare_digest(mac, expected):
+                why = "has no MAC" if mac is None else "has a MAC this router's key did not make"
+                raise TailNotOurs(
+                    f"record seq {seq}, after the last checkpoint (seq {sealed}), {why}: "
+                    "records may have been added or changed since the router wrote them, "
+                    "and starting would seal them. Keep the file as evidence (`hybridroute "
+                    "audit verify` shows what the signatures still prove), move it away, "
+                    "and start again with a new trail. (A trail written by another signing "
+                    "key, or by a hybridroute older than record MACs, and not stopped "
+                    "cleanly, reads the same.)"
+                )
+
+    def _mac(self, seq: int, hash_hex: str) -> str:
+        message = f"{self.chain}\n{seq}\n{hash_hex}".encode()
+        return hmac.new(self.mac_key, message, hashlib.sha256).hexdigest()
 
     def _created(self) -> AuditNote:
         return AuditNote(
@@ -275,7 +328,7 @@ class ChainFile:
             prev = chain_hash(prev, text)
             time_us = body["time_us"]
             assert isinstance(time_us, int)
-            rows.append((seq, time_us, str(body["kind"]), text, prev))
+            rows.append((seq, time_us, str(body["kind"]), text, prev, self._mac(seq, prev)))
         return rows
 
     def checkpoint(self, at: Head, reason: str, prev_seq: int | None = None) -> Checkpoint:
@@ -291,7 +344,7 @@ class ChainFile:
         for `reason` (interval, shutdown): a signature is cheap, an exact cadence is not."""
         seals: list[Checkpoint] = []
         every, sealed = self.config.checkpoint_every, self.sealed_seq
-        for seq, _, _, _, hash_hex in rows:
+        for seq, _, _, _, hash_hex, _ in rows:
             if seq - sealed >= every:
                 seals.append(self.checkpoint(Head(seq, hash_hex), "count", sealed))
                 sealed = seq
@@ -343,7 +396,7 @@ class ChainFile:
         conn.executemany(
             "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)", map(astuple, anchor + seals)
         )
-        conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", rows)
+        conn.executemany(_insert(1), rows)
         conn.execute("COMMIT")
 
     def _check_identity(self) -> None:
@@ -369,8 +422,16 @@ class ChainFile:
 
 @functools.lru_cache(maxsize=_ONE_STATEMENT_ROWS)
 def _insert(rows: int) -> str:
-    """`INSERT INTO records VALUES (?, ...), (?, ...)` for `rows` rows."""
-    return "INSERT INTO records VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * rows)  # noqa: S608
+    """`INSERT INTO records (...) VALUES (?, ...), (?, ...)` for `rows` rows."""
+    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
+    return f"INSERT INTO records (seq, time_us, kind, body, hash, mac) VALUES {values}"  # noqa: S608
+
+
+def _mac_key(signer: ed25519.Ed25519PrivateKey) -> bytes:
+    """The records' MAC key: derived from the signing key, so it is as private as that
+    key and needs no file of its own (and rotates with it)."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_MAC_INFO)
+    return hkdf.derive(signer.private_bytes_raw())
 
 
 def _wal(path: Path) -> Path:

@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 
 from hybridroute.router.audit.db import WalCheckpointer, WriterLock
 from hybridroute.router.audit.events import AuditEvent, AuditNote, AuditUnavailable
+from hybridroute.router.audit.file import TailNotOurs
 from hybridroute.router.audit.metrics import AuditMetrics
 from hybridroute.router.audit.writer import WAL_CHECKPOINTED, Entry, Item, Queued, Writer
 from hybridroute.router.config import AuditConfig
@@ -67,7 +68,7 @@ class AuditStore:
             self._lock.acquire()
             writer = Writer(self.config, self._queue)
             await asyncio.to_thread(writer.open)
-        except (sqlite3.Error, ValueError, OSError) as exc:  # `router serve` prints OSErrors
+        except (sqlite3.Error, ValueError, OSError, TailNotOurs) as exc:  # printed by `serve`
             self._lock.release()
             raise OSError(f"cannot open the audit trail {self.config.db}: {exc}") from None
         loop = asyncio.get_running_loop()
