@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BatchError", "Batcher", "RunFn"]
+__all__ = ["BatchError", "Batcher", "BatcherStopped", "RunFn"]
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,17 @@ class BatchError(RuntimeError):
     """The estimator's result could not be split back into the callers' rows."""
 
 
+class BatcherStopped(RuntimeError):
+    """The batcher stopped (its model was unloaded or the node is stopping) before it
+    ran this request: the request was not computed and may be sent again."""
+
+
 @dataclass(slots=True)
 class _Pending:
     rows: Array
     outputs: tuple[str, ...]
     future: asyncio.Future[dict[str, Array]] = field(repr=False)
+    queued: bool = True  # False once taken into a batch or withdrawn by its caller
 
 
 class Batcher:
@@ -80,15 +86,18 @@ class Batcher:
         self._on_batch = on_batch
         self._name = name
         self._queue: deque[_Pending] = deque()
-        self._queued_rows = 0
+        self._queued_rows = 0  # rows of the requests still queued (not withdrawn)
+        self._withdrawn = 0  # entries in _queue whose caller went away
+        self._running: list[_Pending] = []  # the batch being computed
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for a batch (not counting the batch that is computing)."""
-        return len(self._queue)
+        """Requests waiting for a batch (not counting the batch that is computing, nor
+        requests whose caller went away)."""
+        return len(self._queue) - self._withdrawn
 
     def start(self) -> None:
         if self._task is None:
@@ -99,10 +108,11 @@ class Batcher:
     async def submit(self, rows: Array, outputs: Sequence[str]) -> dict[str, Array]:
         """Queue `rows` (first dimension = rows) and wait for this caller's outputs."""
         if self._closing:
-            raise RuntimeError(f"{self._name} is shutting down")
+            raise BatcherStopped(f"model {self._name} is shutting down")
         self.start()
         future: asyncio.Future[dict[str, Array]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, tuple(outputs), future))
+        pending = _Pending(rows, tuple(outputs), future)
+        self._queue.append(pending)
         self._queued_rows += len(rows)
         self._outstanding_rows += len(rows)
         self._cycle_peak = max(self._cycle_peak, self._outstanding_rows)
@@ -111,28 +121,58 @@ class Batcher:
             return await future
         finally:
             self._outstanding_rows -= len(rows)
+            if pending.queued:  # the caller was cancelled (deadline) while queued
+                self._withdraw(pending)
+
+    def _withdraw(self, pending: _Pending) -> None:
+        """Stop counting a queued request whose caller went away. It stays in the deque
+        (removing it would cost O(queue) per cancellation) and `_take` skips it."""
+        pending.queued = False
+        self._queued_rows -= len(pending.rows)
+        self._withdrawn += 1
 
     async def close(self) -> None:
-        """Finish everything queued, then stop the batching task."""
+        """Finish everything queued, then stop the batching task.
+
+        The drain is shielded: a caller of close() that is cancelled (an admin call whose
+        deadline passed) stops waiting, but the queued requests are still answered."""
         self._closing = True
         self._wakeup.set()
-        if self._task is not None:
-            await self._task
+        task = self._task
+        if task is not None:
+            await asyncio.shield(task)
             self._task = None
 
     async def _loop(self) -> None:
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if not self._closing:
-                await self._gather()
-            batch = self._take()
-            if batch:
-                await self._execute(batch)
+        try:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if not self._closing:
+                    await self._gather()
+                batch = self._take()
+                if batch:
+                    self._running = batch
+                    await self._execute(batch)
+                    self._running = []
+        finally:
+            # Cancelled (the loop is shutting down) or crashed: nobody will run what is
+            # left, so its callers get an answer now instead of waiting for their deadline.
+            self._closing = True
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        message = f"model {self._name} stopped before computing the request; send it again"
+        for pending in [*self._running, *self._queue]:
+            if not pending.future.done():
+                pending.future.set_exception(BatcherStopped(message))
+        self._running = []
+        self._queue.clear()
+        self._queued_rows = self._withdrawn = 0
 
     async def _gather(self) -> None:
         """Wait (bounded) for the rows this batch can expect; never when a request is alone."""
@@ -163,12 +203,15 @@ class Batcher:
         rows = 0
         while self._queue:
             head = self._queue[0]
+            if not head.queued:  # withdrawn by its caller
+                self._queue.popleft()
+                self._withdrawn -= 1
+                continue
             if batch and rows + len(head.rows) > self._max_rows:
                 break
             self._queue.popleft()
+            head.queued = False
             self._queued_rows -= len(head.rows)
-            if head.future.cancelled():
-                continue
             batch.append(head)
             rows += len(head.rows)
         return batch

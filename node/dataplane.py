@@ -167,7 +167,7 @@ class DataPlane:
         if current is not None and current[0] is model:
             return current[1]
         if current is not None:  # a reload swapped the model without retire(): drain the old
-            self._drain_later(current[1])
+            self._drain_later(current[1], None)
         batcher = self._new_batcher(model)
         self._batchers[key] = (model, batcher)
         return batcher
@@ -198,24 +198,31 @@ class DataPlane:
         self._metrics.queue_depth.labels(*labels).set_function(lambda: batcher.queue_depth)
         return batcher
 
-    def _drain_later(self, batcher: Batcher) -> None:
-        task = asyncio.get_running_loop().create_task(batcher.close())
+    def _drain_later(self, batcher: Batcher, key: tuple[str, int] | None) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._drain(batcher, key))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        return task
+
+    async def _drain(self, batcher: Batcher, key: tuple[str, int] | None) -> None:
+        await batcher.close()
+        # After a reload, requests for the new model get a new batcher under the same
+        # key while the old one drains; its queue-depth gauge carries the same labels,
+        # so they are removed only if no batcher serves `key` any more.
+        if key is not None and key not in self._batchers:
+            with contextlib.suppress(KeyError):
+                self._metrics.queue_depth.remove(key[0], str(key[1]))
 
     async def retire(self, name: str, version: int) -> None:
         """Detach the batcher of `name`/`version` and wait until its queued requests are
         answered (call after the repository stopped handing out that model).
 
-        After a reload, requests for the new model get a new batcher under the same key
-        while the old one drains; its queue-depth gauge carries the same labels, so the
-        labels are removed only if no batcher serves `name`/`version` any more."""
+        The drain runs in a task of its own: a caller cancelled while waiting (an admin
+        call past its deadline) stops waiting, and the queued requests are still
+        answered and the gauges still cleaned up."""
         current = self._batchers.pop((name, version), None)
         if current is not None:
-            await current[1].close()
-            if (name, version) not in self._batchers:
-                with contextlib.suppress(KeyError):
-                    self._metrics.queue_depth.remove(name, str(version))
+            await asyncio.shield(self._drain_later(current[1], (name, version)))
 
     def check_inputs(self, model: LoadedModel, tensors: Sequence[TensorHeader]) -> None:
         """Check the inputs' names, datatypes, shapes and row counts against `model`,

@@ -18,17 +18,22 @@ What a rollout needs from a node, and how it is met:
 
 Loads and unloads of one model are serialised; versions of different models load one
 at a time in a dedicated thread, so estimator threads keep answering requests.
+
+A load or unload, once started, runs to its end even if its caller gives up (an admin
+call past its deadline): stopping half way would leave a drained batcher's callers
+unanswered, health SERVING for a removed model, the gauges and the drift monitor
+out of step with the repository. The caller is told only that it stopped waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from hybridroute.config import ConfigError, load_model
 from hybridroute.node.dataplane import DataPlane
@@ -58,6 +63,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NOT_LOADED = "not loaded"
+
+T = TypeVar("T")
 
 
 class LoadFailed(RepositoryError):
@@ -182,6 +189,7 @@ class ModelLifecycle:
         self._notes = dict(notes or {})
         self._locks: dict[str, asyncio.Lock] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
+        self._operations: set[asyncio.Task[Any]] = set()  # loads and unloads running
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
@@ -218,10 +226,21 @@ class ModelLifecycle:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
+    async def _to_the_end(self, operation: Coroutine[Any, Any, T]) -> T:
+        """Run `operation` in a task of its own that a cancelled caller does not cancel
+        (see the module docstring)."""
+        task = asyncio.get_running_loop().create_task(operation)
+        self._operations.add(task)
+        task.add_done_callback(self._operations.discard)
+        return await asyncio.shield(task)
+
     async def load(self, name: str, version: int | None = None, *, by: str = "") -> list[int]:
         """Load `version` of `name` (None: what the model's policy selects), then apply
         the policy. Returns the versions unloaded by the policy."""
         self._model_dirs(name)  # a bad or unknown name fails here, before it gets a lock
+        return await self._to_the_end(self._load(name, version, by=by))
+
+    async def _load(self, name: str, version: int | None, *, by: str) -> list[int]:
         async with self._lock(name):
             dirs = self._model_dirs(name)  # again: the disk may have changed meanwhile
             if version is None:
@@ -331,6 +350,9 @@ class ModelLifecycle:
         """Unload `version` of `name` (None: every version); refuses to take away the
         last READY version unless `force`. Returns the versions unloaded."""
         self.repository.entries(name)  # ModelNotFound before an unknown name gets a lock
+        return await self._to_the_end(self._unload(name, version, force=force, by=by))
+
+    async def _unload(self, name: str, version: int | None, *, force: bool, by: str) -> list[int]:
         async with self._lock(name):
             entries = self.repository.entries(name)  # again: a load may have run meanwhile
             known = {e.version: e for e in entries}
@@ -354,11 +376,11 @@ class ModelLifecycle:
     async def _remove(self, name: str, version: int, note: str) -> None:
         old = self.repository.remove(name, version)
         self._notes[(name, version)] = note
+        if old is not None and old.ready and self._tracker is not None:
+            self._tracker.forget(name, version)
+        await self._changed()  # health says NOT_SERVING as soon as no request gets it
         if old is not None and old.ready:
-            if self._tracker is not None:
-                self._tracker.forget(name, version)
             await self._dataplane.retire(name, version)  # queued requests finish first
-        await self._changed()
 
     async def _changed(self) -> None:
         if self._on_change is not None:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from hybridroute import __version__
-from hybridroute.node.batching import BatchError
+from hybridroute.node.batching import BatchError, BatcherStopped
 from hybridroute.node.dataplane import DataPlane, InferResult, InvalidRequest
 from hybridroute.node.lifecycle import (
     IndexRow,
@@ -65,7 +65,7 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, ModelNotReady):
+    if isinstance(exc, ModelNotReady | BatcherStopped):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, InvalidRequest | TensorError | InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)

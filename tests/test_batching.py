@@ -10,19 +10,30 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from hybridroute.node.batching import Batcher, BatchError
+from hybridroute.node.batching import Batcher, BatchError, BatcherStopped
 
 
 class RecordingModel:
     """A real (tiny) model: label = row sum * 10, and it records every batch size."""
 
-    def __init__(self, *, fail_on: float | None = None, delay: float = 0.002) -> None:
+    def __init__(
+        self,
+        *,
+        fail_on: float | None = None,
+        delay: float = 0.002,
+        gate: threading.Event | None = None,
+    ) -> None:
         self.batches: list[int] = []
         self.fail_on = fail_on
         self.delay = delay
+        self.gate = gate  # when given, every estimator call waits until it is set
+        self.started = threading.Event()  # set when the first estimator call begins
         self.lock = threading.Lock()
 
     def run(self, x: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait(30)
         threading.Event().wait(self.delay)  # an estimator call takes time off the loop
         with self.lock:
             self.batches.append(len(x))
@@ -144,7 +155,66 @@ def test_close_finishes_queued_work_and_refuses_new(executor) -> None:
         await asyncio.sleep(0)
         await batcher.close()
         assert all(t.done() and not t.exception() for t in tasks)
-        with pytest.raises(RuntimeError, match="shutting down"):
+        with pytest.raises(BatcherStopped, match="shutting down"):
             await batcher.submit(np.ones((1, 2)), ["label"])
 
     asyncio.run(main())
+
+
+def test_a_cancelled_close_still_answers_every_queued_caller(executor) -> None:
+    """An unload whose admin caller gives up cancels its wait for the drain, never the
+    drain: requests already queued are still computed and answered."""
+    gate = threading.Event()
+    model = RecordingModel(gate=gate)
+
+    async def main() -> list[object]:
+        batcher = Batcher(model.run, executor=executor, max_batch_size=2)
+        tasks = [asyncio.create_task(batcher.submit(np.ones((1, 2)), ["label"])) for _ in range(5)]
+        await asyncio.to_thread(model.started.wait, 10)  # the first batch is computing
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batcher.close(), 0.05)  # the caller's deadline
+        gate.set()
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, dict) for r in results), results
+    assert sum(model.batches) == 5
+
+
+def test_a_stopped_batcher_task_fails_its_callers_instead_of_stranding_them(executor) -> None:
+    gate = threading.Event()
+    model = RecordingModel(gate=gate)
+
+    async def main() -> list[object]:
+        batcher = Batcher(model.run, executor=executor, max_batch_size=1)
+        tasks = [asyncio.create_task(batcher.submit(np.ones((1, 2)), ["label"])) for _ in range(3)]
+        await asyncio.to_thread(model.started.wait, 10)
+        assert batcher._task is not None
+        batcher._task.cancel()  # as when the event loop shuts down under it
+        try:
+            return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        finally:
+            gate.set()
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, BatcherStopped) for r in results), results
+    assert "stopped before computing the request" in str(results[0])
+
+
+def test_callers_that_gave_up_leave_the_queue_and_are_not_computed(executor) -> None:
+    model = RecordingModel(delay=0)
+
+    async def main() -> None:
+        batcher = Batcher(model.run, executor=executor, max_batch_size=8, max_queue_delay=30)
+        tasks = [asyncio.create_task(batcher.submit(np.ones((1, 2)), ["label"])) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert batcher.queue_depth == 3
+        for task in tasks[:2]:  # their deadlines passed
+            task.cancel()
+        await asyncio.gather(*tasks[:2], return_exceptions=True)
+        assert batcher.queue_depth == 1
+        await batcher.close()
+        assert tasks[2].done() and not tasks[2].exception()
+
+    asyncio.run(main())
+    assert model.batches == [1]

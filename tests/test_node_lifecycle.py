@@ -12,6 +12,8 @@ import shutil
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 import skops.io as sio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from support import LoopThread, mtls_channel, router_channel, running_node
@@ -446,3 +449,73 @@ def test_a_reload_keeps_the_queue_depth_gauge_of_the_new_batcher(repo: Path) -> 
     finally:
         loop.run(node.stop(grace=1))
         loop.close()
+
+
+def _gauge(node: NodeServer, name: str, **labels: str) -> float | None:
+    return node.metrics.registry.get_sample_value(name, labels)
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("operation", ["unload", "reload"])
+def test_an_admin_caller_that_gives_up_still_drains_the_queue_and_updates_health(
+    repo: Path, pki: Path, operation: str
+) -> None:
+    """The admin call is cancelled while the old batcher drains (its deadline passed):
+    the requests queued on the old model are still answered, and health and gauges
+    follow the repository, not the abandoned call."""
+    gate = threading.Event()
+    with running_node(repo, pki, drift_window=0) as node, router_channel(node, pki) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert node.repository is not None
+        repository = node.repository
+        before = repository.entry("iris", 1).model
+        busy = [node._executor.submit(gate.wait, 30) for _ in range(4)]  # every estimator thread
+        try:
+            with ThreadPoolExecutor(4) as clients:
+                queued = [clients.submit(infer, stub) for _ in range(4)]
+                _until(lambda: _gauge(node, "hybridroute_node_in_flight_requests") == 4, "queue")
+                if operation == "unload":
+                    request = pb.RepositoryModelUnloadRequest(model_name="iris")
+                    request.parameters["force"].bool_param = True
+                    call = stub.RepositoryModelUnload.future(request, timeout=30)
+                    _until(lambda: not repository.has_ready("iris"), "the unload to start")
+                else:
+                    request = pb.RepositoryModelLoadRequest(model_name="iris")
+                    request.parameters["version"].int64_param = 1
+                    call = stub.RepositoryModelLoad.future(request, timeout=30)
+                    _until(
+                        lambda: repository.entry("iris", 1).model is not before,
+                        "the reloaded model to be swapped in",
+                    )
+                call.cancel()  # the admin caller gives up while the old batcher drains
+                gate.set()
+                answers = [f.result(timeout=20) for f in queued]
+        finally:
+            gate.set()
+            for task in busy:
+                task.result(timeout=5)
+        assert [a.model_version for a in answers] == ["1"] * 4
+        _until(
+            lambda: (
+                _gauge(node, "hybridroute_node_queue_depth", model="iris", version="1")
+                in ((None,) if operation == "unload" else (None, 0.0))
+            ),
+            "the queue depth gauge to follow",
+        )
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service="iris"), timeout=5).status
+        if operation == "unload":
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert _gauge(node, "hybridroute_node_model_ready", model="iris", version="1") == 0
+            with pytest.raises(grpc.RpcError) as info:
+                infer(stub)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        else:
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            assert infer(stub).model_version == "1"
