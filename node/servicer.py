@@ -8,6 +8,7 @@ value may reach a log or an error text.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
@@ -52,6 +53,10 @@ _UNKNOWN_VERSION = "_unknown"
 # caller on the event loop. check_inputs bounds the elements by the model's row limit.
 _INLINE_ELEMENTS = 4096
 _INLINE_BYTES = 1024 * 1024
+
+# gRPC cancels a handler when its deadline passes, a moment before time_remaining()
+# reaches 0 as the handler sees it; a call cancelled this close to it timed out.
+_DEADLINE_SLACK = 0.01
 
 
 class BadParameter(ValueError):
@@ -147,6 +152,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self._dp.repository.get(request.model_name, request.model_version or None)
             resolved = str(model.config.version)
             response = await self._infer(model, request)
+        except asyncio.CancelledError:
+            # The caller went away: its deadline passed or it cancelled. Count it (an
+            # operator must see requests that time out on the node) and let the
+            # cancellation through; there is nobody to answer.
+            code = _cancelled_code(context)
+            self._metrics.requests.labels(*self._labels(request, resolved), code.name).inc()
+            raise
         except Exception as exc:
             code, message = _status_for(exc)
             name, version = self._labels(request, resolved)
@@ -239,6 +251,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self._lifecycle is None:
             raise BadParameter("this node does not load or unload models at runtime")
         return self._lifecycle
+
+
+def _cancelled_code(context: Any) -> grpc.StatusCode:
+    """DEADLINE_EXCEEDED when the call was cancelled because its deadline passed, else
+    CANCELLED (the client cancelled or disconnected)."""
+    try:
+        remaining = context.time_remaining()
+    except Exception:
+        remaining = None
+    if remaining is not None and remaining <= _DEADLINE_SLACK:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
 
 
 def _large_request(request: pb.ModelInferRequest) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -501,6 +502,8 @@ def variant_node(
     _variant(root, model_repo, "iris16", lambda c: c["outputs"][1].update(datatype="FP16"))
     _variant(root, model_repo, "iris-slow", lambda c: c["batching"].update(max_queue_delay_ms=300))
     _variant(root, model_repo, "iris-wide", lambda c: c["batching"].update(max_batch_size=5000))
+    patient = {"max_queue_delay_ms": 60_000}  # a lone request waits for company
+    _variant(root, model_repo, "iris-patient", lambda c: c["batching"].update(patient))
     with running_node(root, pki, drift_window=0) as server:
         yield server
 
@@ -576,3 +579,45 @@ def test_large_requests_are_converted_off_the_event_loop(
     threads.clear()
     variant_stub.ModelInfer(_iris_request(model="iris-wide"), timeout=10)  # one row: inline
     assert threads and not any(name.startswith("estimator") for _, name in threads), threads
+
+
+def test_callers_that_time_out_or_cancel_are_counted_and_leave_the_queue(
+    variant_node: NodeServer, variant_stub
+) -> None:
+    """iris-patient holds a lone request for a minute: every caller gives up first."""
+
+    def sample(name: str, **labels: str) -> float:
+        value = variant_node.metrics.registry.get_sample_value(name, labels)
+        return value or 0.0
+
+    def until(condition, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.01)
+
+    labels = {"model": "iris-patient", "version": "1"}
+    timed_out = [
+        variant_stub.ModelInfer.future(_iris_request(model="iris-patient"), timeout=0.3)
+        for _ in range(3)
+    ]
+    for call in timed_out:
+        with pytest.raises(grpc.RpcError) as info:
+            call.result()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    requests = "hybridroute_node_requests_total"
+    until(lambda: sample(requests, **labels, code="DEADLINE_EXCEEDED") == 3, "3 counted")
+    until(lambda: sample("hybridroute_node_queue_depth", **labels) == 0, "an empty queue")
+
+    cancelled = [
+        variant_stub.ModelInfer.future(_iris_request(model="iris-patient"), timeout=30)
+        for _ in range(2)
+    ]
+    until(lambda: sample("hybridroute_node_queue_depth", **labels) == 2, "2 queued")
+    for call in cancelled:
+        call.cancel()
+    until(lambda: sample(requests, **labels, code="CANCELLED") == 2, "2 counted")
+    until(lambda: sample("hybridroute_node_queue_depth", **labels) == 0, "an empty queue")
+    assert sample("hybridroute_node_in_flight_requests") == 0
+    assert sample(requests, **labels, code="OK") == 0
+    assert sample("hybridroute_node_batch_size_count", **labels) == 0  # nothing computed
