@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hybridroute.cli import UsageError
+from hybridroute.cli import UsageError, whole_number
 from hybridroute.node.deploy import register_deploy
 from hybridroute.node.drift_cli import register_drift
 from hybridroute.node.models_cli import register_lifecycle_commands
@@ -105,7 +107,7 @@ def _register_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     p.add_argument(
         "--max-batch-size",
-        type=int,
+        type=whole_number(1),
         default=32,
         metavar="N",
         help="default rows per estimator call, and per request, when model.yaml sets none "
@@ -113,7 +115,7 @@ def _register_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     p.add_argument(
         "--max-queue-delay-ms",
-        type=float,
+        type=_finite(0.0),
         default=0.0,
         metavar="MS",
         help="default wait for a fuller batch when model.yaml sets none (default 0)",
@@ -121,14 +123,14 @@ def _register_node(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--no-batching", action="store_true", help="one estimator call per request")
     p.add_argument(
         "--max-message-bytes",
-        type=int,
+        type=_message_bytes,
         default=64 * 1024 * 1024,
         metavar="N",
         help="largest request accepted (default 64 MiB); larger: RESOURCE_EXHAUSTED",
     )
     p.add_argument(
         "--grace",
-        type=float,
+        type=_finite(0.0),
         default=10.0,
         metavar="SECONDS",
         help="time in-flight requests get to finish on SIGTERM (default 10)",
@@ -153,11 +155,45 @@ def _add_drift_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--drift-interval",
-        type=float,
+        type=_finite(0.001),
         default=30.0,
         metavar="SECONDS",
         help="how often drift is re-tested for metrics and logs (default 30)",
     )
+
+
+# gRPC takes message limits as a signed 32-bit channel argument.
+_MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+def _message_bytes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= _MAX_MESSAGE_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"must be 1 to {_MAX_MESSAGE_BYTES} (gRPC's limit), not {value}"
+        )
+    return value
+
+
+def _finite(minimum: float) -> Callable[[str], float]:
+    """An argparse `type` for a finite number of at least `minimum`: a negative, infinite
+    or NaN delay or period is accepted by float() and then breaks every request."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number, {minimum:g} or more, not {text!r}"
+            )
+        return value
+
+    return parse
 
 
 def _admins(args: argparse.Namespace) -> tuple[str, ...]:
