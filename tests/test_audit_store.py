@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from hybridroute.router.audit.codec import KeyedHasher, canonical, chain_hash, load_verify_key
+from hybridroute.router.audit.codec import (
+    KeyedHasher,
+    canonical,
+    chain_hash,
+    key_id,
+    load_verify_key,
+)
 from hybridroute.router.audit.db import connect_readonly
 from hybridroute.router.audit.events import AuditEvent, AuditNote, AuditUnavailable
 from hybridroute.router.audit.notes import CertWatch
@@ -619,11 +625,40 @@ def _appended(seq: int) -> str:
     return f"INSERT INTO records ({columns}) VALUES ({seq}, 1, 'request', '{body}', '');"
 
 
+def _fake_checkpoint(seq: int, key_id: str) -> str:
+    return (
+        f"INSERT INTO checkpoints VALUES ({seq}, (SELECT hash FROM records WHERE seq = 7), "
+        f"1, 7, 'count', '{key_id}', '{'00' * 64}');"
+    )
+
+
 @pytest.mark.parametrize(
     ("how", "sql", "rehash_from", "named"),
     [
         # A record that links, appended after the shutdown checkpoint.
-        ("appended", _appended(8), 8, "seq 8"),
+        ("appended", _appended(8), 8, "record seq 8, after the last checkpoint"),
+        # The same, with a forged checkpoint in the router's name over it.
+        (
+            "appended and sealed",
+            _appended(8) + _fake_checkpoint(8, "{key_id}"),
+            8,
+            r"checkpoint \(seq 8\) has an invalid signature",
+        ),
+        # A checkpoint past the last record, in another key's name (as after a key
+        # rotation, which the router cannot check): it would never seal again.
+        (
+            "sealed ahead",
+            _fake_checkpoint(1000, "0123456789abcdef"),
+            None,
+            r"checkpoint \(seq 1000\) is past the last record",
+        ),
+        # A record the router wrote, deleted from the unsealed tail.
+        (
+            "cut",
+            "DELETE FROM checkpoints WHERE seq > 4; DELETE FROM records WHERE seq = 5;",
+            None,
+            "does not link at seq 6",
+        ),
         # The newest checkpoints deleted, a sealed record turned from on-prem to
         # cloud, the chain re-linked: hashes alone say nothing is wrong.
         (
@@ -632,12 +667,12 @@ def _appended(seq: int) -> str:
             'UPDATE records SET body = replace(body, \'"zone":"onprem"\', '
             '\'"zone":"cloud"\') WHERE seq = 6;',
             6,
-            "seq 6",
+            "record seq 6, after the last checkpoint",
         ),
     ],
 )
 def test_a_router_does_not_seal_records_it_did_not_write(
-    tmp_path: Path, how: str, sql: str, rehash_from: int, named: str
+    tmp_path: Path, how: str, sql: str, rehash_from: int | None, named: str
 ) -> None:
     """At start, records after the last checkpoint are sealed by the router's next
     checkpoint; forged ones would come out genuinely signed. The router checks their
@@ -654,10 +689,12 @@ def test_a_router_does_not_seal_records_it_did_not_write(
     asyncio.run(run([event(i, zone="onprem", route="onprem") for i in range(6)]))
     with contextlib.closing(connect_readonly(cfg.db)) as conn:
         assert [s for (s,) in conn.execute("SELECT seq FROM checkpoints")] == [4, 7]
-    _forge(cfg.db, sql, rehash_from)
+    assert cfg.signing_key is not None
+    ours = key_id(load_verify_key(cfg.signing_key.with_suffix(".pub")))
+    _forge(cfg.db, sql.replace("{key_id}", ours), rehash_from)
     with contextlib.closing(connect_readonly(cfg.db)) as conn:
         before = conn.execute("SELECT COUNT(*), MAX(seq) FROM checkpoints").fetchone()
-    with pytest.raises(OSError, match=f"{named}, after the last checkpoint") as raised:
+    with pytest.raises(OSError, match=named) as raised:
         asyncio.run(run([event(99)]))
     assert "move it away" in str(raised.value)
     with contextlib.closing(connect_readonly(cfg.db)) as conn:  # nothing was sealed

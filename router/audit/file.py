@@ -74,6 +74,11 @@ PROBE_SECONDS = 0.25
 _IDENTITY_SECONDS = 0.05
 _ONE_STATEMENT_ROWS = 512  # 3,072 bound values, well inside SQLite's limit of 32,766
 _MAC_INFO = b"hybridroute-audit-record-mac/1"
+_MOVE_IT_AWAY = (
+    "Starting would seal it with a genuine checkpoint. Keep the file as evidence "
+    "(`hybridroute audit verify` shows what the signatures still prove), move it away, "
+    "and start again with a new trail."
+)
 Entry = AuditEvent | AuditNote
 Row = tuple[int, int, str, str, str, str]  # seq, time_us, kind, body, hash, mac
 
@@ -146,10 +151,7 @@ class ChainFile:
                 (str(time.time_ns() // 1000),),
             )
             self._adopt(conn)
-            self.tail_problem = check_tail(conn, self.signer.public_key(), self.chain)
-            if self.tail_problem:
-                log.error("audit trail %s: %s (verify it)", self.path, self.tail_problem)
-            self._check_tail_macs(conn)
+            self._check_tail(conn)
             row = conn.execute(
                 "SELECT body FROM records WHERE kind = 'router.start' ORDER BY seq DESC LIMIT 1"
             ).fetchone()
@@ -169,10 +171,29 @@ class ChainFile:
         if self.head.seq > self.sealed_seq:
             self.seal_due = time.monotonic()  # unsealed records from an earlier run
 
+    def _check_tail(self, conn: sqlite3.Connection) -> None:
+        """Refuse to go on from a tail this router would wrongly seal: records after the
+        last checkpoint it did not write (see the module docstring), a tail that does not
+        link, a last checkpoint in this router's name that it did not sign, or one past
+        the last record. After a key rotation the last checkpoint is the old key's: the
+        router cannot check it (an auditor verifies with both keys), says so, goes on."""
+        problem = check_tail(conn, self.signer.public_key(), self.chain)
+        newest = auditdb.checkpoints(conn, self.sealed_seq)
+        rotated = bool(newest) and newest[-1].key_id != self.signing_key_id
+        if problem and rotated:
+            self.tail_problem = problem
+            log.error("audit trail %s: %s (verify it)", self.path, problem)
+        elif problem:
+            raise TailNotOurs(f"{problem}: {_MOVE_IT_AWAY}")
+        if self.sealed_seq > self.head.seq:
+            raise TailNotOurs(
+                f"the last checkpoint (seq {self.sealed_seq}) is past the last record (seq "
+                f"{self.head.seq}): {_MOVE_IT_AWAY}"
+            )
+        self._check_tail_macs(conn)
+
     def _check_tail_macs(self, conn: sqlite3.Connection) -> None:
-        """Refuse to go on from records after the last checkpoint that this router did
-        not write (see the module docstring): it would seal them."""
-        sealed = conn.execute("SELECT MAX(seq) FROM checkpoints").fetchone()[0] or 0
+        sealed = self.sealed_seq
         rows = conn.execute(
             "SELECT seq, hash, mac FROM records WHERE seq > ? ORDER BY seq", (sealed,)
         )
@@ -182,12 +203,10 @@ class ChainFile:
                 why = "has no MAC" if mac is None else "has a MAC this router's key did not make"
                 raise TailNotOurs(
                     f"record seq {seq}, after the last checkpoint (seq {sealed}), {why}: "
-                    "records may have been added or changed since the router wrote them, "
-                    "and starting would seal them. Keep the file as evidence (`hybridroute "
-                    "audit verify` shows what the signatures still prove), move it away, "
-                    "and start again with a new trail. (A trail written by another signing "
-                    "key, or by a hybridroute older than record MACs, and not stopped "
-                    "cleanly, reads the same.)"
+                    f"records may have been added or changed since the router wrote them. "
+                    f"{_MOVE_IT_AWAY} (A trail written by another signing key, or by a "
+                    "hybridroute older than record MACs, and not stopped cleanly, reads the "
+                    "same.)"
                 )
 
     def _mac(self, seq: int, hash_hex: str) -> str:
