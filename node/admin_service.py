@@ -20,6 +20,7 @@ from hybridroute.node.lifecycle import ModelLifecycle
 from hybridroute.node.repository import parse_version
 from hybridroute.protos import node_admin_pb2 as pb
 from hybridroute.protos import node_admin_pb2_grpc as pb_grpc
+from hybridroute.protos.tensors import quoted
 
 __all__ = ["NodeAdminServicer", "report_message"]
 
@@ -60,7 +61,7 @@ class NodeAdminServicer(pb_grpc.NodeAdminServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "version must be a positive 64-bit integer"
             )
         if request.model and not self._lifecycle.repository.knows(request.model):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {quoted(request.model)}")
         assert self._monitor is not None
         loop = asyncio.get_running_loop()
         reports = await loop.run_in_executor(

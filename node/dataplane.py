@@ -27,7 +27,7 @@ from hybridroute.node.batching import Batcher
 from hybridroute.node.loading import LoadedModel
 from hybridroute.node.metrics import NodeMetrics
 from hybridroute.node.repository import ModelRepository
-from hybridroute.protos.tensors import InputTensor, shape_text
+from hybridroute.protos.tensors import DATATYPES, InputTensor, quoted, shape_text
 
 __all__ = [
     "BatchingDefaults",
@@ -78,13 +78,20 @@ class TensorHeader(Protocol):
     def shape(self) -> Sequence[int]: ...
 
 
+def _datatype_text(datatype: str) -> str:
+    """A request's datatype for a message: as is if it is one, else quoted and cut short."""
+    return datatype if datatype in DATATYPES or datatype == "BF16" else quoted(datatype)
+
+
 def _check_shape(name: str, declared: Sequence[int], got: Sequence[int]) -> None:
     if any(g < 0 for g in got):
-        raise InvalidRequest(f"tensor '{name}': shape {shape_text(got)} has a negative dimension")
+        raise InvalidRequest(
+            f"tensor {quoted(name)}: shape {shape_text(got)} has a negative dimension"
+        )
     ok = len(declared) == len(got) and all(d in (-1, g) for d, g in zip(declared, got, strict=True))
     if not ok:
         raise InvalidRequest(
-            f"tensor '{name}': shape {shape_text(got)} does not match the model's "
+            f"tensor {quoted(name)}: shape {shape_text(got)} does not match the model's "
             f"{list(declared)} (-1 = any size)"
         )
 
@@ -95,11 +102,11 @@ def _check_rows(name: str, shape: Sequence[int], limit: int, model: str) -> None
     rows = shape[0]
     if rows == 0:
         raise InvalidRequest(
-            f"tensor '{name}': shape {shape_text(shape)} has no rows; send 1 to {limit}"
+            f"tensor {quoted(name)}: shape {shape_text(shape)} has no rows; send 1 to {limit}"
         )
     if rows > limit:
         raise InvalidRequest(
-            f"tensor '{name}': shape {shape_text(shape)} has {rows} rows; model '{model}' "
+            f"tensor {quoted(name)}: shape {shape_text(shape)} has {rows} rows; model '{model}' "
             f"takes at most {limit} per request (its max_batch_size): split the request"
         )
 
@@ -114,7 +121,8 @@ def _check_finite(name: str, rows: Array) -> None:
     if infinite.any():
         index = np.unravel_index(int(np.argmax(infinite)), rows.shape)
         raise InvalidRequest(
-            f"tensor '{name}': values must be finite; element {[int(i) for i in index]} is infinite"
+            f"tensor {quoted(name)}: values must be finite; "
+            f"element {[int(i) for i in index]} is infinite"
         )
 
 
@@ -229,7 +237,7 @@ class DataPlane:
         from the declarations alone (see the module docstring)."""
         declared = model.config.inputs[0]
         if len(tensors) != 1 or tensors[0].name != declared.name:
-            got = ", ".join(f"'{t.name}'" for t in tensors[:8]) or "none"
+            got = ", ".join(quoted(t.name) for t in tensors[:8]) or "none"
             if len(tensors) > 8:
                 got += f", ... ({len(tensors)} inputs)"
             raise InvalidRequest(
@@ -239,7 +247,8 @@ class DataPlane:
         tensor = tensors[0]
         if tensor.datatype != declared.datatype:
             raise InvalidRequest(
-                f"tensor '{tensor.name}': datatype {tensor.datatype}, expected {declared.datatype}"
+                f"tensor {quoted(tensor.name)}: datatype {_datatype_text(tensor.datatype)}, "
+                f"expected {declared.datatype}"
             )
         _check_shape(tensor.name, declared.shape, tensor.shape)
         _check_rows(tensor.name, tensor.shape, self.row_limit(model), model.config.name)
@@ -252,12 +261,14 @@ class DataPlane:
         tensor = inputs[0]
         known = {o.name: o for o in model.config.outputs}
         if requested:
-            unknown = [name for name in requested if name not in known]
+            unknown = list(dict.fromkeys(name for name in requested if name not in known))
             if unknown:
+                listed = ", ".join(quoted(n) for n in unknown[:8])
+                if len(unknown) > 8:
+                    listed += f", ... ({len(unknown)} unknown outputs)"
                 raise InvalidRequest(
-                    f"model '{model.config.name}' has no output "
-                    + ", ".join(f"'{n}'" for n in unknown)
-                    + f"; it has {', '.join(repr(n) for n in known)}"
+                    f"model '{model.config.name}' has no output {listed}; "
+                    f"it has {', '.join(repr(n) for n in known)}"
                 )
             outputs = list(dict.fromkeys(requested))
         else:

@@ -48,6 +48,7 @@ from hybridroute.node.repository import (
     version_dirs,
 )
 from hybridroute.node.versions import DEFAULT_POLICY, VersionPolicy, to_keep
+from hybridroute.protos.tensors import quoted
 
 __all__ = [
     "IndexRow",
@@ -217,7 +218,7 @@ class ModelLifecycle:
 
     def _model_dirs(self, name: str) -> dict[int, Path]:
         if not valid_model_name(name):
-            raise InvalidModelName(f"{name!r} is not a model name")
+            raise InvalidModelName(f"{quoted(name)} is not a model name")
         dirs = version_dirs(self.root / name, warn=False)
         if not dirs:
             raise ModelNotFound(f"the repository {self.root} has no versions of model {name!r}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from hybridroute.node.loading import LoadedModel, ModelLoadError, load_version
+from hybridroute.protos.tensors import quoted
 
 __all__ = [
     "ModelNotFound",
@@ -88,14 +89,6 @@ def parse_version(text: str) -> int | None:
 def _version_number(directory: Path) -> int | None:
     """A version directory's number, or None if its name is not a version number."""
     return parse_version(directory.name)
-
-
-def _quoted(text: str, limit: int = 40) -> str:
-    """`text` quoted for a message, cut short: names and versions in requests are
-    caller-chosen and can be megabytes long."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def load_entry(name: str, version: int, path: Path) -> VersionEntry:
@@ -213,7 +206,7 @@ class ModelRepository:
             versions = self._models.get(name)
             if not versions:
                 known = ", ".join(sorted(self._models)) or "none"
-                raise ModelNotFound(f"unknown model {_quoted(name)} (available models: {known})")
+                raise ModelNotFound(f"unknown model {quoted(name)} (available models: {known})")
             return [versions[v] for v in sorted(versions)]
 
     def versions(self, name: str, *, ready_only: bool = False) -> list[int]:
@@ -239,7 +232,7 @@ class ModelRepository:
         if found is None:
             available = ", ".join(str(e.version) for e in entries)
             raise ModelNotFound(
-                f"model {name!r} has no version {_quoted(str(version))} "
+                f"model {name!r} has no version {quoted(str(version))} "
                 f"(available versions: {available})"
             )
         return found

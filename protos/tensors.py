@@ -32,6 +32,7 @@ __all__ = [
     "encode_output",
     "iter_bytes_elements",
     "numpy_datatype",
+    "quoted",
     "shape_text",
     "travels_typed",
 ]
@@ -82,11 +83,21 @@ _NARROW_INTEGERS = {
 }
 
 
+def quoted(text: str, limit: int = 40) -> str:
+    """`text` quoted for a message, cut short: names, datatypes and versions in requests
+    are caller-chosen and can be megabytes long, and a status message longer than gRPC's
+    metadata limit (16 KiB) reaches the client as RESOURCE_EXHAUSTED instead of the
+    error it describes."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class TensorError(ValueError):
     """A tensor on the wire does not follow the protocol or the model's declaration."""
 
     def __init__(self, tensor: str, message: str) -> None:
-        super().__init__(f"tensor '{tensor}': {message}")
+        super().__init__(f"tensor {quoted(tensor)}: {message}")
         self.tensor = tensor
 
 
@@ -266,7 +277,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[InputTensor]:
     for index, tensor in enumerate(request.inputs):
         name, datatype = tensor.name, tensor.datatype
         if datatype not in DATATYPES and datatype != "BF16":
-            raise TensorError(name, f"unknown datatype {datatype!r}")
+            raise TensorError(name, f"unknown datatype {quoted(datatype)}")
         shape = tuple(tensor.shape)
         if raw_contents:
             if tensor.HasField("contents"):

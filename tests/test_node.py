@@ -29,7 +29,7 @@ from hybridroute.node.repository import ModelRepository
 from hybridroute.node.server import NodeServer
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
-from hybridroute.protos.tensors import encode_bytes_elements
+from hybridroute.protos.tensors import TensorError, decode_inputs, encode_bytes_elements
 
 
 @pytest.fixture(scope="module")
@@ -462,6 +462,42 @@ def test_over_long_versions_are_not_found_in_a_short_message(stub) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelMetadata(pb.ModelMetadataRequest(name="iris", version=version), timeout=5)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"name": "x" * 20_000},
+            "got 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... (20000 characters)",
+        ),
+        (
+            {"outputs": ["o" * 20_000]},
+            "has no output 'oooooooooooooooooooooooooooooooooooooooo'...",
+        ),
+        ({"outputs": [f"o{i}" for i in range(5000)]}, "'o7', ... (5000 unknown outputs)"),
+        ({"datatype": "D" * 20_000}, "datatype 'DDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDDD'..."),
+    ],
+    ids=["input-name", "output-name", "many-outputs", "datatype"],
+)
+def test_over_long_names_are_invalid_argument_in_a_short_message(
+    stub, overrides: dict[str, object], message: str
+) -> None:
+    """A status message over gRPC's 16 KiB metadata limit reaches the client as
+    RESOURCE_EXHAUSTED, hiding what was wrong: names from the request are cut short."""
+    details = _refused(stub, _iris_request(**overrides))
+    assert message in details and len(details) < 300, details[:300]
+
+
+def test_an_unknown_datatype_is_cut_short_when_decoding() -> None:
+    request = pb.ModelInferRequest(model_name="iris")
+    request.inputs.add(name="n" * 50_000, datatype="D" * 50_000, shape=[1])
+    with pytest.raises(TensorError) as info:
+        decode_inputs(request)
+    assert str(info.value) == (
+        f"tensor {'n' * 40!r}... (50000 characters): "
+        f"unknown datatype {'D' * 40!r}... (50000 characters)"
+    )
 
 
 def test_metric_labels_are_only_known_models_and_versions(node: NodeServer, stub) -> None:

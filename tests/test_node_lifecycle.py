@@ -421,6 +421,32 @@ def test_an_over_long_version_parameter_is_invalid_argument(repo: Path, pki: Pat
         assert infer(stub).model_version == "1"
 
 
+def test_over_long_model_names_in_admin_calls_get_a_short_message(repo: Path, pki: Path) -> None:
+    name = "m/" + "x" * 20_000  # not a model name, and longer than gRPC's 16 KiB metadata
+    with running_node(repo, pki) as node, router_channel(node, pki) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        admin = admin_grpc.NodeAdminStub(channel)
+        calls = [
+            (
+                stub.RepositoryModelLoad,
+                pb.RepositoryModelLoadRequest(model_name=name),
+                "INVALID_ARGUMENT",
+            ),
+            (
+                stub.RepositoryModelUnload,
+                pb.RepositoryModelUnloadRequest(model_name=name),
+                "NOT_FOUND",
+            ),
+            (admin.DriftReport, admin_pb.DriftRequest(model=name), "NOT_FOUND"),
+        ]
+        for method, request, code in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                method(request, timeout=10)
+            assert info.value.code().name == code, info.value.details()[:200]
+            assert "... (20002 characters)" in info.value.details()
+            assert len(info.value.details()) < 300
+
+
 def test_a_reload_keeps_the_queue_depth_gauge_of_the_new_batcher(repo: Path) -> None:
     """A reload under traffic: the old batcher drains while the new model's first request
     already has a batcher under the same labels; retiring the old one must not remove
