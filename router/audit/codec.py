@@ -90,6 +90,8 @@ class KeyedHasher:
             return cls(bytes.fromhex(text))
         except FileNotFoundError:
             raise ValueError(f"{path}: audit HMAC key file not found") from None
+        except OSError as exc:  # a directory, no permission, an I/O error
+            raise ValueError(f"{path}: cannot read the audit HMAC key ({_why(exc)})") from None
         except (ValueError, UnicodeDecodeError):
             raise ValueError(f"{path}: not an audit HMAC key (64 hex digits)") from None
 
@@ -165,6 +167,8 @@ def load_signing_key(path: Path, *, create: bool = False) -> ed25519.Ed25519Priv
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
         raise ValueError(f"{path}: audit signing key not found") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the audit signing key ({_why(exc)})") from None
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: not a PEM private key ({exc})") from None
     if not isinstance(loaded, ed25519.Ed25519PrivateKey):
@@ -178,11 +182,17 @@ def load_verify_key(path: Path) -> ed25519.Ed25519PublicKey:
         loaded = serialization.load_pem_public_key(path.read_bytes())
     except FileNotFoundError:
         raise ValueError(f"{path}: verification key not found") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the verification key ({_why(exc)})") from None
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: not a PEM public key ({exc})") from None
     if not isinstance(loaded, ed25519.Ed25519PublicKey):
         raise ValueError(f"{path}: the audit verification key must be Ed25519")
     return loaded
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def _public_pem(key: ed25519.Ed25519PublicKey) -> bytes:
