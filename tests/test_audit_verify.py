@@ -243,7 +243,9 @@ def test_prune_keeps_what_remains_verifiable_and_refuses_a_damaged_trail(
 
     asyncio.run(extend())
     assert _check(db).ok and _check(db).last_seq == 47
-    code, out, _ = _cli(capsys, "audit", "prune", "--db", str(db), "--key", key, "--before", "now")
+    code, out, _ = _cli(
+        capsys, "audit", "prune", "--db", str(db), "--key", key, "--before", "now", "--yes"
+    )
     assert code == 0 and _check(db).ok and _check(db).records == 0
     damaged = _copy(trail, tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path)
     CASES["field changed"][0](damaged)

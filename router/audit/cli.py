@@ -75,8 +75,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     export.add_argument("--format", choices=["jsonl"], default="jsonl")
     export.add_argument("--output", type=Path, help="write here instead of stdout")
     prune = _command(audit_sub, "prune", "remove old records, keep the rest verifiable", _prune)
-    prune.add_argument("--before", required=True, metavar="TIME", help="ISO time or age (90d)")
+    prune.add_argument(
+        "--before",
+        required=True,
+        metavar="TIME",
+        help="ISO 8601 (UTC), unix seconds or an age like 90d: the records sealed before it go",
+    )
     prune.add_argument("--key", type=Path, action="append", help="verification key(s)")
+    prune.add_argument(
+        "--yes", action="store_true", help="also when that is every record (--before now)"
+    )
     hash_ = audit_sub.add_parser(
         "hash",
         help="the keyed hash of a value, to search the trail for it",
@@ -347,7 +355,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from hybridroute.router.audit.query import format_time
-    from hybridroute.router.audit.verify import prune
+    from hybridroute.router.audit.verify import WouldRemoveAll, prune
 
     before = _time(args.before, "--before")
     assert before is not None
@@ -360,7 +368,13 @@ def _prune(args: argparse.Namespace) -> int:
     key = _verify_keys(args)
     conn = _open(args, write=True)
     try:
-        result = prune(conn, key, before)
+        result = prune(conn, key, before, remove_all=args.yes)
+    except WouldRemoveAll as exc:
+        raise UsageError(
+            f"--before {args.before} ({format_time(before)}) would remove every record "
+            f"({exc.removed}, through seq {exc.through_seq}), leaving only the last "
+            "checkpoint; add --yes if that is what you want"
+        ) from None
     except ValueError as exc:
         print(f"prune refused: {exc}; run `hybridroute audit verify`", file=sys.stderr)
         return 1
@@ -398,14 +412,27 @@ def _report_dict(report: Report) -> dict[str, object]:
         "checkpoints": report.checkpoints,
         "sealed_through": report.sealed_seq,
         "unsealed": report.unsealed,
+        "checkpoint_every": report.checkpoint_every or None,
         "key_id": report.key_id,
         "starts_after": report.starts_after or None,
+        "prunes": [
+            {
+                "through_seq": p.through_seq,
+                "records": p.records,
+                "before_us": p.before_us,
+                "pruned_at_us": p.pruned_at_us,
+            }
+            for p in report.prunes
+        ],
         "problems": [{"seq": p.seq, "kind": p.kind, "message": p.message} for p in report.problems],
     }
 
 
 def _report_lines(report: Report, db: Path) -> Iterator[str]:
     from hybridroute.router.audit.query import format_time
+
+    def when(time_us: int | None) -> str:
+        return "?" if time_us is None else format_time(time_us)
 
     yield f"audit trail {db} (chain {report.chain or '?'})"
     span = "no records"
@@ -419,20 +446,36 @@ def _report_lines(report: Report, db: Path) -> Iterator[str]:
         f"  checkpoints  {report.checkpoints}, sealed through seq {report.sealed_seq}, "
         f"verified with key {report.key_id}"
     )
+    for p in report.prunes:
+        count = "?" if p.records is None else p.records
+        yield (
+            f"  pruned       at {when(p.pruned_at_us)}: {count} records through seq "
+            f"{p.through_seq}, sealed before {when(p.before_us)}"
+        )
     if report.starts_after:
         yield f"  starts after {report.starts_after}"
     if report.unsealed:
+        bound = (
+            f" (its router seals every {report.checkpoint_every})"
+            if report.checkpoint_every
+            else ""
+        )
         yield (
-            f"  unsealed     {report.unsealed} records after the last checkpoint: they link, "
-            "but nothing signed proves the tail complete yet"
+            f"  unsealed     {report.unsealed} records (seq "
+            f"{report.last_seq - report.unsealed + 1}..{report.last_seq}) are not yet covered "
+            f"by a signature{bound}: they link, but nothing proves the tail complete; a "
+            "running router seals them within its checkpoint_ms, a stopped router's trail "
+            "has none"
         )
     if report.ok:
         yield "OK: every record links and every checkpoint verifies"
         return
     first = report.first()
     assert first is not None
-    yield f"FAILED: {first.kind} at seq {first.seq} ({len(report.problems)} problems)"
+    where = f" at seq {first.seq}" if first.seq else ""
+    yield f"FAILED: {first.kind}{where} ({len(report.problems)} problems)"
     for problem in report.problems[:50]:
-        yield f"  seq {problem.seq:<8} {problem.kind:<10} {problem.message}"
+        at = f"seq {problem.seq}" if problem.seq else "database"
+        yield f"  {at:<12} {problem.kind:<10} {problem.message}"
     if len(report.problems) > 50:
         yield f"  ... and {len(report.problems) - 50} more (--json lists all)"
