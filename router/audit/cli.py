@@ -41,7 +41,12 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 DEFAULT_STACK = Path(".hybridroute/stack.json")
-_FILTERS = ("route", "zone", "caller", "model", "rule", "decision", "status", "request_id")
+_FILTERS = (
+    *("route", "zone", "caller", "model", "model_version", "rule", "decision", "status"),
+    "request_id",
+)
+# Filters over caller-chosen names the trail may store as keyed hashes (`KeyedHasher.name`)
+_NAMES = ("model", "model_version")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -260,10 +265,12 @@ def _verify(args: argparse.Namespace) -> int:
 def _query(args: argparse.Namespace) -> int:
     from hybridroute.router.audit.query import Filters, count, csv_lines, rows, table
 
-    filters = _filters(args)
+    filters, hasher = _filters(args)
     limit = args.limit if args.limit is not None else (50 if args.format == "table" else 0)
     conn = _open(args)
     try:
+        if hasher is not None:
+            _trail_key(conn, args, hasher, filters)
         found = 0
 
         def counted() -> Iterator[dict[str, object]]:
@@ -295,25 +302,81 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _filters(args: argparse.Namespace) -> Filters:
+def _filters(args: argparse.Namespace) -> tuple[Filters, KeyedHasher | None]:
+    """The filters, and the HMAC key they use (None: no key needed, or none found for
+    names only)."""
     from hybridroute.router.audit.query import Filters
 
     equals = {name: getattr(args, name) for name in _FILTERS if getattr(args, name)}
+    hasher: KeyedHasher | None = None
     if args.session or args.client_request_id:
         hasher = _hasher(args, args.hmac_key, "--hmac-key")
         if args.session:
             equals["session"] = hasher.digest(args.session)
         if args.client_request_id:
             equals["client_request_id"] = hasher.digest(args.client_request_id)
+    elif any(name in equals for name in _NAMES) and (
+        args.hmac_key is not None or _beside_db(args).is_file()
+    ):
+        hasher = _hasher(args, args.hmac_key, "--hmac-key")
+    hashed = {}
+    if hasher is not None:  # a name with unusual characters is stored as its keyed hash
+        hashed = {name: hasher.digest(equals[name]) for name in _NAMES if name in equals}
     sensitive = None if args.sensitive is None else args.sensitive == "yes"
-    return Filters(
+    filters = Filters(
         since_us=_time(args.since, "--since"),
         until_us=_time(args.until, "--until"),
         kinds=tuple(args.kind or ()),
         sensitive=sensitive,
         equals=equals,
+        hashed=hashed,
         policy=args.policy,
     )
+    return filters, hasher
+
+
+def _beside_db(args: argparse.Namespace) -> Path:
+    db = args.db or (Path(p) if (p := _stack_audit(args).get("db")) else None)
+    return (db.parent if db is not None else Path()) / "audit-hmac.key"
+
+
+def _trail_key(
+    conn: sqlite3.Connection, args: argparse.Namespace, hasher: KeyedHasher, filters: Filters
+) -> None:
+    """A key that is not the trail's makes every keyed hash match nothing, silently:
+    refuse it for ids (exit 2); for names, match their plain form only and say so."""
+    stated = _trail_hmac_key_ids(conn)
+    if not stated or hasher.key_id in stated:
+        return
+    where = args.hmac_key or _beside_db(args)
+    what = f"key id {', '.join(stated)}" if len(stated) > 1 else f"key id {stated[0]}"
+    problem = (
+        f"the HMAC key {where} (key id {hasher.key_id}) is not this trail's ({what}, in its "
+        "audit.created and router.start records)"
+    )
+    if args.session or args.client_request_id:
+        raise UsageError(
+            f"{problem}: --session/--client-request-id would match nothing; give the "
+            "trail's key with --hmac-key FILE"
+        )
+    filters.hashed = {}
+    print(f"{problem}: matching model names as written only", file=sys.stderr)
+
+
+def _trail_hmac_key_ids(conn: sqlite3.Connection) -> list[str]:
+    """The HMAC key ids the trail states (audit.created, each router.start), newest
+    first; empty when its records that say so were pruned."""
+    found: list[str] = []
+    rows = conn.execute(
+        "SELECT coalesce(json_extract(body, '$.hmac_key_id'), "
+        "json_extract(body, '$.audit.hmac_key_id')) FROM records "
+        "WHERE kind != 'request' AND kind IN ('audit.created', 'router.start') "
+        "AND json_valid(body) ORDER BY seq DESC"
+    )
+    for (value,) in rows:
+        if isinstance(value, str) and value not in found:
+            found.append(value)
+    return found
 
 
 def _stats(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ _FIELDS = {
     "zone": "zone",
     "caller": "caller",
     "model": "model",
+    "model_version": "model_version",
     "rule": "rule",
     "decision": "outcome",
     "status": "code",
@@ -66,6 +67,7 @@ class Filters:
     kinds: Sequence[str] = ()  # empty: every kind
     sensitive: bool | None = None
     equals: dict[str, str] = field(default_factory=dict)  # keys of _FIELDS
+    hashed: dict[str, str] = field(default_factory=dict)  # another value `equals` matches
     policy: str | None = None  # a policy hash or its first characters
 
     def where(self) -> tuple[str, list[object]]:
@@ -90,6 +92,9 @@ class Filters:
             column = f"json_extract(body, '$.{_FIELDS[name]}')"
             if name in _ANY_CASE:
                 clauses.append(f"upper({column}) = upper(?)")
+            elif name in self.hashed:  # the name as written, or its keyed hash
+                clauses.append(f"{column} IN (?, ?)")
+                params.append(self.hashed[name])
             else:
                 clauses.append(f"{column} = ?")
             params.append(value)
@@ -109,15 +114,24 @@ def parse_time(text: str, now: float | None = None) -> int:
     """Unix microseconds from ISO 8601 (no zone: UTC), `now`, unix seconds, or an age
     such as `90s`, `15m`, `2h`, `7d` (that long before now).
 
-    Raises ValueError for anything before 1970 or after year 9999, naming the unit the
-    number was probably meant in."""
+    Every number is unix seconds, however few its digits (`0`, `86400`), except eight
+    digits that read as a date (YYYYMMDD), which are refused as ambiguous. An age that
+    reaches back past 1970 is 1970 (it covers every record). Raises ValueError for any
+    other time before 1970 or after year 9999, naming the unit the number was probably
+    meant in."""
     now = time.time() if now is None else now
     value = text.strip()
     if value == "now":
         return round(now * 1e6)
     if (m := _RELATIVE.match(value)) is not None:
-        return _in_range(text, (now - float(m[1]) * _UNIT[m[2]]) * 1e6)
-    if re.fullmatch(r"\d{9,}(\.\d+)?", value):
+        # an age older than 1970 reaches back past every record: the epoch, not an error
+        return max(_MIN_US, _in_range(text, (now - float(m[1]) * _UNIT[m[2]]) * 1e6, age=True))
+    if re.fullmatch(r"\d{8}", value) and _looks_like_a_date(value):
+        raise ValueError(
+            f"time {text!r} is ambiguous: a date is written {value[:4]}-{value[4:6]}-"
+            f"{value[6:]}, unix seconds as {value}.0"
+        )
+    if re.fullmatch(r"\d+(\.\d+)?", value):  # unix seconds, however few digits
         return _in_range(text, float(value) * 1e6, seconds=True)
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -131,8 +145,20 @@ def parse_time(text: str, now: float | None = None) -> int:
     return _in_range(text, (parsed - _EPOCH) // dt.timedelta(microseconds=1))
 
 
-def _in_range(text: str, time_us: float | int, *, seconds: bool = False) -> int:
+def _looks_like_a_date(digits: str) -> bool:
+    """YYYYMMDD, a date an audit record could have (ISO 8601's basic form)."""
+    try:
+        return dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:])).year >= 1970
+    except ValueError:
+        return False
+
+
+def _in_range(text: str, time_us: float | int, *, seconds: bool = False, age: bool = False) -> int:
     shown = text if len(text) <= 40 else text[:37] + "..."
+    if age and time_us < _MIN_US:
+        return _MIN_US
+    if time_us != time_us:  # NaN: never a time
+        raise ValueError(f"cannot read time {shown!r}")
     if time_us < _MIN_US:
         raise ValueError(f"time {shown!r} is before 1970, older than any audit record")
     if time_us <= _MAX_US:
