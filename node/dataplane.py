@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +25,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 import numpy as np
 
 from hybridroute.node.batching import Batcher
-from hybridroute.node.loading import LoadedModel
+from hybridroute.node.loading import LoadedModel, decode_texts
 from hybridroute.node.metrics import NodeMetrics
 from hybridroute.node.repository import ModelRepository
 from hybridroute.protos.tensors import DATATYPES, InputTensor, quoted, shape_text
@@ -111,10 +112,12 @@ def _check_rows(name: str, shape: Sequence[int], limit: int, model: str) -> None
         )
 
 
-def _check_finite(name: str, rows: Array) -> None:
-    """Infinite values are refused as the caller's mistake; scikit-learn would raise a
-    ValueError inside predict, answered INTERNAL. NaN passes: it marks a missing value,
-    which trees and histogram gradient boosting accept."""
+def _check_values(name: str, rows: Array, model: LoadedModel) -> None:
+    """Infinite values are refused as the caller's mistake, and so is NaN (a missing
+    value) for a model whose estimator does not take it (trees and histogram gradient
+    boosting do; linear models do not). scikit-learn would raise a ValueError inside
+    predict, answered INTERNAL, and in a batch it would fail every other caller's rows
+    with it until the batch is re-run request by request."""
     if rows.dtype.kind != "f":
         return
     infinite = np.isinf(rows)
@@ -123,6 +126,15 @@ def _check_finite(name: str, rows: Array) -> None:
         raise InvalidRequest(
             f"tensor {quoted(name)}: values must be finite; "
             f"element {[int(i) for i in index]} is infinite"
+        )
+    if model.allows_nan:
+        return
+    missing = np.isnan(rows)
+    if missing.any():
+        index = np.unravel_index(int(np.argmax(missing)), rows.shape)
+        raise InvalidRequest(
+            f"tensor {quoted(name)}: element {[int(i) for i in index]} is NaN; model "
+            f"'{model.config.name}' does not take missing values (its estimator refuses NaN)"
         )
 
 
@@ -253,6 +265,22 @@ class DataPlane:
         _check_shape(tensor.name, declared.shape, tensor.shape)
         _check_rows(tensor.name, tensor.shape, self.row_limit(model), model.config.name)
 
+    def decode_texts(self, model: LoadedModel, inputs: Sequence[InputTensor]) -> list[InputTensor]:
+        """`inputs` with the BYTES elements of a text model decoded to str, refused as
+        INVALID_ARGUMENT (naming the tensor and element) if one is not UTF-8. Done as
+        the request is decoded, before it is queued: in a batch, one caller's bad text
+        would fail the estimator call of every caller in it. (The servicer runs this
+        off the event loop for large requests, as it does the tensor decoding.)"""
+        if model.config.inputs[0].datatype != "BYTES":
+            return list(inputs)
+        decoded: list[InputTensor] = []
+        for tensor in inputs:
+            if tensor.datatype == "BYTES" and tensor.array.dtype == object:
+                flat = decode_texts(tensor.array.reshape(-1), tensor.name)
+                tensor = dataclasses.replace(tensor, array=flat.reshape(tensor.array.shape))
+            decoded.append(tensor)
+        return decoded
+
     def validate(
         self, model: LoadedModel, inputs: Sequence[InputTensor], requested: Sequence[str]
     ) -> tuple[Array, list[str]]:
@@ -274,7 +302,7 @@ class DataPlane:
         else:
             outputs = [o.name for o in model.config.outputs if o.default]
         rows = tensor.array if tensor.array.ndim else tensor.array.reshape(1)
-        _check_finite(tensor.name, rows)
+        _check_values(tensor.name, rows, model)
         return rows, outputs
 
     async def infer(

@@ -39,6 +39,7 @@ from hybridroute.node.modelconfig import (
     numpy_dtype,
     read_baseline,
 )
+from hybridroute.protos.tensors import quoted
 
 __all__ = [
     "InputDecodeError",
@@ -46,6 +47,8 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "ModelRuntimeError",
+    "allows_nan",
+    "decode_texts",
     "load_estimator",
     "load_estimator_file",
     "load_version",
@@ -98,10 +101,15 @@ class LoadedModel:
     estimator: Any
     path: Path
     label: str = field(default="")
+    # Whether the estimator takes NaN (a missing value) in its input: trees and
+    # histogram gradient boosting do, linear models do not. Requests with NaN for a
+    # model that does not are refused before they are queued (dataplane.py).
+    allows_nan: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if not self.label:
             self.label = f"{self.config.name}/{self.config.version}"
+        self.allows_nan = allows_nan(self.estimator)
 
     @property
     def name(self) -> str:
@@ -146,7 +154,7 @@ class LoadedModel:
                 raise InvalidRequestError(
                     f"input {spec.name!r} must have shape [-1], got {list(x.shape)}"
                 )
-            texts = _decode(x, spec.name)
+            texts = decode_texts(x, spec.name)
             if not texts.size:
                 raise InvalidRequestError(f"input {spec.name!r} has no rows")
             return texts
@@ -203,7 +211,37 @@ def _to_bytes(value: Any) -> bytes:
     return str(value).encode("utf-8")
 
 
-def _decode(x: Array, input_name: str) -> Array:
+def allows_nan(estimator: Any) -> bool:
+    """Whether `estimator` accepts NaN in X, from scikit-learn's estimator tags.
+
+    A Pipeline's own tag always says no (scikit-learn does not derive it from the
+    steps), which would refuse the missing values an imputer in it fills in. So its
+    steps are read in order: NaN is accepted if every step up to and including the
+    first imputer accepts it (the imputer removes it), or every step does."""
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(estimator, Pipeline):
+        for _, step in estimator.steps:
+            if step is None or (isinstance(step, str) and step == "passthrough"):
+                continue
+            if not allows_nan(step):
+                return False
+            if type(step).__module__.startswith("sklearn.impute"):
+                return True
+        return True
+    try:
+        return _nan_tag(estimator)
+    except Exception:
+        return False  # not known to take NaN: refusing it beats failing in predict
+
+
+def _nan_tag(estimator: Any) -> bool:
+    if hasattr(estimator, "__sklearn_tags__"):  # scikit-learn >= 1.6
+        return bool(estimator.__sklearn_tags__().input_tags.allow_nan)
+    return bool(estimator._get_tags().get("allow_nan", False))  # scikit-learn 1.5
+
+
+def decode_texts(x: Array, input_name: str) -> Array:
     """BYTES elements -> str (an object array), as text estimators expect."""
     texts: list[str] = []
     for i, item in enumerate(x.tolist()):
@@ -218,7 +256,7 @@ def _decode(x: Array, input_name: str) -> Array:
             texts.append(bytes(item).decode("utf-8"))
         except UnicodeDecodeError:
             raise InputDecodeError(
-                f"input {input_name!r} element {i} is not valid UTF-8 text"
+                f"input {quoted(input_name)} element {i} is not valid UTF-8 text"
             ) from None
     out = np.empty(len(texts), dtype=object)
     out[:] = texts

@@ -32,7 +32,13 @@ from hybridroute.node.metrics import NodeMetrics
 from hybridroute.node.repository import ModelNotFound, ModelNotReady, parse_version
 from hybridroute.protos import inference_pb2 as pb
 from hybridroute.protos import inference_pb2_grpc as pb_grpc
-from hybridroute.protos.tensors import TensorError, decode_inputs, encode_output, travels_typed
+from hybridroute.protos.tensors import (
+    InputTensor,
+    TensorError,
+    decode_inputs,
+    encode_output,
+    travels_typed,
+)
 
 __all__ = ["InferenceServicer"]
 
@@ -177,9 +183,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Refuse what the model would refuse anyway before decoding (e.g. too many rows).
         self._dp.check_inputs(model, request.inputs)
         if _large_request(request):
-            inputs = await self._dp.offload(decode_inputs, request)
+            inputs = await self._dp.offload(self._decode, model, request)
         else:
-            inputs = decode_inputs(request)
+            inputs = self._decode(model, request)
         requested = [o.name for o in request.outputs]
         result = await self._dp.infer(request.model_name, request.model_version, inputs, requested)
         # A response is raw or typed as a whole, and FP16 travels only raw: a model with
@@ -191,6 +197,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if sum(array.size for _, _, array in result.outputs) > _INLINE_ELEMENTS:
             return await self._dp.offload(_response, request, result, raw)
         return _response(request, result, raw)
+
+    def _decode(self, model: LoadedModel, request: pb.ModelInferRequest) -> list[InputTensor]:
+        return self._dp.decode_texts(model, decode_inputs(request))
 
     def _labels(self, request: pb.ModelInferRequest, resolved: str) -> tuple[str, str]:
         """Model and version labels of a failed request: only a name and version the
