@@ -21,7 +21,7 @@ from hybridroute.router.audit.codec import canonical, load_verify_key
 from hybridroute.router.audit.db import connect_readonly
 from hybridroute.router.audit.events import AuditNote
 from hybridroute.router.audit.store import AuditStore
-from hybridroute.router.audit.verify import Report, verify
+from hybridroute.router.audit.verify import Report, prune, verify
 
 SESSION = "session-jane-0042"
 
@@ -253,6 +253,32 @@ def test_prune_keeps_what_remains_verifiable_and_refuses_a_damaged_trail(
         capsys, "audit", "prune", "--db", str(damaged), "--key", key, "--before", "now"
     )
     assert code == 1 and "modified" in err
+
+
+def test_a_large_prune_goes_in_short_transactions_each_leaving_a_verifiable_trail(
+    trail: Path, tmp_path: Path
+) -> None:
+    """A live router's commits wait for a prune's write lock (and refuse requests past
+    the commit timeout): a prune deletes a batch per transaction, each a whole prune
+    to a checkpoint, so the trail verifies between any two and one prune row says it all."""
+    db = _copy(trail, tmp_path)
+    key = load_verify_key(tmp_path / "audit-signing.pub")
+    states: list[Report] = []
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+
+        def before_each_commit(statement: str) -> None:
+            if statement == "COMMIT":  # what a reader sees meanwhile: the last batch done
+                states.append(_check(db))
+
+        conn.set_trace_callback(before_each_commit)
+        result = prune(conn, key, 1 << 62, batch=15)
+        conn.set_trace_callback(None)
+        rows = conn.execute("SELECT through_seq, records FROM prunes").fetchall()
+    assert (result.through_seq, result.removed) == (46, 46)
+    # checkpoints at 10, 20, 30, 40, 46: no batch over 15 records, so a cut at each
+    assert [r.first_seq for r in states] == [1, 11, 21, 31, 41]
+    assert all(r.ok for r in states), [r.problems for r in states]
+    assert rows == [(46, 46)] and _check(db).ok and _check(db).records == 0
 
 
 def test_query_filters_and_formats(trail: Path, capsys: pytest.CaptureFixture[str]) -> None:

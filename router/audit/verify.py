@@ -762,6 +762,12 @@ class WouldRemoveAll(Exception):
         self.removed, self.through_seq = removed, through_seq
 
 
+# Records a prune removes per transaction: each holds the router's commits back for as
+# long as it takes to delete them (on the bench machine 20,000 took under 20 ms; a
+# 300,000-record prune in one transaction held the write lock 240 ms).
+PRUNE_BATCH = 20_000
+
+
 @dataclass(frozen=True)
 class PruneResult:
     through_seq: int  # records up to this seq are gone (0: nothing pruned)
@@ -775,6 +781,7 @@ def prune(
     before_us: int,
     *,
     remove_all: bool = True,
+    batch: int = PRUNE_BATCH,
 ) -> PruneResult:
     """Remove records before a time, up to the last checkpoint sealed before it.
 
@@ -784,6 +791,11 @@ def prune(
     policy the router accepted is kept in meta (`policy_floor`), so pruning never
     lowers the router's rollback protection. Without `remove_all`, a cut that would
     leave no record raises `WouldRemoveAll` before anything is removed.
+
+    A live router's commits wait while a prune holds the write lock, and refuse
+    requests past its commit timeout; so the records go about `batch` at a time, each
+    transaction a complete prune to a checkpoint (the trail verifies between any two),
+    and the one `prunes` row this call writes is moved on with each.
     """
     report = verify(conn, key)
     if not report.ok:
@@ -796,31 +808,55 @@ def prune(
     ).fetchone()
     if row is None or int(row[0]) < report.first_seq:
         return PruneResult(0, 0, report.first_seq)
-    seq, hash_hex = int(row[0]), str(row[1])
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        if not remove_all:  # counted inside the transaction: the router may have written
-            (left,) = conn.execute("SELECT COUNT(*) FROM records WHERE seq > ?", (seq,)).fetchone()
-            if not left:
-                (removed,) = conn.execute(
-                    "SELECT COUNT(*) FROM records WHERE seq <= ?", (seq,)
+    seq = int(row[0])
+    removed, written = 0, None
+    for cut, cut_hash in _cuts(conn, report.first_seq, seq, batch):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if written is None and not remove_all:  # counted inside the transaction: the
+                # router may have written meanwhile
+                (left,) = conn.execute(
+                    "SELECT COUNT(*) FROM records WHERE seq > ?", (seq,)
                 ).fetchone()
-                raise WouldRemoveAll(int(removed), seq)
-        # The router's rollback floor is its newest signed policy record: keep it.
-        floor = auditdb.newest_signed_policy_note(conn, seq)
-        if floor is not None:
+                if not left:
+                    (every,) = conn.execute(
+                        "SELECT COUNT(*) FROM records WHERE seq <= ?", (seq,)
+                    ).fetchone()
+                    raise WouldRemoveAll(int(every), seq)
+            # The router's rollback floor is its newest signed policy record: keep it.
+            floor = auditdb.newest_signed_policy_note(conn, cut)
+            if floor is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    (auditdb.POLICY_FLOOR, json.dumps(floor, sort_keys=True)),
+                )
+            removed += conn.execute("DELETE FROM records WHERE seq <= ?", (cut,)).rowcount
+            conn.execute("DELETE FROM checkpoints WHERE seq < ?", (cut,))
+            if written is not None:
+                conn.execute("DELETE FROM prunes WHERE through_seq = ?", (written,))
             conn.execute(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                (auditdb.POLICY_FLOOR, json.dumps(floor, sort_keys=True)),
+                "INSERT OR REPLACE INTO prunes VALUES (?, ?, ?, ?, ?)",
+                (cut, cut_hash, removed, before_us, time.time_ns() // 1000),
             )
-        removed = conn.execute("DELETE FROM records WHERE seq <= ?", (seq,)).rowcount
-        conn.execute("DELETE FROM checkpoints WHERE seq < ?", (seq,))
-        conn.execute(
-            "INSERT OR REPLACE INTO prunes VALUES (?, ?, ?, ?, ?)",
-            (seq, hash_hex, removed, before_us, time.time_ns() // 1000),
-        )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        written = cut
     return PruneResult(seq, removed, seq + 1)
+
+
+def _cuts(conn: sqlite3.Connection, first: int, last: int, batch: int) -> list[tuple[int, str]]:
+    """Checkpoints from `first` on to cut at, about `batch` records apart, ending at `last`."""
+    sealed = conn.execute(
+        "SELECT seq, hash FROM checkpoints WHERE seq >= ? AND seq <= ? ORDER BY seq",
+        (first, last),
+    ).fetchall()
+    cuts: list[tuple[int, str]] = []
+    start = first
+    for i, (seq, hash_hex) in enumerate(sealed):
+        following = sealed[i + 1][0] if i + 1 < len(sealed) else None
+        if following is None or following - start >= batch:
+            cuts.append((int(seq), str(hash_hex)))
+            start = int(seq) + 1
+    return cuts
