@@ -9,7 +9,10 @@ version's ring buffers (the newest `window` rows), and every
 `interval` seconds re-tests the versions that received rows (`drift_stats.compare_columns`),
 updates the gauges and logs when a version starts or stops drifting. When the thread
 falls behind, rows are dropped and counted rather than queued without bound: drift
-is a statistical verdict, and a sample of the traffic serves it as well.
+is a statistical verdict, and a sample of the traffic serves it as well. The backlog
+is bounded by rows and by bytes, not by requests: 256 requests of a text model can
+hold gigabytes of text. Only the last `window` rows of a request are kept, as the
+window would keep no more of them.
 
 Below `min_window` live rows a version reports "not enough data" and no verdict:
 small windows give nonsense verdicts (references.md). Logs and metrics carry feature
@@ -43,7 +46,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import queue
 import threading
 import time
 from collections.abc import Mapping
@@ -54,6 +56,7 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.base import is_classifier
 
+from hybridroute.node.drift_backlog import BACKLOG_BYTES, BACKLOG_ROWS, Backlog, footprint
 from hybridroute.node.drift_stats import (
     ALPHA,
     Column,
@@ -79,7 +82,6 @@ log = logging.getLogger(__name__)
 Floats = npt.NDArray[np.float64]
 _Observed = tuple[str, int, Any, Mapping[str, Any] | None]  # name, version, rows, outputs
 DriftStatus = str  # "ok" | "drift" | "not enough data" | "no baseline"
-_QUEUE_ROWS = 256  # requests the recorder may lag behind before rows are dropped
 _UNSEEN = -1.0  # the number of every string class the baseline never predicted
 
 
@@ -246,6 +248,8 @@ class DriftMonitor:
         min_window: int = 100,
         interval: float = 30.0,
         alpha: float = ALPHA,
+        backlog_rows: int = BACKLOG_ROWS,
+        backlog_bytes: int = BACKLOG_BYTES,
     ) -> None:
         if min_window < 1 or window < min_window:
             raise ValueError(f"need 1 <= min_window <= window, got {min_window} and {window}")
@@ -256,7 +260,7 @@ class DriftMonitor:
         self._metrics = metrics
         self._tracked: dict[tuple[str, int], _Tracked] = {}
         self._lock = threading.RLock()
-        self._queue: queue.Queue[_Observed] = queue.Queue(maxsize=_QUEUE_ROWS)
+        self._backlog: Backlog[_Observed] = Backlog(backlog_rows, backlog_bytes)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -308,22 +312,27 @@ class DriftMonitor:
         self, name: str, version: int, rows: Any, outputs: Mapping[str, Any] | None = None
     ) -> None:
         """Hand over one request's validated input rows and the outputs it was answered
-        with (name -> rows); never blocks, never computes."""
-        try:
-            self._queue.put_nowait((name, version, rows, outputs))
-        except queue.Full:
+        with (name -> rows); never blocks, never computes more than the request's size."""
+        count = len(rows)
+        if count > self.window_size:  # the window would keep no more of them
+            rows = rows[-self.window_size :]
+            if outputs is not None:
+                outputs = {k: v[-self.window_size :] for k, v in outputs.items()}
+        item = (name, version, rows, outputs)
+        if not self._backlog.put(item, len(rows), footprint(rows, outputs)):
             with self._lock:
                 tracked = self._tracked.get((name, version))
                 if tracked is not None:
-                    tracked.dropped += len(rows)
+                    tracked.dropped += count
+
+    @property
+    def backlog(self) -> tuple[int, int, int]:
+        """Requests, rows and (about) bytes waiting for the recorder."""
+        return len(self._backlog), self._backlog.rows, self._backlog.bytes
 
     def flush(self) -> None:
         """Record everything queued so far (the thread does this continuously)."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
+        while (item := self._backlog.get()) is not None:
             self._record(*item)
 
     def _record(
@@ -491,11 +500,8 @@ class DriftMonitor:
     def _run(self) -> None:
         due = time.monotonic() + self.interval
         while not self._stop.is_set():
-            try:
-                item = self._queue.get(timeout=max(0.01, min(0.5, due - time.monotonic())))
-            except queue.Empty:
-                pass
-            else:
+            item = self._backlog.get(timeout=max(0.01, min(0.5, due - time.monotonic())))
+            if item is not None:
                 self._record(*item)
             if time.monotonic() >= due:
                 self._evaluate_fresh()

@@ -517,3 +517,34 @@ def test_drift_report_json_names_the_oov_feature(
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [ln["feature"] for ln in lines] == [*TEXT_STATISTICS, OOV_STATISTIC, PREDICTION]
     assert {ln["model"] for ln in lines} == {"ticket-triage"}
+
+
+def test_the_recorder_backlog_is_bounded_in_bytes_not_requests(model_repo: Path) -> None:
+    """60 requests of 8 texts of 1 MB arrive faster than they are recorded (the monitor
+    is not started, so nothing is): the backlog holds about 32 MiB, not 480 MB, and
+    the rows it could not take are counted as dropped."""
+    model = ModelRepository.load(model_repo).get("ticket-triage")
+    monitor = DriftMonitor(window=300, min_window=10)
+    monitor.track(model)
+    text = ("my parcel never arrived, where is it? " * 30_000).encode()[:1_000_000]
+    rows = np.array([text] * 8, dtype=object)
+    for _ in range(60):
+        monitor.observe("ticket-triage", 1, rows)
+    (report,) = monitor.report()  # records the backlog first
+    kept = 480 - report.dropped
+    assert 8 <= kept <= 40, f"{kept} texts of 1 MB were held for the recorder"
+    assert report.window == kept
+    assert monitor.backlog == (0, 0, 0)
+
+
+def test_a_request_larger_than_the_window_queues_only_what_the_window_keeps(
+    loans: LoadedModel,
+) -> None:
+    monitor = DriftMonitor(window=300, min_window=100)
+    monitor.track(loans)
+    live = draw(np.random.default_rng(5), 5000)
+    monitor.observe(loans.name, 1, live)
+    requests, rows, size = monitor.backlog
+    assert (requests, rows) == (1, 300) and size == live[-300:].nbytes
+    (report,) = monitor.report()
+    assert report.window == 300 and report.dropped == 0
