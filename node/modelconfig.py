@@ -191,7 +191,7 @@ class Batching(Strict):
     request, as in Triton: a bigger request is refused before it is decoded."""
 
     max_batch_size: int = Field(default=32, ge=1)
-    max_queue_delay_ms: float = Field(default=0.0, ge=0)
+    max_queue_delay_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)  # .inf: forever
 
 
 class ModelConfig(Strict):

@@ -310,6 +310,11 @@ features: [a, b]
             ":7: batching.max_batch_size: Input should be greater than or equal to 1",
         ),
         (
+            "features: [a, b]",
+            "features: [a, b]\nbatching: {max_queue_delay_ms: .inf}",
+            ":7: batching.max_queue_delay_ms: Input should be a finite number",
+        ),
+        (
             "inputs: [",
             "inputs: [{name: z, datatype: FP64, shape: [-1, 2]}, ",
             ":4: inputs: a scikit-learn estimator takes exactly one input",
