@@ -104,6 +104,7 @@ class NodeServer:
         self.lifecycle: ModelLifecycle | None = None
         self.drift: DriftMonitor | None = None
         self._servicer: InferenceServicer | None = None
+        self._node_serving = True  # as last published (for the warning when it turns)
         self._dataplane: DataPlane | None = None
         self._published: set[tuple[str, int]] = set()
         self._health_names: set[str] = set()
@@ -194,11 +195,15 @@ class NodeServer:
 
     async def _publish_health(self) -> None:
         """Ready gauges and per-model health from the repository as it is now (called at
-        start and after every load or unload)."""
+        start and after every load or unload). The node as a whole ("", what the router
+        checks) is SERVING while at least one model version is ready: a node with none
+        can answer nothing, and must not be sent requests."""
         assert self.repository is not None
         present: set[tuple[str, int]] = set()
+        any_ready = False
         for entry in self.repository.index():
             present.add((entry.name, entry.version))
+            any_ready = any_ready or entry.ready
             self.metrics.models_ready.labels(entry.name, str(entry.version)).set(int(entry.ready))
         for name, version in self._published - present:
             self.metrics.models_ready.labels(name, str(version)).set(0)
@@ -207,7 +212,10 @@ class NodeServer:
         for name in sorted(self._health_names):
             status = SERVING if self.repository.has_ready(name) else NOT_SERVING
             await self._health.set(name, status)
-        await self._health.set("", SERVING)
+        if not any_ready and self._node_serving:
+            log.warning("no model version is ready: the node reports NOT_SERVING until one is")
+        self._node_serving = any_ready
+        await self._health.set("", SERVING if any_ready else NOT_SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         """Go NOT_SERVING, let in-flight requests finish within `grace`, then close."""

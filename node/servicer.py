@@ -119,7 +119,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> Any:
-        return pb.ServerReadyResponse(ready=self.ready)
+        """Ready while not shutting down and at least one model version is ready."""
+        ready = self.ready and any(e.ready for e in self._dp.repository.index())
+        return pb.ServerReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> Any:
         return pb.ServerMetadataResponse(

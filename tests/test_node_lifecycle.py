@@ -224,6 +224,26 @@ def test_unloading_the_last_ready_version_is_refused_unless_forced(
         assert infer(stub).model_version == "3"
 
 
+def test_a_node_with_no_ready_model_is_not_serving_until_one_loads(repo: Path, pki: Path) -> None:
+    """The router health-checks the node as a whole (""): a node that can answer no
+    model must not be sent requests, and ServerReady says the same."""
+    with running_node(repo, pki) as node, router_channel(node, pki) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def node_health() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert node_health() == serving and stub.ServerReady(pb.ServerReadyRequest()).ready
+        unload(stub, 1, force=True)
+        assert node_health() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live  # alive, not ready
+        load(stub)
+        assert node_health() == serving and stub.ServerReady(pb.ServerReadyRequest()).ready
+
+
 def test_admin_calls_need_an_admin_identity(repo: Path, pki: Path) -> None:
     with running_node(repo, pki, admin_clients=("admin",), allow_clients=("demo-app",)) as node:
         with mtls_channel(f"localhost:{node.port}", pki, "demo-app") as app:
