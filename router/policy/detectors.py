@@ -9,8 +9,9 @@ need a context word. Findings hold offsets, never values (invariant 4); any fail
 a ScanError, so the caller fails closed (invariant 2).
 
 This module holds the findings, the built-in detectors, custom regex detectors and
-the `Scanner` that runs them: everything on the request path. The load-time check that
-vets a custom pattern before it may become a detector is in `patterns`.
+the `Scanner` that runs them: everything on the request path. Custom patterns come
+from the policy, so they run on RE2 (linear time whatever the pattern), vetted and
+compiled at load by `patterns`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from itertools import accumulate
-from typing import Protocol
+from itertools import accumulate, islice
+from typing import Any, Protocol
 
-from hybridroute.router.policy.patterns import check_pattern
+from hybridroute.router.policy.patterns import PatternError, compile_pattern
 
 __all__ = [
     "BUILTIN",
+    "MAX_CUSTOM_MATCHES",
     "Detector",
     "DetectorError",
     "Finding",
@@ -808,29 +810,52 @@ def _stripped(view: str, table: _Unicode, scan: Callable[[str], list[Finding]]) 
 # --- custom detectors ------------------------------------------------------------------
 
 
+# Custom patterns run on RE2 (see `patterns`): linear time for one search, but a
+# pattern that must read ahead to the end of the text before it can end a match
+# ("a(?:[^x]*y)?" over "aaaa...") costs a pass per match, and RE2's Python binding
+# costs microseconds per match. So a custom detector reads at most this many matches
+# per text (per reading of it): one is enough to make the request sensitive, and the
+# audit's count then means "at least".
+MAX_CUSTOM_MATCHES = 100
+
+
 @dataclass(frozen=True, slots=True)
 class _RegexDetector:
     name: str
-    regex: re.Pattern[str]
+    regex: Any  # a compiled RE2 pattern (`re2` has no type hints)
     validate: Callable[[str], bool] | None
 
     def find(self, text: str) -> Iterator[Finding]:
-        for m in self.regex.finditer(text):
+        if not text.isascii() and _has_surrogates(text):
+            # RE2 reads UTF-8, which cannot hold a lone surrogate: one "?" for each
+            # keeps every position (the router decodes strictly, so only case files
+            # can carry them)
+            text = text.encode("utf-8", "replace").decode("utf-8")
+        for m in islice(self.regex.finditer(text), MAX_CUSTOM_MATCHES):
             if m.end() > m.start() and (self.validate is None or self.validate(m.group())):
                 yield Finding(self.name, m.start(), m.end())
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def regex_detector(
     name: str, pattern: str, *, validate: Callable[[str], bool] | None = None
 ) -> Detector:
-    """A detector declared in the policy. A pattern ``check_pattern`` rejects is refused
-    here too, so an unsafe regex can never reach the request path."""
+    """A detector declared in the policy, run on RE2. A pattern ``compile_pattern``
+    refuses is refused here too, so what the policy check passes is what runs."""
     if not name:
         raise ValueError("a custom detector needs a name")
-    problem = check_pattern(pattern)
-    if problem is not None:
-        raise ValueError(f"custom detector {name!r}: {problem}")
-    return _RegexDetector(name, re.compile(pattern), validate)
+    try:
+        compiled = compile_pattern(pattern)
+    except PatternError as exc:
+        raise ValueError(f"custom detector {name!r}: {exc}") from None
+    return _RegexDetector(name, compiled, validate)
 
 
 # --- the scanner ------------------------------------------------------------------------
