@@ -368,7 +368,8 @@ def test_an_older_signed_policy_is_refused_as_a_rollback(tmp_path: Path, keys: P
     assert store.current.version_hash == hashlib.sha256(new).hexdigest()
     # The live policy with an older signature of the very same bytes is no rollback.
     assert asyncio.run(deploy(new, sign_policy(new, key, now=now - 7200))).accepted
-    assert store.newest_signed is not None and store.newest_signed.signed_at == int(now)
+    assert store.newest_signed is not None
+    assert store.newest_signed.signed_at == pytest.approx(now, abs=1e-6)  # (microseconds)
     # Going back on purpose: the old file signed again is a new decision.
     assert asyncio.run(deploy(old, sign_policy(old, key, now=now + 1))).accepted
     # A store that starts after a newer signed policy was accepted (the router reads it
@@ -377,6 +378,45 @@ def test_an_older_signed_policy_is_refused_as_a_rollback(tmp_path: Path, keys: P
     sig.write_bytes(sign_policy(new, key, now=now - 60))
     with pytest.raises(ConfigError, match="refused as a rollback"):
         _store(policy, keys, [], newest_signed=store.newest_signed)
+
+
+def test_another_policy_signed_in_the_same_second_is_refused_as_a_rollback(
+    tmp_path: Path, keys: Path
+) -> None:
+    """Signing times have microseconds: an older policy signed a moment before the live
+    one, within the same second, is still older. Whole-second signatures (as written
+    before) are still read, and another policy signed in the very same second is no
+    newer than the live one, so it is refused too."""
+    key = load_signing_key(keys / "secteam.key")
+    policy, sig = tmp_path / "policy.yaml", tmp_path / "policy.yaml.sig"
+    old, new = POLICY + b"\n# v1\n", POLICY + b"\n# v2\n"
+    second = float(int(time.time()) - 60)
+    old_sig = sign_policy(old, key, now=second + 0.25)
+    assert json.loads(old_sig)["signed_at"].endswith(".250000Z")
+    policy.write_bytes(new)
+    sig.write_bytes(sign_policy(new, key, now=second + 0.75))
+    store = _store(policy, keys, [])
+
+    async def deploy(data: bytes, envelope: bytes) -> ReloadResult:
+        policy.write_bytes(data)
+        sig.write_bytes(envelope)
+        return await store.reload("test")
+
+    rollback = asyncio.run(deploy(old, old_sig))
+    assert not rollback.accepted and "refused as a rollback" in (rollback.error or "")
+    assert ".250000Z, not after the newest signed policy" in (rollback.error or "")
+    assert asyncio.run(deploy(new, sign_policy(new, key, now=second))).accepted  # same bytes
+    whole = sign_policy(old, key, now=second)  # whole seconds: as signatures were written
+    assert "." not in json.loads(whole)["signed_at"]
+    assert not asyncio.run(deploy(old, sign_policy(old, key, now=second + 0.75))).accepted
+    assert not asyncio.run(deploy(old, whole)).accepted
+    assert asyncio.run(deploy(old, sign_policy(old, key, now=second + 0.76))).accepted
+
+
+def test_a_signature_of_another_file_says_so(keys: Path) -> None:
+    envelope = sign_policy(POLICY + b"# another\n", load_signing_key(keys / "secteam.key"))
+    with pytest.raises(SignatureError, match="or this signature belongs to another file"):
+        verify_policy_bytes(POLICY, envelope, load_trusted_key(keys / "secteam.pub"))
 
 
 def test_a_signature_from_the_future_is_refused_and_never_becomes_the_floor(

@@ -12,7 +12,7 @@ The envelope (`POLICY.sig`) is one JSON object::
       "policy_sha256": "<hex SHA-256 of the policy file's bytes>",
       "signer": "secteam",
       "key_id": "<hex SHA-256 of the raw 32-byte Ed25519 public key>",
-      "signed_at": "2025-01-31T12:00:00Z",
+      "signed_at": "2025-01-31T12:00:00.250000Z",
       "signature": "<base64 Ed25519 signature>"
     }
 
@@ -132,7 +132,10 @@ def key_id(public: ed25519.Ed25519PublicKey) -> str:
 
 
 def rfc3339(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """`2025-01-31T12:00:00Z`, or `2025-01-31T12:00:00.250000Z` for a time within a
+    second: two policies signed in the same second are told apart by it."""
+    when = dt.datetime.fromtimestamp(ts, dt.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if when.microsecond else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def _check_signer(signer: str) -> str:
@@ -288,10 +291,13 @@ def _parse_envelope(envelope: bytes) -> dict[str, str]:
 
 
 def _signed_at(text: str) -> float:
-    try:
-        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
-    except ValueError:
-        raise SignatureError(f"bad signing time {text!r}") from None
+    """Whole seconds (as signatures were written before) or microseconds."""
+    for layout in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return dt.datetime.strptime(text, layout).replace(tzinfo=dt.UTC).timestamp()
+        except ValueError:
+            continue
+    raise SignatureError(f"bad signing time {text!r}")
 
 
 def verify_policy_bytes(policy_bytes: bytes, envelope: bytes, key: TrustedKey) -> PolicySignature:
@@ -326,8 +332,9 @@ def verify_envelope(envelope: bytes, key: TrustedKey, policy_sha256: str) -> Pol
         )
     if policy_sha256 != fields["policy_sha256"]:
         raise SignatureError(
-            f"the policy changed after it was signed (signed sha256 "
-            f"{fields['policy_sha256'][:12]}, file sha256 {policy_sha256[:12]})"
+            f"the policy changed after it was signed, or this signature belongs to another "
+            f"file (signed sha256 {fields['policy_sha256'][:12]}, file sha256 "
+            f"{policy_sha256[:12]})"
         )
     return PolicySignature(
         fields["signer"], fields["key_id"], _signed_at(fields["signed_at"]), policy_sha256

@@ -13,13 +13,15 @@ start) and at reload. The signature is checked against the hash of the very byte
 that were compiled, so a file replaced between the two reads cannot slip through.
 Without a trusted key, signature files are ignored (and nothing is reported signed).
 
-Rollback: a signed policy signed *before* the newest signed policy this router has
-accepted is refused, unless it is that same policy. Otherwise anyone able to write the
-policy file could put back an older, validly signed policy (one that, say, still sent
-a now-restricted model to the cloud) without the signing key, as TUF's rollback attack
-does. The newest is the live policy, or across restarts the last accepted one that
-the audit trail recorded (`newest_signed`, given by the router). Going back on purpose
-is a new decision: sign the old file again.
+Rollback: a signed policy signed *no later than* the newest signed policy this router
+has accepted is refused, unless it is that same policy (signing times have
+microseconds, so "the same second" is no loophole; older signatures have whole
+seconds, and another policy signed in the same one is refused too). Otherwise anyone
+able to write the policy file could put back an older, validly signed policy (one
+that, say, still sent a now-restricted model to the cloud) without the signing key,
+as TUF's rollback attack does. The newest is the live policy, or across restarts the
+last accepted one that the audit trail recorded (`newest_signed`, given by the
+router). Going back on purpose is a new decision: sign the old file again.
 
 A signature dated in the future (beyond `signing.CLOCK_SKEW`, from a signing machine
 whose clock is wrong) is refused: accepted, it would become that floor and refuse
@@ -266,11 +268,11 @@ class PolicyStore:
         newest = self.newest_signed
         if (
             newest is not None
-            and signature.signed_at < newest.signed_at
+            and signature.signed_at <= newest.signed_at
             and signature.policy_sha256 != newest.policy_sha256
-        ):
+        ):  # (not later: another policy signed in the same instant is no newer)
             raise SignatureError(
-                f"signed at {rfc3339(signature.signed_at)}, before the newest signed policy "
+                f"signed at {rfc3339(signature.signed_at)}, not after the newest signed policy "
                 f"this router accepted ({newest.policy_sha256[:12]}, signed at "
                 f"{rfc3339(newest.signed_at)}): refused as a rollback; to go back to this "
                 "policy on purpose, sign it again"
