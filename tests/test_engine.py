@@ -391,7 +391,7 @@ def test_facts_from_case_collects_the_same_texts_the_router_scans() -> None:
         inputs={"text": ["a", b"\xff", b"ok"]},
         parameters={"note": "n", "top_k": 3},
     )
-    built = facts_from_case(request)
+    built = facts_from_case(request, text_budget=1 << 20)
     assert (built.auth, built.label, built.session_id) == ("cert", "public", "s")
     # The same request as a client puts it on the wire, read by the router.
     wire = pb.ModelInferRequest(model_name="m")
@@ -403,7 +403,7 @@ def test_facts_from_case_collects_the_same_texts_the_router_scans() -> None:
     assert [(t.source, t.text) for t in built.texts] == [(t.source, t.text) for t in routed.texts]
     sources = {t.source for t in built.texts}
     assert {"input:text[1]", "parameter:top_k", "names"} <= sources  # numbers and names too
-    assert facts_from_case({"model": "m"}).auth == "none"
+    assert facts_from_case({"model": "m"}, text_budget=1 << 20).auth == "none"
 
 
 def test_transport_and_control_metadata_is_not_scanned() -> None:

@@ -65,7 +65,7 @@ callers: [demo-app]
 detectors:
   builtin: [email, passport]
   custom:
-    - {name: ticket, pattern: '(a+)+$'}
+    - {name: ticket, pattern: '(?=TCK)TCK-[0-9]+'}
     - {name: broken, pattern: '(unclosed'}
 sensitive_route: onprem
 default_route: onprem
@@ -110,8 +110,9 @@ def test_check_lists_every_error_and_warning_with_its_line(
     expected = [
         f"{path}:8: routes.lost.pool: error: route 'lost' names unknown pool 'nowhere'",
         f"{path}:11: detectors.builtin[1]: error: unknown built-in detector 'passport'",
-        f"{path}:13: detectors.custom[0].pattern: error: detector 'ticket': a repeat inside a "
-        "repeat",
+        f"{path}:13: detectors.custom[0].pattern: error: detector 'ticket': uses lookarounds "
+        "(invalid perl operator: (?=): custom patterns run on RE2 (linear time, nothing "
+        "backtracks), which does not support them",
         f"{path}:14: detectors.custom[1].pattern: error: detector 'broken': does not compile",
         f"{path}:20: rules[1]: warning: rule 'public-to-cloud' is shadowed: earlier rule "
         "'everything-onprem' (line 18)",
@@ -147,15 +148,19 @@ def test_check_schema_syntax_and_missing_files(
     )
     syntax = tmp_path / "y.yaml"
     syntax.write_text("version: 1\npools: {onprem: {zone: onprem\nroutes: [\n")
-    code, out, _ = run(
-        capsys, "policy", "check", schema, syntax, tmp_path / "missing.yaml", DEFAULT
-    )
+    code, out, _ = run(capsys, "policy", "check", schema, syntax, DEFAULT)
     assert code == 1
     assert f"{schema}:" in out and "default_rout: error: unknown key (allowed: version," in out
     assert "pools.cloud.zone: error: Input should be 'onprem' or 'cloud'" in out
     assert f"{syntax}:3: error: invalid YAML" in out
-    assert f"{tmp_path / 'missing.yaml'}: error: file not found" in out
     assert "default.yaml: OK" in out  # every file is reported, not just up to the first bad one
+    # A file that is not there (or is a folder) is a usage error, as for test and explain.
+    for missing, said in (
+        (tmp_path / "missing.yaml", f"policy file not found: {tmp_path / 'missing.yaml'}"),
+        (tmp_path, f"policy file {tmp_path} is a directory, not a file"),
+    ):
+        code, out, err = run(capsys, "policy", "check", DEFAULT, missing)
+        assert (code, out) == (2, "") and said in err
 
 
 def test_self_containing_or_too_deep_yaml_is_an_error_with_its_line_in_every_command(
@@ -464,7 +469,7 @@ def _audit_db(path: Path, policy_path: Path = DEFAULT, age: float = 3600.0) -> i
     sessions, start = SessionPins(1800, 100), time.time() - age
     events = [AuditEvent("x", "rejected", None, "none", "ModelInfer", code="UNAUTHENTICATED")]
     for seq, loaded in enumerate(load_case_files([CASES]), 1):
-        facts = facts_from_case(loaded.case.request)
+        facts = facts_from_case(loaded.case.request, text_budget=policy.max_text_bytes)
         d = decide(policy, facts, sessions, now=float(seq))
         events.append(AuditEvent(
             request_id=f"r{seq}", outcome="routed" if d.action == "route" else "denied",

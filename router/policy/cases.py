@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from hybridroute.config import Strict, load_model
@@ -49,6 +49,20 @@ class CaseRequest(Strict):
     parameters: dict[str, str | int | float | bool] = {}
     session: str | None = None  # default: metadata x-session-id
     problems: list[str] = []
+
+    @field_validator("metadata")
+    @classmethod
+    def _lowercase_names(cls, value: dict[str, str]) -> dict[str, str]:
+        """gRPC lowercases metadata names on the wire (and the router reads them so):
+        a case with X-Data-Classification would test a request no client can send."""
+        for name in value:
+            if name != name.lower():
+                raise PydanticCustomError(
+                    "header_case",
+                    "metadata name '{name}': gRPC metadata names are lowercase; write '{lower}'",
+                    {"name": name, "lower": name.lower()},
+                )
+        return value
 
 
 class CaseExpect(Strict):
@@ -88,14 +102,18 @@ _INT64_MAX = (1 << 63) - 1
 _UNREADABLE = b"\xff\xfe"  # not UTF-8: the router reads such an element as unreadable
 
 
-def facts_from_case(request: CaseRequest | Mapping[str, object]) -> RequestFacts:
+def facts_from_case(
+    request: CaseRequest | Mapping[str, object], *, text_budget: int
+) -> RequestFacts:
     """The facts the router collects for this request: the case is written out as the
     ModelInferRequest a client would send and read by the router's own
     `request_facts`, so a case sees every text source the router scans (parameters of
     every type, names, the model name) and nothing else.
 
     Takes a case's `request:` (validated, or as a plain mapping), as written in a
-    cases file or a `policy explain --request` file.
+    cases file or a `policy explain --request` file. `text_budget` is the policy's
+    `max_text_bytes`, as the router passes it: past it the request is too large (and
+    sensitive) offline exactly as it is live.
     """
     if not isinstance(request, CaseRequest):
         request = CaseRequest.model_validate(request)
@@ -111,7 +129,7 @@ def facts_from_case(request: CaseRequest | Mapping[str, object]) -> RequestFacts
     if request.session is not None:
         metadata["x-session-id"] = request.session
     auth = request.auth or ("cert" if request.caller is not None else "none")
-    facts = request_facts(wire, metadata, Caller(request.caller, auth))
+    facts = request_facts(wire, metadata, Caller(request.caller, auth), text_budget=text_budget)
     return replace(facts, problems=(*facts.problems, *request.problems))
 
 

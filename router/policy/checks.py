@@ -13,8 +13,10 @@ route's own pool, so they cannot leave its zone.)
 
 `find_warnings` lists what is odd but safe: unused pools and routes, audit settings
 that do nothing, no callers, pool files given by absolute paths that are not on this
-machine (they may be on the router's), and rules that can never match or are shadowed
-by earlier ones. The shadow analysis evaluates the compiled conditions (`conditions`)
+machine (they may be on the router's), every built-in detector turned off while a
+cloud route exists, custom patterns anchored to a whole text, rules naming a caller
+not listed under `callers`, and rules that can never match or are shadowed by earlier
+ones. The shadow analysis evaluates the compiled conditions (`conditions`)
 that the engine runs, so the warnings and the engine cannot disagree about what a rule
 means. `find_environment_warnings` is apart: a bearer token variable unset here says
 something about this machine, not about the policy.
@@ -26,6 +28,7 @@ schema reads on its own and the guard can be reviewed on its own.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import ipaddress
 import itertools
 import os
@@ -42,7 +45,7 @@ from hybridroute.router.policy.conditions import (
 )
 from hybridroute.router.policy.detectors import BUILTIN
 from hybridroute.router.policy.engine import AUTH_KINDS, LABEL_KEYS, SENSITIVE_LABELS, Subject
-from hybridroute.router.policy.patterns import check_pattern
+from hybridroute.router.policy.patterns import anchor_warning, check_pattern
 
 if TYPE_CHECKING:
     from hybridroute.router.policy.schema import (
@@ -79,6 +82,8 @@ def find_warnings(spec: PolicySpec, located: Located, policy: Policy) -> list[Pr
     return [
         *_usage_warnings(spec, located),
         *_pool_file_problems(spec, located, absolute=True),
+        *_detector_warnings(spec, located),
+        *_caller_warnings(spec, located),
         *_rule_warnings(policy),
     ]
 
@@ -334,6 +339,34 @@ def _usage_warnings(spec: PolicySpec, located: Located) -> Iterator[Problem]:
         yield _problem(located, message, "callers")
 
 
+def _detector_warnings(spec: PolicySpec, located: Located) -> Iterator[Problem]:
+    cloud = next((n for n in spec.routes if spec.zone_of(n) == "cloud"), None)
+    if spec.detectors.builtin == () and cloud is not None:
+        message = "an empty list turns off every built-in detector (email, card numbers, "
+        message += "SSNs, IBANs, phones, IP addresses): requests holding them count as not "
+        message += f"sensitive and may go to cloud route '{cloud}'; omit 'builtin' to run all"
+        yield _problem(located, message, "detectors", "builtin")
+    for i, custom in enumerate(spec.detectors.custom):
+        if (note := anchor_warning(custom.pattern)) is not None:
+            message = f"detector '{custom.name}': {note}"
+            yield _problem(located, message, "detectors", "custom", i, "pattern")
+
+
+def _caller_warnings(spec: PolicySpec, located: Located) -> Iterator[Problem]:
+    """A rule's `caller:` that names no listed caller: a typo, or a caller missing from
+    `callers`, whose requests are then from an unknown caller (always sensitive)."""
+    listed = set(spec.callers)
+    for i, rule in enumerate(spec.rules):
+        for j, pattern in enumerate(rule.match.caller or ()):
+            if pattern in listed or (_wild(pattern) and fnmatch.filter(listed, pattern)):
+                continue
+            what = "matches no caller" if _wild(pattern) else "is a caller not"
+            message = f"rule '{rule.id}': '{pattern}' {what} listed under callers, so its "
+            message += "requests count as from an unknown caller (always sensitive); add it "
+            message += "to callers or fix the name"
+            yield _problem(located, message, "rules", i, "match", "caller", j)
+
+
 # Shadow analysis. The keys with a finite domain (label, auth, caller_known,
 # session_pinned, detected, plus "some text was unreadable") span a few hundred cells;
 # each rule's finite conditions are evaluated on every cell, giving a bitmask. Keys
@@ -447,8 +480,10 @@ def _rule_warnings(policy: Policy) -> Iterator[Problem]:
         alone = next((i for i in earlier if not masks[j] & ~masks[i]), None)
         by = [alone] if alone is not None else earlier
         names = ", ".join(f"'{policy.rules[i].id}' (line {policy.rules[i].line})" for i in by)
+        rules_match = "rules" if len(by) > 1 else "rule"
+        verb = "match" if len(by) > 1 else "matches"
         yield (
             *where,
-            f"rule '{rule.id}' is shadowed: earlier rule{'s' if len(by) > 1 else ''} "
-            f"{names} match every request it matches",
+            f"rule '{rule.id}' is shadowed: earlier {rules_match} {names} {verb} every "
+            "request it matches",
         )

@@ -114,7 +114,7 @@ def _add_check(sub: Sub) -> None:
         description="Schema errors (unknown keys, bad values), meaning errors (unknown "
         "pools, routes and detectors, unsafe regexes, any path that could carry "
         "sensitive data to a cloud pool) and warnings (shadowed or never-matching rules, "
-        "unused pools and routes). Exit 1 on any error.",
+        "unused pools and routes). Exit 1 on any error, 2 when a file is missing.",
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.add_argument("--strict", action="store_true", help="warnings fail the check too")
@@ -125,6 +125,7 @@ def _add_check(sub: Sub) -> None:
 def _check(args: argparse.Namespace) -> int:
     from hybridroute.router.policy.lint import check_policy_file
 
+    require_files("policy file", *args.files)
     failed = False
     for path in args.files:
         report = check_policy_file(path)
@@ -291,7 +292,7 @@ def _explain(args: argparse.Namespace) -> int:
             data["expectation"] = {"passed": not problems, "problems": problems}
         print(json.dumps(data, indent=2))
     else:
-        facts = facts_from_case(request.request)
+        facts = facts_from_case(request.request, text_budget=policy.max_text_bytes)
         print("\n".join(explain_lines(policy, facts, decision, args.session_pinned)))
         if request.expect is not None:
             print("expectation: " + ("met" if not problems else "NOT met: " + "; ".join(problems)))

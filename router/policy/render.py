@@ -28,8 +28,11 @@ __all__ = [
 
 
 def pre_rule_reasons(decision: Decision) -> list[str]:
-    """The verdict before any rule: the reasons not added by a rule or the guard."""
-    return [r for r in decision.reasons if not r.startswith(("rule:", "guard:"))]
+    """The verdict before any rule: the reasons not added by a rule, the guard, or
+    the engine after the rules (`unmatched`: no rule matched, which is doubt)."""
+    return [
+        r for r in decision.reasons if r != "unmatched" and not r.startswith(("rule:", "guard:"))
+    ]
 
 
 def outcome(decision: Decision) -> str:
@@ -89,7 +92,10 @@ def _decision_lines(policy: Policy, decision: Decision, indent: str) -> list[str
     final = [r for r in decision.reasons if r.startswith("rule:")]
     if final:
         lines.append(f"{indent}marked sensitive by: {', '.join(final)}")
-    lines.append(f"{indent}sensitive: {'yes' if decision.sensitive else 'no'}")
+    sensitive = "yes" if decision.sensitive else "no"
+    if "unmatched" in decision.reasons:
+        sensitive += ": no rule matched (doubt)"
+    lines.append(f"{indent}sensitive: {sensitive}")
     lines.append(f"{indent}decision: {outcome(decision)}")
     if decision.action == "route":
         fallbacks = " -> ".join(decision.fallbacks) or "none"

@@ -109,12 +109,71 @@ def _listed(value: object) -> object:
 
 
 def _version_strings(value: object) -> object:
+    """A whole number is a version name (`2`); a float or a boolean is not what was
+    written (YAML reads 1.10 as 1.1 and yes as true), so it must be quoted."""
     value = _listed(value)
-    return (
-        [str(v) if isinstance(v, int | float) else v for v in value]
-        if isinstance(value, list)
-        else value
-    )
+    if not isinstance(value, list):
+        return value
+    for v in value:
+        if isinstance(v, bool):
+            raise PydanticCustomError(
+                "version",
+                "YAML reads on/off/yes/no/true/false as booleans (this one as {value}): "
+                "quote the version",
+                {"value": str(v).lower()},
+            )
+        if isinstance(v, float):
+            raise PydanticCustomError(
+                "version",
+                "YAML reads this version as the number {value}, not as written (1.10 "
+                "becomes 1.1): quote the version, e.g. '1.10'",
+                {"value": v},
+            )
+    return [str(v) if isinstance(v, int) else v for v in value]
+
+
+def _caller(value: object) -> object:
+    """A caller is an exact identity (a certificate CN or DNS name, a token name),
+    compared as written: no patterns, no padding, nothing YAML turned into another type."""
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            "caller",
+            "YAML reads on/off/yes/no/true/false as booleans (this one as {value}); "
+            "quote this caller",
+            {"value": str(value).lower()},
+        )
+    if not isinstance(value, str):
+        return value  # (the str type says what is wrong)
+    if not value.strip():
+        raise PydanticCustomError("caller", "a caller cannot be empty")
+    if value != value.strip():
+        raise PydanticCustomError(
+            "caller",
+            "'{value}' has spaces around it; identities are compared exactly",
+            {"value": value},
+        )
+    if any(c in value for c in "*?["):
+        raise PydanticCustomError(
+            "caller",
+            "'{value}' is a pattern, but callers are exact identities (a certificate CN or "
+            "DNS name, a token name), compared as written: list each one",
+            {"value": value},
+        )
+    if not value.isprintable() or len(value) > 255:
+        raise PydanticCustomError("caller", "a caller is at most 255 printable characters")
+    return value
+
+
+def _lowercase_header(value: object) -> object:
+    """gRPC metadata names are lowercase on the wire: a rule on X-Tenant never matches."""
+    if isinstance(value, str) and value != value.lower():
+        raise PydanticCustomError(
+            "header_case",
+            "metadata name '{name}' must be lowercase ('{lower}'): gRPC metadata names "
+            "are lowercase, so this key would never match",
+            {"name": value, "lower": value.lower()},
+        )
+    return value
 
 
 def _version_name(value: object) -> object:
@@ -149,8 +208,12 @@ Labels = Annotated[tuple[LabelKey, ...], BeforeValidator(_listed), Field(min_len
 VersionName = Annotated[str, BeforeValidator(_version_name)]
 Versions = Annotated[tuple[str, ...], BeforeValidator(_version_strings), Field(min_length=1)]
 HeaderName = Annotated[
-    str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]*$"), AfterValidator(_text_header)
+    str,
+    BeforeValidator(_lowercase_header),
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]*$"),
+    AfterValidator(_text_header),
 ]
+CallerName = Annotated[str, BeforeValidator(_caller)]
 ParamValues = Annotated[
     tuple[str | int | float | bool, ...], BeforeValidator(_listed), Field(min_length=1)
 ]
@@ -335,7 +398,7 @@ class PolicySpec(Strict):
     version: Literal[1]
     pools: dict[Name, Pool] = Field(min_length=1)
     routes: dict[Name, Route] = Field(min_length=1)
-    callers: tuple[str, ...] = ()
+    callers: tuple[CallerName, ...] = ()
     detectors: Detectors = Detectors()
     sessions: Sessions = Sessions()
     sensitive_route: Name

@@ -118,7 +118,8 @@ def run_cases(policy: Policy, cases: Sequence[LoadedCase]) -> list[CaseResult]:
         sessions = stores.setdefault(
             loaded.source, SessionPins(policy.sessions.pin_ttl, policy.sessions.max_sessions)
         )
-        decision = decide(policy, facts_from_case(loaded.case.request), sessions, now=float(i))
+        facts = facts_from_case(loaded.case.request, text_budget=policy.max_text_bytes)
+        decision = decide(policy, facts, sessions, now=float(i))
         problems = check_expectations(decision, loaded.case.expect)
         results.append(CaseResult(loaded, decision, tuple(problems)))
     return results
@@ -162,7 +163,7 @@ def explain_request(
     `session_pinned` decides as if an earlier request of the same session had carried
     sensitive data (the request gets a session id if it has none).
     """
-    facts = facts_from_case(request.request)
+    facts = facts_from_case(request.request, text_budget=policy.max_text_bytes)
     sessions = SessionPins(policy.sessions.pin_ttl, policy.sessions.max_sessions)
     if session_pinned:
         facts = dataclasses.replace(facts, session_id=facts.session_id or "explain-session")
