@@ -17,13 +17,11 @@ from pathlib import Path
 
 import pytest
 from test_audit_store import config, event
+from test_audit_verify import check_trail, copy_trail
 
 from hybridroute.cli import main
-from hybridroute.router.audit.codec import load_verify_key
-from hybridroute.router.audit.db import connect_readonly
 from hybridroute.router.audit.events import AuditNote
 from hybridroute.router.audit.store import AuditStore
-from hybridroute.router.audit.verify import Report, verify
 
 EVERY = 10
 
@@ -45,17 +43,6 @@ def trail(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     asyncio.run(run())
     return root
-
-
-def _copy(trail: Path, tmp_path: Path) -> Path:
-    for name in ("audit.db", "audit-signing.key", "audit-signing.pub", "audit-hmac.key"):
-        shutil.copy(trail / name, tmp_path / name)
-    return tmp_path / "audit.db"
-
-
-def _check(db: Path) -> Report:
-    with contextlib.closing(connect_readonly(db)) as conn:
-        return verify(conn, load_verify_key(db.with_name("audit-signing.pub")))
 
 
 def _sql(*statements: str) -> Callable[[Path], None]:
@@ -250,7 +237,7 @@ SINGLE: dict[str, tuple[Callable[[Path], None], str, int]] = {
 
 
 def test_the_untouched_trail_verifies_and_states_its_cadence(trail: Path, tmp_path: Path) -> None:
-    report = _check(_copy(trail, tmp_path))
+    report = check_trail(copy_trail(trail, tmp_path))
     assert report.ok, report.problems
     assert (report.records, report.sealed_seq, report.checkpoint_every) == (32, 32, EVERY)
 
@@ -259,10 +246,10 @@ def test_the_untouched_trail_verifies_and_states_its_cadence(trail: Path, tmp_pa
 def test_one_tampering_is_one_problem_with_its_kind_and_seq(
     trail: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
 ) -> None:
-    db = _copy(trail, tmp_path)
+    db = copy_trail(trail, tmp_path)
     tamper, kind, seq = SINGLE[case]
     tamper(db)
-    report = _check(db)
+    report = check_trail(db)
     assert [(p.kind, p.seq) for p in report.problems] == [(kind, seq)], report.problems
     code, out, err = _verify_cli(capsys, db)
     assert code == 1 and "FAILED: " + kind in out and "Traceback" not in err
@@ -271,7 +258,7 @@ def test_one_tampering_is_one_problem_with_its_kind_and_seq(
 def test_verify_reports_prunes(
     trail: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    db = _copy(trail, tmp_path)
+    db = copy_trail(trail, tmp_path)
     _prune_all(db)
     code, out, _ = _verify_cli(capsys, db)
     assert code == 0 and "OK:" in out
@@ -281,7 +268,7 @@ def test_verify_reports_prunes(
 def test_a_short_unsealed_tail_is_said_plainly_and_passes(
     trail: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    db = _copy(trail, tmp_path)
+    db = copy_trail(trail, tmp_path)
     _sql("DELETE FROM checkpoints WHERE seq = 32")(db)  # what a running router shows
     code, out, _ = _verify_cli(capsys, db)
     assert code == 0 and "OK:" in out
@@ -289,15 +276,15 @@ def test_a_short_unsealed_tail_is_said_plainly_and_passes(
 
 
 def test_a_checkpoint_whose_record_is_gone_is_named(trail: Path, tmp_path: Path) -> None:
-    db = _copy(trail, tmp_path)
+    db = copy_trail(trail, tmp_path)
     _sql("DELETE FROM records WHERE seq = 20")(db)
-    assert [(p.kind, p.seq) for p in _check(db).problems] == [("deleted", 20)]
+    assert [(p.kind, p.seq) for p in check_trail(db).problems] == [("deleted", 20)]
 
 
 def test_key_files_that_cannot_be_read_are_usage_errors(
     trail: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    db = str(_copy(trail, tmp_path))
+    db = str(copy_trail(trail, tmp_path))
     (tmp_path / "adir").mkdir()
     code, _, err = _cli(capsys, "audit", "verify", "--db", db, "--key", str(tmp_path / "adir"))
     assert code == 2 and "adir" in err and "Traceback" not in err

@@ -49,13 +49,13 @@ def trail(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _copy(trail: Path, tmp_path: Path) -> Path:
+def copy_trail(trail: Path, tmp_path: Path) -> Path:
     for name in ("audit.db", "audit-signing.key", "audit-signing.pub", "audit-hmac.key"):
         shutil.copy(trail / name, tmp_path / name)
     return tmp_path / "audit.db"
 
 
-def _check(db: Path, key: Path | None = None) -> Report:
+def check_trail(db: Path, key: Path | None = None) -> Report:
     key = key or db.with_name("audit-signing.pub")
     with contextlib.closing(connect_readonly(db)) as conn:
         return verify(conn, load_verify_key(key))
@@ -168,7 +168,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str, int]] = {
 
 
 def test_an_untouched_trail_verifies(trail: Path, tmp_path: Path) -> None:
-    report = _check(_copy(trail, tmp_path))
+    report = check_trail(copy_trail(trail, tmp_path))
     assert report.ok, report.problems
     assert (report.first_seq, report.last_seq, report.records) == (1, 46, 46)
     assert report.checkpoints == 5 and report.sealed_seq == 46 and report.unsealed == 0
@@ -178,17 +178,17 @@ def test_an_untouched_trail_verifies(trail: Path, tmp_path: Path) -> None:
 def test_tampering_is_named_with_its_first_affected_seq(
     trail: Path, tmp_path: Path, case: str
 ) -> None:
-    db = _copy(trail, tmp_path)
+    db = copy_trail(trail, tmp_path)
     tamper, kind, seq = CASES[case]
     tamper(db)
-    report = _check(db)
+    report = check_trail(db)
     first = report.first()
     assert first is not None, f"{case}: not detected"
     assert (first.kind, first.seq) == (kind, seq), report.problems
 
 
 def test_the_wrong_key_is_named(trail: Path, tmp_path: Path, pki: Path) -> None:
-    report = _check(_copy(trail, tmp_path), pki / "audit-signing.pub")
+    report = check_trail(copy_trail(trail, tmp_path), pki / "audit-signing.pub")
     assert {p.kind for p in report.problems} == {"checkpoint"}
     message = report.problems[0].message
     assert "signed by key" in message and "not by a key given" in message
@@ -208,7 +208,7 @@ def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
 def test_verify_exit_codes_and_output(
     trail: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    db = _copy(trail, tmp_path)
+    db = copy_trail(trail, tmp_path)
     key = str(tmp_path / "audit-signing.pub")
     code, out, _ = _cli(capsys, "audit", "verify", "--db", str(db), "--key", key)
     assert code == 0 and "OK: every record links" in out and "seq 1..46 (46 records)" in out
@@ -224,7 +224,7 @@ def test_verify_exit_codes_and_output(
 def test_prune_keeps_what_remains_verifiable_and_refuses_a_damaged_trail(
     trail: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    db = _copy(trail, tmp_path)
+    db = copy_trail(trail, tmp_path)
     key = str(tmp_path / "audit-signing.pub")
     with contextlib.closing(connect_readonly(db)) as conn:
         (cut,) = conn.execute("SELECT time_us FROM checkpoints WHERE seq = 20").fetchone()
@@ -232,7 +232,7 @@ def test_prune_keeps_what_remains_verifiable_and_refuses_a_damaged_trail(
         capsys, "audit", "prune", "--db", str(db), "--key", key, "--before", str(cut / 1e6)
     )
     assert code == 0 and "pruned 20 records (through seq 20" in out
-    report = _check(db)
+    report = check_trail(db)
     assert report.ok and report.first_seq == 21 and "pruned through seq 20" in report.starts_after
 
     async def extend() -> None:  # the router keeps writing after a prune
@@ -242,12 +242,12 @@ def test_prune_keeps_what_remains_verifiable_and_refuses_a_damaged_trail(
         await store.close()
 
     asyncio.run(extend())
-    assert _check(db).ok and _check(db).last_seq == 47
+    assert check_trail(db).ok and check_trail(db).last_seq == 47
     code, out, _ = _cli(
         capsys, "audit", "prune", "--db", str(db), "--key", key, "--before", "now", "--yes"
     )
-    assert code == 0 and _check(db).ok and _check(db).records == 0
-    damaged = _copy(trail, tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path)
+    assert code == 0 and check_trail(db).ok and check_trail(db).records == 0
+    damaged = copy_trail(trail, tmp_path / "x" if (tmp_path / "x").mkdir() is None else tmp_path)
     CASES["field changed"][0](damaged)
     code, _, err = _cli(
         capsys, "audit", "prune", "--db", str(damaged), "--key", key, "--before", "now"
@@ -261,14 +261,14 @@ def test_a_large_prune_goes_in_short_transactions_each_leaving_a_verifiable_trai
     """A live router's commits wait for a prune's write lock (and refuse requests past
     the commit timeout): a prune deletes a batch per transaction, each a whole prune
     to a checkpoint, so the trail verifies between any two and one prune row says it all."""
-    db = _copy(trail, tmp_path)
+    db = copy_trail(trail, tmp_path)
     key = load_verify_key(tmp_path / "audit-signing.pub")
     states: list[Report] = []
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
 
         def before_each_commit(statement: str) -> None:
             if statement == "COMMIT":  # what a reader sees meanwhile: the last batch done
-                states.append(_check(db))
+                states.append(check_trail(db))
 
         conn.set_trace_callback(before_each_commit)
         result = prune(conn, key, 1 << 62, batch=15)
@@ -278,7 +278,7 @@ def test_a_large_prune_goes_in_short_transactions_each_leaving_a_verifiable_trai
     # checkpoints at 10, 20, 30, 40, 46: no batch over 15 records, so a cut at each
     assert [r.first_seq for r in states] == [1, 11, 21, 31, 41]
     assert all(r.ok for r in states), [r.problems for r in states]
-    assert rows == [(46, 46)] and _check(db).ok and _check(db).records == 0
+    assert rows == [(46, 46)] and check_trail(db).ok and check_trail(db).records == 0
 
 
 def test_query_filters_and_formats(trail: Path, capsys: pytest.CaptureFixture[str]) -> None:
