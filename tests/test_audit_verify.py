@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import LoopThread
 from test_audit_store import config, event
 
 from hybridroute.cli import main
@@ -279,6 +280,50 @@ def test_a_large_prune_goes_in_short_transactions_each_leaving_a_verifiable_trai
     assert [r.first_seq for r in states] == [1, 11, 21, 31, 41]
     assert all(r.ok for r in states), [r.problems for r in states]
     assert rows == [(46, 46)] and check_trail(db).ok and check_trail(db).records == 0
+
+
+def test_verify_and_prune_work_on_a_trail_the_router_is_writing(tmp_path: Path) -> None:
+    """A router commits records and their checkpoints while verify reads: verify must
+    see one moment of the trail, not checkpoints from one and records from a later
+    one (which looked like deleted checkpoints). The router's writes are made to land
+    exactly between verify's first statements, every time."""
+    cfg = config(tmp_path, checkpoint_every=10)
+    loop = LoopThread()
+    store = AuditStore(cfg)
+    written = 0
+
+    async def start() -> None:  # as a router does: its start record states the cadence
+        await store.start()
+        await store.note(AuditNote("router.start", {"audit": store.describe()}))
+
+    loop.run(start())
+
+    async def burst() -> None:
+        nonlocal written
+        for _ in range(25):  # two checkpoints' worth, one at a time
+            await store.record(event(written))
+            written += 1
+
+    def router_writes_meanwhile(statement: str) -> None:
+        if "AS bseq" in statement:  # verify's read of the records, after the checkpoints
+            loop.run(burst())
+
+    try:
+        loop.run(burst())
+        assert cfg.signing_key is not None
+        key = load_verify_key(cfg.signing_key.with_suffix(".pub"))
+        with contextlib.closing(connect_readonly(cfg.db)) as conn:
+            conn.set_trace_callback(router_writes_meanwhile)
+            report = verify(conn, key)
+        assert report.ok, report.problems
+        assert written > report.records  # the router did write while verify read
+        with contextlib.closing(sqlite3.connect(cfg.db, isolation_level=None)) as conn:
+            conn.set_trace_callback(router_writes_meanwhile)
+            assert prune(conn, key, 1 << 62, remove_all=False).removed > 0
+    finally:
+        loop.run(store.close())
+        loop.close()
+    assert check_trail(cfg.db).ok
 
 
 def test_query_filters_and_formats(trail: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -678,7 +678,26 @@ def verify(
     conn: sqlite3.Connection,
     key: ed25519.Ed25519PublicKey | Sequence[ed25519.Ed25519PublicKey],
 ) -> Report:
-    """Check the whole trail in `conn`; several keys when the signing key was rotated."""
+    """Check the whole trail in `conn`; several keys when the signing key was rotated.
+
+    All of it in one read transaction: a router (or a prune) writing meanwhile would
+    otherwise show its newest records without the checkpoints read a moment before
+    (reported as deleted checkpoints) or a prune half seen.
+    """
+    began = not conn.in_transaction
+    if began:
+        conn.execute("BEGIN")
+    try:
+        return _verify(conn, key)
+    finally:
+        if began:
+            conn.execute("ROLLBACK")  # nothing was written: just let the snapshot go
+
+
+def _verify(
+    conn: sqlite3.Connection,
+    key: ed25519.Ed25519PublicKey | Sequence[ed25519.Ed25519PublicKey],
+) -> Report:
     keys = [key] if isinstance(key, ed25519.Ed25519PublicKey) else list(key)
     chain = auditdb.meta(conn).get("chain", "")
     report = Report(chain=chain, key_id=", ".join(key_id(k) for k in keys))
