@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from test_audit_verify import _copy, _tamper, trail  # noqa: F401 - `trail` is a fixture
+from test_audit_verify import _tamper, copy_trail, trail  # noqa: F401 - `trail` is a fixture
 
 from hybridroute.cli import main
 from hybridroute.router.audit import db as audit_db
@@ -45,7 +45,7 @@ def _prune(
 ) -> tuple[Path, tuple[int, str, str]]:
     """`audit prune --before BEFORE` on a copy of the trail in `source`: (the copy, the
     outcome)."""
-    db = _copy(source, tmp_path)
+    db = copy_trail(source, tmp_path)
     key = str(tmp_path / "audit-signing.pub")
     return db, _cli(capsys, "audit", "prune", "--db", str(db), "--key", key, "--before", before)
 
@@ -93,7 +93,7 @@ def test_a_record_with_an_impossible_time_does_not_stop_a_listing(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    db = _copy(trail, tmp_path)
+    db = copy_trail(trail, tmp_path)
     _tamper(db, "UPDATE records SET body = json_set(body, '$.time_us', 1000000000000000000) "
                 "WHERE seq = 17")  # fmt: skip
     code, out, _ = _cli(capsys, "audit", "query", "--db", str(db), "--limit", "0")
@@ -142,7 +142,7 @@ def locked(
 ) -> Iterator[Path]:
     """A copy of the trail another process holds an exclusive lock on; readers wait
     0.1 s for it, not the real 5."""
-    db = _copy(trail, tmp_path)
+    db = copy_trail(trail, tmp_path)
     real = audit_db.connect_readonly
 
     def impatient(path: Path) -> sqlite3.Connection:
