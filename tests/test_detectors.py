@@ -517,6 +517,13 @@ def test_a_custom_detector_reads_a_bounded_number_of_matches() -> None:
         (r"(?i)stra\u00dfe \d+", "STRASSE 1, Stra\u00dfe 12"),
         (r"PN\u2013\d{6}", "ship PN\u2013123456 today"),
         (r"\N{EN DASH}\d+\Z", "part \u2013 42 \u201342"),
+        # ($ outside (?m) also matches before a final newline; {,n} is {0,n})
+        (r"EMP-\d{6}$", "please update the record for EMP-123456\n"),
+        (r"^EMP-\d{6}$", "EMP-123456\n"),
+        (r"(?m)^EMP-\d{6}$", "EMP-1\nEMP-123456\nEMP-654321\n"),
+        (r"(?m:x$)|EMP-\d{6}$", "EMP-123456\n"),
+        (r"ACCT\d{,3}X", "ACCT12X ACCTX ACCT1234X"),
+        (r"ACCT\d{2,}X|ID\d{3}", "ACCT12X ACCT1X ID1234"),
     ],
 )
 def test_custom_patterns_find_what_python_re_finds(pattern: str, text: str) -> None:
@@ -728,3 +735,24 @@ def test_arbitrary_text_scans_cleanly(text: str) -> None:
     findings = Scanner(BUILTIN.values()).scan(text)
     assert findings == sorted(findings, key=lambda f: (f.start, f.end, f.detector))
     assert all(0 <= f.start < f.end <= len(text) and f.detector in BUILTIN for f in findings)
+
+
+def test_a_dollar_before_a_final_newline_finds_what_python_finds(tmp_path: Path) -> None:
+    """Python's $ (outside (?m)) also matches just before a "\\n" that ends the text;
+    RE2's only at the very end, so a text ending in a newline went to the cloud."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY_WITH_CUSTOM.format(name="employee_id", pattern=r"EMP-\d{6}$"))
+    policy = compile_policy(path)
+    for text, at in (
+        ("please update the record for EMP-123456\n", (29, 39)),
+        ("please update the record for EMP-123456", (29, 39)),
+        ("EMP-123456 is done\n", None),
+        ("EMP-123456\n\n", None),  # (only a single final newline, as in Python)
+    ):
+        request = RequestFacts(
+            "demo-app", "cert", "m", label="public", texts=(TextField("t", text),)
+        )
+        decision = decide(policy, request)
+        assert decision.zone == ("cloud" if at is None else "onprem"), text
+        found = [(f.start, f.end) for f in policy.scanner.scan(text)]
+        assert found == ([] if at is None else [at]), text

@@ -172,10 +172,11 @@ def test_custom_patterns_that_cannot_fire_are_refused_or_warned(tmp_path: Path) 
     path.write_text(text)
     report = check_policy_file(path)
     assert [str(m) for m in report.messages] == [
-        f"{path}:11: detectors.custom[0].pattern: warning: detector 'anchored': '^' and '$' "
-        "match only at the start and end of each scanned text (a whole input element, "
-        "parameter or metadata value), not of each line: add (?m) at the start to match at "
-        "lines, or drop them to match anywhere",
+        f"{path}:11: detectors.custom[0].pattern: warning: detector 'anchored': outside "
+        "(?m), '^' matches only at the start of each scanned text (a whole input element, "
+        "parameter or metadata value) and '$' only at its end or before a newline that ends "
+        "it, not at each line: add (?m) at the start to match at lines, or drop them to "
+        "match anywhere",
         f"{path}:12: detectors.custom[1].pattern: error: detector 'double_quoted': holds the "
         "control character U+0008 at position 0: in a double-quoted YAML string \\b is a "
         "backspace and \\t a tab; write the pattern in single quotes ('\\bEMP-\\d{6}\\b') so "

@@ -24,9 +24,9 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from itertools import accumulate, islice
-from typing import Any, Protocol
+from typing import Protocol
 
-from hybridroute.router.policy.patterns import PatternError, compile_pattern
+from hybridroute.router.policy.patterns import CustomPattern, PatternError, compile_pattern
 
 __all__ = [
     "BUILTIN",
@@ -822,7 +822,7 @@ MAX_CUSTOM_MATCHES = 100
 @dataclass(frozen=True, slots=True)
 class _RegexDetector:
     name: str
-    regex: Any  # a compiled RE2 pattern (`re2` has no type hints)
+    regex: CustomPattern
     validate: Callable[[str], bool] | None
 
     def find(self, text: str) -> Iterator[Finding]:
@@ -831,9 +831,9 @@ class _RegexDetector:
             # keeps every position (the router decodes strictly, so only case files
             # can carry them)
             text = text.encode("utf-8", "replace").decode("utf-8")
-        for m in islice(self.regex.finditer(text), MAX_CUSTOM_MATCHES):
-            if m.end() > m.start() and (self.validate is None or self.validate(m.group())):
-                yield Finding(self.name, m.start(), m.end())
+        for start, end in islice(self.regex.spans(text), MAX_CUSTOM_MATCHES):
+            if end > start and (self.validate is None or self.validate(text[start:end])):
+                yield Finding(self.name, start, end)
 
 
 def _has_surrogates(text: str) -> bool:

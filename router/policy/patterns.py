@@ -11,8 +11,9 @@ on Python's `re`: their patterns are fixed, reviewed, and use lookarounds.
 RE2 has no lookarounds, backreferences, atomic groups, possessive repeats or
 conditionals (none is needed where nothing backtracks): a pattern using one is
 refused at load with what RE2 said. A pattern is written as for Python's `re` and
-means what it means there: `\\d`, `\\w` and `\\s` keep their Unicode meaning, and
-`\\Z`, `\\uXXXX` and `\\N{NAME}` their Python spelling, as `compile_pattern` rewrites
+means what it means there: `\\d`, `\\w` and `\\s` keep their Unicode meaning, `$`
+outside multiline mode matches before a final "\\n" too, `{,n}` is a repeat, and `\\Z`,
+`\\uXXXX` and `\\N{NAME}` keep their Python spelling, as `compile_pattern` rewrites
 them in RE2's syntax (`_to_re2`). Two exceptions: `\\b` and `\\B` are ASCII word
 boundaries (RE2 has no other), and `\\W` or `\\S` inside a character class is refused
 (RE2 cannot spell its Unicode meaning there; `\\p{L}` is "any letter"). RE2's own
@@ -27,12 +28,20 @@ for RE2's DFA to run in its memory budget (it would fall back to a slower automa
 from __future__ import annotations
 
 import itertools
+import re
 import unicodedata
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import re2
 
-__all__ = ["PatternError", "anchor_warning", "check_pattern", "compile_pattern"]
+__all__ = [
+    "CustomPattern",
+    "PatternError",
+    "anchor_warning",
+    "check_pattern",
+    "compile_pattern",
+]
 
 # RE2's memory budget per pattern: the compiled program and the DFA cache share it. At
 # the 8 MiB default a program of ~100k instructions (\w{1,50}, spelled in Unicode,
@@ -74,9 +83,8 @@ def check_pattern(pattern: str) -> str | None:
     return None
 
 
-def compile_pattern(pattern: str) -> Any:
-    """`pattern` compiled for RE2 (a `re2._Regexp`: `finditer` gives character
-    offsets for a str), or PatternError saying why it cannot be."""
+def compile_pattern(pattern: str) -> CustomPattern:
+    """`pattern` compiled for RE2, or PatternError saying why it cannot be."""
     for i, char in enumerate(pattern):
         if unicodedata.category(char) in ("Cc", "Cs"):
             raise PatternError(
@@ -102,20 +110,46 @@ def compile_pattern(pattern: str) -> Any:
             "can match the empty string, so it would fire everywhere (or its empty "
             "matches hide real ones): make every alternative need at least one character"
         )
-    return compiled
+    eols = tuple(i for name, i in compiled.groupindex.items() if name.startswith(_EOL_GROUP))
+    return CustomPattern(pattern, compiled, eols)
+
+
+class CustomPattern:
+    """A custom pattern compiled for RE2: `spans` finds what Python's `re.finditer`
+    would (as character offsets)."""
+
+    __slots__ = ("_eols", "pattern", "regex")
+
+    def __init__(self, pattern: str, regex: Any, eols: tuple[int, ...]) -> None:
+        self.pattern = pattern
+        self.regex = regex  # a `re2._Regexp` (`re2` has no type hints)
+        self._eols = eols
+
+    def spans(self, text: str) -> Iterator[tuple[int, int]]:
+        """(start, end) of each match, left to right, as `re.finditer` gives them. A
+        `$` that matched before a final "\\n" consumed it on RE2 (see `_EOL`): the
+        match ends before it, as in Python."""
+        for m in self.regex.finditer(text):
+            start, end = m.start(), m.end()
+            if self._eols and end == len(text) and any(m.start(g) == end - 1 for g in self._eols):
+                end -= 1
+            yield start, end
+
+    def __repr__(self) -> str:
+        return f"CustomPattern({self.pattern!r})"
 
 
 def anchor_warning(pattern: str) -> str | None:
-    """A note when the pattern anchors on ^ or $ without (?m): each reads the start or
-    end of a whole scanned text (an input element, a parameter, a metadata value),
-    not of a line, which is rarely what an identifier pattern means."""
-    _, anchored, multiline = _scan(pattern)
-    if not anchored or multiline:
+    """A note when the pattern anchors on ^ or $ outside multiline mode: each reads
+    the start or end of a whole scanned text (an input element, a parameter, a
+    metadata value), not of a line, which is rarely what an identifier pattern means."""
+    if not _scan(pattern).anchored:
         return None
     return (
-        "'^' and '$' match only at the start and end of each scanned text (a whole "
-        "input element, parameter or metadata value), not of each line: add (?m) at "
-        "the start to match at lines, or drop them to match anywhere"
+        "outside (?m), '^' matches only at the start of each scanned text (a whole input "
+        "element, parameter or metadata value) and '$' only at its end or before a "
+        "newline that ends it, not at each line: add (?m) at the start to match at "
+        "lines, or drop them to match anywhere"
     )
 
 
@@ -144,15 +178,31 @@ def _matches_empty(compiled: Any) -> bool:
 
 
 def _to_re2(pattern: str) -> str:
-    return _scan(pattern)[0]
+    return _scan(pattern).re2
 
 
-def _scan(pattern: str) -> tuple[str, bool, bool]:
-    """The pattern in RE2's spelling; whether it has ^ or $ outside a class; whether it
-    turns multiline on somewhere. A lexer, not a parser: escapes, classes (with their
-    [:name:] parts) and \\Q...\\E quoting are all it needs to know."""
+# What a `$` outside multiline mode becomes: Python's `$` matches at the end of the
+# text or just before a "\n" that ends it, RE2's only at the end. RE2 has no lookahead,
+# so the second case consumes the "\n"; the empty group marks where Python's match
+# ends, and `CustomPattern.spans` ends the match there.
+_EOL_GROUP = "hybridroute_eol_"
+_EOL = r"(?:\z|(?P<{name}>)\n\z)"
+
+
+class _Scanned(NamedTuple):
+    re2: str  # the pattern in RE2's spelling
+    anchored: bool  # a ^ or $ outside a class and outside multiline mode
+
+
+def _scan(pattern: str) -> _Scanned:
+    """The pattern in RE2's spelling, and whether it anchors on ^ or $ outside
+    multiline mode. A lexer, not a parser: escapes, classes (with their [:name:]
+    parts), \\Q...\\E quoting, repeat counts and which groups turn multiline on or
+    off are all it needs to know."""
     out: list[str] = []
-    anchored = multiline = in_class = False
+    anchored = in_class = False
+    multiline = [False]  # per open group: whether (?m) is on in it
+    eols = 0
     i, n = 0, len(pattern)
     while i < n:
         char = pattern[i]
@@ -174,17 +224,41 @@ def _scan(pattern: str) -> tuple[str, bool, bool]:
             out.append(pattern[i:start])
             i = start
             continue
-        elif char in "^$":
+        elif char == "^":
+            anchored |= not multiline[-1]
+        elif char == "$" and not multiline[-1]:
             anchored = True
-        elif pattern.startswith("(?", i):
-            j = i + 2
-            while j < n and pattern[j] in "imsU-":
-                j += 1
-            if pattern[j : j + 1] in (":", ")"):
-                multiline |= "m" in pattern[i + 2 : j].split("-", 1)[0]
+            out.append(_EOL.format(name=f"{_EOL_GROUP}{eols}"))
+            eols += 1
+            i += 1
+            continue
+        elif char == "{" and (count := _LAZY_COUNT.match(pattern, i)):
+            # Python reads {,n} as {0,n} (and {,} as *); RE2 as the literal text
+            out.append("{0" + count.group()[1:])
+            i = count.end()
+            continue
+        elif char == "(":
+            on = multiline[-1]
+            if flags := _FLAGS.match(pattern, i):
+                if "m" in flags["on"]:
+                    on = True
+                if "m" in (flags["off"] or ""):
+                    on = False
+                if flags["end"] == ")":  # (?m): for the rest of the enclosing group
+                    multiline[-1] = on
+                    out.append(flags.group())
+                    i = flags.end()
+                    continue
+            multiline.append(on)
+        elif char == ")" and len(multiline) > 1:
+            multiline.pop()
         out.append(char)
         i += 1
-    return "".join(out), anchored, multiline
+    return _Scanned("".join(out), anchored)
+
+
+_LAZY_COUNT = re.compile(r"\{,[0-9]*\}")
+_FLAGS = re.compile(r"\(\?(?P<on>[a-zA-Z]*)(?:-(?P<off>[a-zA-Z]*))?(?P<end>[:)])")
 
 
 def _escape(pattern: str, i: int, in_class: bool) -> tuple[int, str]:
