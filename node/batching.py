@@ -104,6 +104,13 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(
                 self._loop(), name=f"batcher:{self._name}"
             )
+            # A task cancelled before it first ran never enters `_loop`'s finally:
+            # its callers would wait for their deadline. The callback runs either way.
+            self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, _task: asyncio.Task[None]) -> None:
+        self._closing = True
+        self._fail_pending()
 
     async def submit(self, rows: Array, outputs: Sequence[str]) -> dict[str, Array]:
         """Queue `rows` (first dimension = rows) and wait for this caller's outputs."""
@@ -168,6 +175,9 @@ class Batcher:
     def _fail_pending(self) -> None:
         message = f"model {self._name} stopped before computing the request; send it again"
         for pending in [*self._running, *self._queue]:
+            # No longer queued: the caller's `finally` must not withdraw it again (that
+            # would count it out twice and drive the queue depth negative).
+            pending.queued = False
             if not pending.future.done():
                 pending.future.set_exception(BatcherStopped(message))
         self._running = []

@@ -201,6 +201,37 @@ def test_a_stopped_batcher_task_fails_its_callers_instead_of_stranding_them(exec
     assert "stopped before computing the request" in str(results[0])
 
 
+@pytest.mark.parametrize("when", ["never-started", "all-queued", "one-running"])
+def test_a_stopped_batcher_counts_its_failed_callers_out_once(executor, when: str) -> None:
+    # Each failed caller's `finally` used to withdraw its request a second time after
+    # the loop had already reset the counters: the queue depth gauge went to -3.
+    gate = threading.Event()
+    model = RecordingModel(gate=gate)
+    running = when == "one-running"
+
+    async def main() -> tuple[int, int, int]:
+        size, delay = (1, 0.0) if running else (8, 60.0)  # one computes, or all wait
+        batcher = Batcher(model.run, executor=executor, max_batch_size=size, max_queue_delay=delay)
+        tasks = [asyncio.create_task(batcher.submit(np.ones((1, 2)), ["label"])) for _ in range(3)]
+        if when == "never-started":  # the submits ran, the batching task not yet
+            await asyncio.sleep(0)
+        elif running:
+            await asyncio.to_thread(model.started.wait, 10)
+        else:
+            await asyncio.sleep(0.05)  # the loop waits for a fuller batch
+        assert batcher.queue_depth == (2 if running else 3)
+        assert batcher._task is not None
+        batcher._task.cancel()
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        finally:
+            gate.set()
+        assert all(isinstance(r, BatcherStopped) for r in results), results
+        return batcher.queue_depth, batcher._queued_rows, batcher._outstanding_rows
+
+    assert asyncio.run(main()) == (0, 0, 0)
+
+
 def test_callers_that_gave_up_leave_the_queue_and_are_not_computed(executor) -> None:
     model = RecordingModel(delay=0)
 
