@@ -107,6 +107,10 @@ class AuditConfig(Strict):
     # Records of requests refused while the trail cannot be written, held for writing on
     # recovery; past this many the newest (refused before any decision) are only counted.
     backlog: int = Field(default=20_000, ge=0)
+    # Public halves (.pub) of signing keys this trail was signed with before a rotation.
+    # A router that finds the trail's last checkpoint signed by one of these goes on
+    # from it; by a key it cannot check, it does not start (it would seal over it).
+    previous_keys: tuple[Path, ...] = ()
 
     def resolved(self, base: Path) -> AuditConfig:
         """Paths made absolute against `base`; a key not given defaults to a file in
@@ -123,6 +127,9 @@ class AuditConfig(Strict):
                 "db": db,
                 "hmac_key": near(self.hmac_key, "audit-hmac.key"),
                 "signing_key": near(self.signing_key, "audit-signing.key"),
+                "previous_keys": tuple(
+                    p if p.is_absolute() else base / p for p in self.previous_keys
+                ),
             }
         )
 

@@ -644,13 +644,19 @@ def _fake_checkpoint(seq: int, key_id: str) -> str:
             8,
             r"checkpoint \(seq 8\) has an invalid signature",
         ),
-        # A checkpoint past the last record, in another key's name (as after a key
-        # rotation, which the router cannot check): it would never seal again.
+        # The same, over a checkpoint in a stranger's name (posing as a key rotation).
         (
-            "sealed ahead",
-            _fake_checkpoint(1000, "0123456789abcdef"),
+            "appended and sealed by another key",
+            _appended(8) + _fake_checkpoint(8, "0123456789abcdef"),
+            8,
+            r"checkpoint \(seq 8\) is signed by key 0123456789abcdef, not this router's",
+        ),
+        # Cut back past the last checkpoint: it would never seal again.
+        (
+            "cut past a checkpoint",
+            "DELETE FROM records WHERE seq > 5;",
             None,
-            r"checkpoint \(seq 1000\) is past the last record",
+            r"checkpoint \(seq 7\) is past the last record \(seq 5\)",
         ),
         # A record the router wrote, deleted from the unsealed tail.
         (
@@ -741,8 +747,16 @@ def test_a_tail_the_router_wrote_is_sealed_at_the_next_start(tmp_path: Path) -> 
 
 
 def test_a_rotated_signing_key_verifies_with_both_keys(tmp_path: Path) -> None:
+    """After a rotation the trail ends with the old key's checkpoint: the router goes
+    on from it only when it can check it (the old .pub in `previous_keys`); a
+    checkpoint by a key it cannot check could be anyone's, over anything."""
     old = config(tmp_path, signing_key=tmp_path / "keys-1" / "audit-signing.key")
-    new = config(tmp_path, signing_key=tmp_path / "keys-2" / "audit-signing.key")
+    unlisted = config(tmp_path, signing_key=tmp_path / "keys-2" / "audit-signing.key")
+    new = config(
+        tmp_path,
+        signing_key=tmp_path / "keys-2" / "audit-signing.key",
+        previous_keys=[tmp_path / "keys-1" / "audit-signing.pub"],
+    )
 
     async def run(cfg: AuditConfig, i: int) -> None:
         store = AuditStore(cfg)
@@ -751,6 +765,8 @@ def test_a_rotated_signing_key_verifies_with_both_keys(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(run(old, 1))
+    with pytest.raises(OSError, match=r"list the old public key .* under audit.previous_keys"):
+        asyncio.run(run(unlisted, 2))
     asyncio.run(run(new, 2))
     keys = [load_verify_key(c.signing_key.with_suffix(".pub")) for c in (old, new)]  # type: ignore[union-attr]
     with contextlib.closing(connect_readonly(new.db)) as conn:

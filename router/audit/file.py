@@ -51,6 +51,7 @@ from hybridroute.router.audit.codec import (
     event_body,
     key_id,
     load_signing_key,
+    load_verify_key,
     note_body,
 )
 from hybridroute.router.audit.db import Checkpoint, Head
@@ -174,16 +175,14 @@ class ChainFile:
     def _check_tail(self, conn: sqlite3.Connection) -> None:
         """Refuse to go on from a tail this router would wrongly seal: records after the
         last checkpoint it did not write (see the module docstring), a tail that does not
-        link, a last checkpoint in this router's name that it did not sign, or one past
-        the last record. After a key rotation the last checkpoint is the old key's: the
-        router cannot check it (an auditor verifies with both keys), says so, goes on."""
-        problem = check_tail(conn, self.signer.public_key(), self.chain)
+        link, a last checkpoint it cannot check (its own key's or one listed in
+        `previous_keys`, after a rotation), or one past the last record."""
         newest = auditdb.checkpoints(conn, self.sealed_seq)
-        rotated = bool(newest) and newest[-1].key_id != self.signing_key_id
-        if problem and rotated:
-            self.tail_problem = problem
-            log.error("audit trail %s: %s (verify it)", self.path, problem)
-        elif problem:
+        key = self.signer.public_key()
+        if newest and newest[-1].key_id != self.signing_key_id:
+            key = self._previous_key(newest[-1].seq, newest[-1].key_id)
+        problem = check_tail(conn, key, self.chain)
+        if problem:
             raise TailNotOurs(f"{problem}: {_MOVE_IT_AWAY}")
         if self.sealed_seq > self.head.seq:
             raise TailNotOurs(
@@ -191,6 +190,22 @@ class ChainFile:
                 f"{self.head.seq}): {_MOVE_IT_AWAY}"
             )
         self._check_tail_macs(conn)
+
+    def _previous_key(self, seq: int, wanted: str) -> ed25519.Ed25519PublicKey:
+        """The earlier signing key (`previous_keys`) that signed the last checkpoint."""
+        for path in self.config.previous_keys:
+            try:
+                key = load_verify_key(path)
+            except ValueError as exc:
+                raise TailNotOurs(f"audit.previous_keys: {exc}") from None
+            if key_id(key) == wanted:
+                return key
+        raise TailNotOurs(
+            f"the last checkpoint (seq {seq}) is signed by key {wanted}, not this router's "
+            f"{self.signing_key_id}. If the signing key was rotated, list the old public key "
+            "(its .pub) under audit.previous_keys in the router config; the router goes on "
+            f"from a checkpoint it can check. If not: {_MOVE_IT_AWAY}"
+        )
 
     def _check_tail_macs(self, conn: sqlite3.Connection) -> None:
         sealed = self.sealed_seq
