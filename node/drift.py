@@ -56,7 +56,13 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.base import is_classifier
 
-from hybridroute.node.drift_backlog import BACKLOG_BYTES, BACKLOG_ROWS, Backlog, footprint
+from hybridroute.node.drift_backlog import (
+    BACKLOG_BYTES,
+    BACKLOG_ROWS,
+    Backlog,
+    detached,
+    footprint,
+)
 from hybridroute.node.drift_stats import (
     ALPHA,
     Column,
@@ -318,6 +324,12 @@ class DriftMonitor:
             rows = rows[-self.window_size :]
             if outputs is not None:
                 outputs = {k: v[-self.window_size :] for k, v in outputs.items()}
+        # A slice is a view that keeps the whole array alive while `footprint` counts
+        # only the slice: the rows cut above, and each caller's outputs (a slice of its
+        # batch's). Such views are copied, so what is counted is what is held.
+        rows = detached(rows)
+        if outputs is not None:
+            outputs = {k: detached(v) for k, v in outputs.items()}
         item = (name, version, rows, outputs)
         if not self._backlog.put(item, len(rows), footprint(rows, outputs)):
             with self._lock:

@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import time
+import tracemalloc
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -548,3 +549,76 @@ def test_a_request_larger_than_the_window_queues_only_what_the_window_keeps(
     assert (requests, rows) == (1, 300) and size == live[-300:].nbytes
     (report,) = monitor.report()
     assert report.window == 300 and report.dropped == 0
+
+
+def _held_by_backlog(monitor: DriftMonitor, requests: Iterator[tuple[object, dict]]) -> int:
+    """Bytes still allocated after `requests` were observed and dropped by the caller:
+    what the backlog keeps alive (the monitor is not started, so nothing is recorded)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for rows, outputs in requests:
+            monitor.observe("m", 1, rows, outputs)
+        del rows, outputs
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+BUDGET = 4 * 1024 * 1024
+SLACK = 64 * 1024  # the backlog's own tuples and dicts
+
+
+def test_the_backlog_holds_no_more_than_it_counts_when_requests_outgrow_the_window() -> None:
+    # 40 requests of 5000 rows (1.6 MB each) for a window of 100: the backlog used to
+    # keep 100-row views of them, counting 32 KB each while holding 1.6 MB.
+    monitor = DriftMonitor(window=100, min_window=10, backlog_bytes=BUDGET)
+    rng = np.random.default_rng(0)
+    held = _held_by_backlog(
+        monitor,
+        ((rng.normal(size=(5000, 40)), {"label": np.zeros(5000)}) for _ in range(40)),
+    )
+    requests, rows, counted = monitor.backlog
+    assert (requests, rows) == (40, 4000)
+    assert counted <= BUDGET
+    assert held <= counted + SLACK, f"held {held} bytes, counted {counted}"
+    item = monitor._backlog.get()
+    assert item is not None and item[2].base is None and item[3]["label"].base is None
+
+
+def test_the_backlog_holds_no_more_than_it_counts_for_outputs_cut_from_a_batch() -> None:
+    # A caller's outputs are its rows of the whole batch's output: a view that would
+    # keep the batch's output alive (here 4 MB of probabilities) for a 1-row request.
+    monitor = DriftMonitor(window=100, min_window=10, backlog_bytes=BUDGET)
+    rng = np.random.default_rng(1)
+
+    def requests() -> Iterator[tuple[object, dict]]:
+        for _ in range(20):
+            batch = rng.random((5000, 100))
+            yield rng.normal(size=(1, 40)), {"proba": batch[7:8]}
+
+    held = _held_by_backlog(monitor, requests())
+    counted = monitor.backlog[2]
+    assert monitor.backlog[0] == 20
+    assert held <= counted + SLACK, f"held {held} bytes, counted {counted}"
+
+
+def test_the_backlog_counts_texts_by_the_memory_they_take() -> None:
+    # 4-byte characters: len() counted a quarter of the text; many short texts: their
+    # object headers, which len() did not count at all.
+    monitor = DriftMonitor(window=1000, min_window=10, backlog_bytes=BUDGET)
+
+    def requests() -> Iterator[tuple[object, dict]]:
+        for i in range(20):
+            texts = np.empty(1000, dtype=object)
+            texts[:] = [f"{i}-{j}" for j in range(1000)]
+            yield texts, {}
+        for i in range(20):
+            texts = np.empty(8, dtype=object)
+            texts[:] = [f"{i}-{j} " + "\N{GRINNING FACE}" * 20_000 for j in range(8)]
+            yield texts, {}
+
+    held = _held_by_backlog(monitor, requests())
+    requests_, _, counted = monitor.backlog
+    assert requests_ < 40 and counted <= BUDGET  # the budget took fewer than all
+    assert held <= counted + SLACK, f"held {held} bytes, counted {counted}"
