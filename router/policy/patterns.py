@@ -14,10 +14,13 @@ refused at load with what RE2 said. A pattern is written as for Python's `re` an
 means what it means there: `\\d`, `\\w` and `\\s` keep their Unicode meaning, `$`
 outside multiline mode matches before a final "\\n" too, `{,n}` is a repeat, and `\\Z`,
 `\\uXXXX` and `\\N{NAME}` keep their Python spelling, as `compile_pattern` rewrites
-them in RE2's syntax (`_to_re2`). Two exceptions: `\\b` and `\\B` are ASCII word
-boundaries (RE2 has no other), and `\\W` or `\\S` inside a character class is refused
-(RE2 cannot spell its Unicode meaning there; `\\p{L}` is "any letter"). RE2's own
-syntax works too (`\\p{Greek}`, `[[:alpha:]]`, `\\Q...\\E`).
+them in RE2's syntax (`_to_re2`), as it does (?i)'s folding of the Turkish dotted and
+dotless i, `[\\b]`, (?#comments) and (?u). Exceptions: `\\b` and `\\B` are ASCII word
+boundaries (RE2 has no other; next to a non-ASCII literal, where that reverses their
+meaning, they are refused), `\\W` or `\\S` inside a character class is refused (RE2
+cannot spell its Unicode meaning there; `\\p{L}` is "any letter"), and RE2's Unicode
+tables may be newer than Python's. RE2's own syntax works too (`\\p{Greek}`,
+`[[:alpha:]]`, `\\Q...\\E`). tests/test_patterns_re2.py holds both engines to this.
 
 Also refused: control characters (a double-quoted YAML "\\bEMP" holds a backspace, not
 a word boundary), a pattern that can match the empty string (it fires everywhere, or
@@ -62,7 +65,7 @@ _UNSUPPORTED = (
     (("(?>",), "atomic groups"),
     (("++", "*+", "?+", "}+"), "possessive repeats"),
     (("(?(",), "conditionals"),
-    (("(?x", "(?a", "(?u", "(?L"), "flags other than i, m, s and U"),
+    (("(?x", "(?a", "(?L"), "flags other than i, m, s and U"),
 )
 _RE2_NOTE = (
     "custom patterns run on RE2 (linear time, nothing backtracks), which has no "
@@ -162,6 +165,8 @@ def _compile_error(pattern: str, exc: Exception) -> str:
             f"uses {' and '.join(what)} ({said}): custom patterns run on RE2 (linear "
             "time, nothing backtracks), which does not support them"
         )
+    if said.startswith("invalid repetition size"):
+        return f"does not compile ({said}): RE2 counts repeats up to 1000; {_RE2_NOTE}"
     return f"does not compile ({said}); {_RE2_NOTE}"
 
 
@@ -197,39 +202,60 @@ class _Scanned(NamedTuple):
 def _scan(pattern: str) -> _Scanned:
     """The pattern in RE2's spelling, and whether it anchors on ^ or $ outside
     multiline mode. A lexer, not a parser: escapes, classes (with their [:name:]
-    parts), \\Q...\\E quoting, repeat counts and which groups turn multiline on or
-    off are all it needs to know."""
+    parts and literal ranges), \\Q...\\E quoting, repeat counts and which groups turn
+    the i and m flags on or off are all it needs to know."""
     out: list[str] = []
-    anchored = in_class = False
-    multiline = [False]  # per open group: whether (?m) is on in it
+    anchored = False
+    flags = [""]  # per open group: which of i and m are on in it
+    atoms: list[str] | None = None  # in a class: its characters so far (None: escapes)
     eols = 0
     i, n = 0, len(pattern)
     while i < n:
         char = pattern[i]
         if char == "\\" and i + 1 < n:
-            i, piece = _escape(pattern, i, in_class)
+            i, piece = _escape(pattern, i, atoms is not None)
+            spelled = _ESCAPED_CHAR.fullmatch(piece)
+            code = spelled and chr(min(int(spelled["hex"] or spelled["hex2"], 16), 0x10FFFF))
+            if atoms is not None:
+                atoms.append(code or "")
+            elif code and code in _TURKISH_I and "i" in flags[-1]:
+                piece = f"[{_DOTTED_I}]"
             out.append(piece)
             continue
-        if in_class:
+        if atoms is not None:
             if pattern.startswith("[:", i) and (close := pattern.find(":]", i + 2)) > 0:
                 out.append(pattern[i : close + 2])
+                atoms.append("")
                 i = close + 2
                 continue
-            in_class = char != "]"
+            if char == "]":
+                if "i" in flags[-1] and _holds_an_i(atoms):
+                    # (before a final "-", which would make it a range)
+                    out.insert(len(out) - (atoms[-1] == "-"), _DOTTED_I)
+                atoms = None
+            else:
+                atoms.append(char)
         elif char == "[":
-            in_class = True
             start = i + 1 + pattern.startswith("^", i + 1)
+            atoms = []
             if pattern.startswith("]", start):  # a leading ] is literal
+                atoms.append("]")
                 start += 1
             out.append(pattern[i:start])
             i = start
             continue
         elif char == "^":
-            anchored |= not multiline[-1]
-        elif char == "$" and not multiline[-1]:
+            anchored |= "m" not in flags[-1]
+        elif char == "$" and "m" not in flags[-1]:
             anchored = True
             out.append(_EOL.format(name=f"{_EOL_GROUP}{eols}"))
             eols += 1
+            i += 1
+            continue
+        elif char in _TURKISH_I and "i" in flags[-1]:
+            # Python's (?i) also folds the Turkish dotted and dotless i into i; RE2's
+            # (Unicode simple case folding) does not
+            out.append(f"[{_DOTTED_I}]")
             i += 1
             continue
         elif char == "{" and (count := _LAZY_COUNT.match(pattern, i)):
@@ -237,24 +263,65 @@ def _scan(pattern: str) -> _Scanned:
             out.append("{0" + count.group()[1:])
             i = count.end()
             continue
+        elif pattern.startswith("(?#", i):  # a comment (RE2 has none): dropped
+            i = _comment_end(pattern, i)
+            continue
         elif char == "(":
-            on = multiline[-1]
-            if flags := _FLAGS.match(pattern, i):
-                if "m" in flags["on"]:
-                    on = True
-                if "m" in (flags["off"] or ""):
-                    on = False
-                if flags["end"] == ")":  # (?m): for the rest of the enclosing group
-                    multiline[-1] = on
-                    out.append(flags.group())
-                    i = flags.end()
-                    continue
-            multiline.append(on)
-        elif char == ")" and len(multiline) > 1:
-            multiline.pop()
+            inner = flags[-1]
+            if spec := _FLAGS.match(pattern, i):
+                on, off = spec["on"], spec["off"] or ""
+                inner = "".join(f for f in "im" if (f in inner or f in on) and f not in off)
+                # (?u) is Python's default for a str pattern; RE2 does not know it
+                out.append(_spell_flags(on.replace("u", ""), spec["off"], spec["end"]))
+                i = spec.end()
+                if spec["end"] == ")":  # (?i): for the rest of the enclosing group
+                    flags[-1] = inner
+                else:
+                    flags.append(inner)
+                continue
+            flags.append(inner)
+        elif char == ")" and len(flags) > 1:
+            flags.pop()
         out.append(char)
         i += 1
     return _Scanned("".join(out), anchored)
+
+
+_TURKISH_I = "iI\u0130\u0131"
+_ESCAPED_CHAR = re.compile(r"\\x(?:\{(?P<hex>[0-9a-fA-F]{1,6})\}|(?P<hex2>[0-9a-fA-F]{2}))")
+_DOTTED_I = r"iI\x{130}\x{131}"
+
+
+def _holds_an_i(atoms: list[str]) -> bool:
+    """Whether a class, by its literal characters and ranges, holds one of _TURKISH_I."""
+    k = 0
+    while k < len(atoms):
+        if k + 2 < len(atoms) and atoms[k + 1] == "-" and atoms[k] and atoms[k + 2]:
+            low, high = atoms[k], atoms[k + 2]
+            if any(low <= c <= high for c in _TURKISH_I):
+                return True
+            k += 3
+            continue
+        if atoms[k] and atoms[k] in _TURKISH_I:
+            return True
+        k += 1
+    return False
+
+
+def _comment_end(pattern: str, i: int) -> int:
+    """Where the comment (?#...) at pattern[i] ends: after its first unescaped ")"."""
+    j = i + 3
+    while j < len(pattern) and pattern[j] != ")":
+        j += 2 if pattern[j] == "\\" else 1
+    return j + 1
+
+
+def _spell_flags(on: str, off: str | None, end: str) -> str:
+    if off is not None:
+        return f"(?{on}-{off}{end}"
+    if on:
+        return f"(?{on}{end}"
+    return "(?:" if end == ":" else ""
 
 
 _LAZY_COUNT = re.compile(r"\{,[0-9]*\}")
@@ -279,6 +346,16 @@ def _escape(pattern: str, i: int, in_class: bool) -> tuple[int, str]:
         return i + 2, f"[^{body}]"
     if letter == "Z" and not in_class:
         return i + 2, r"\z"
+    if letter == "b" and in_class:  # (Python's backspace; RE2 has no \b in a class)
+        return i + 2, r"\x08"
+    if letter in "bB" and not in_class:
+        beside = [c for c in (pattern[i - 1 : i], pattern[i + 2 : i + 3]) if c and not c.isascii()]
+        if beside:
+            raise PatternError(
+                f"has \\{letter} next to {beside[0]!r}: RE2's word boundaries know only "
+                f"ASCII letters, digits and _, so beside {beside[0]!r} \\{letter} means the "
+                "opposite of what it means in Python; drop it there"
+            )
     if letter == "Q":  # RE2's literal quoting: copied through to its \E
         end = pattern.find("\\E", i + 2)
         end = len(pattern) if end < 0 else end + 2
