@@ -103,7 +103,9 @@ class LoadedModel:
     label: str = field(default="")
     # Whether the estimator takes NaN (a missing value) in its input: trees and
     # histogram gradient boosting do, linear models do not. Requests with NaN for a
-    # model that does not are refused before they are queued (dataplane.py).
+    # model that does not are refused before they are queued (dataplane.py). Set here
+    # from the estimator's tags; `load_version` then asks the estimator itself when
+    # the tags say no (`_probe_nan`).
     allows_nan: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -217,7 +219,12 @@ def allows_nan(estimator: Any) -> bool:
     A Pipeline's own tag always says no (scikit-learn does not derive it from the
     steps), which would refuse the missing values an imputer in it fills in. So its
     steps are read in order: NaN is accepted if every step up to and including the
-    first imputer accepts it (the imputer removes it), or every step does."""
+    first imputer accepts it (the imputer removes it), or every step does.
+
+    This is the fast path only, trusted when it says yes. Tags cannot see an imputer
+    inside a ColumnTransformer, a FeatureUnion or a search or calibration wrapper, nor
+    after a FunctionTransformer; for a loaded model the estimator is asked instead
+    (`_probe_nan`, from `load_version`)."""
     from sklearn.pipeline import Pipeline
 
     if isinstance(estimator, Pipeline):
@@ -365,6 +372,8 @@ def load_version(version_dir: Path, *, check_location: bool = True) -> LoadedMod
     _check_methods(estimator, config, label)
     model = LoadedModel(config=config, estimator=estimator, path=version_dir, label=label)
     _smoke_test(model)
+    if not model.allows_nan:
+        model.allows_nan = _probe_nan(model)
     return model
 
 
@@ -392,6 +401,32 @@ def _smoke_test(model: LoadedModel) -> None:
         model.run(x, [o.name for o in model.config.outputs])
     except (ModelRuntimeError, InvalidRequestError) as exc:
         raise ModelLoadError(f"{model.label}: load check failed: {exc}") from exc
+
+
+def _probe_nan(model: LoadedModel) -> bool:
+    """Whether the model computes every declared output for one row of NaN in its
+    declared shape and datatype (float inputs only: no other datatype holds NaN).
+
+    Asked once at load when the tags say no (see `allows_nan`): what the estimator
+    does is the answer. Any exception means no, and never fails the load: NaN is then
+    refused before it is queued, as before. Only the exception's type is logged; the
+    row is synthetic, and no request value is involved."""
+    spec = model.config.input
+    if spec.datatype == "BYTES" or numpy_dtype(spec.datatype).kind != "f":
+        return False
+    row = np.full((1, spec.shape[1]), np.nan, dtype=numpy_dtype(spec.datatype))
+    try:
+        with np.errstate(all="ignore"):
+            model.run(row, [o.name for o in model.config.outputs])
+    except Exception as exc:
+        cause = exc.__cause__ if isinstance(exc, ModelRuntimeError) and exc.__cause__ else exc
+        log.debug("model %s: refuses NaN (a row of NaN: %s)", model.label, type(cause).__name__)
+        return False
+    log.info(
+        "model %s: takes NaN (its estimator computed a row of NaN, though its tags say not)",
+        model.label,
+    )
+    return True
 
 
 def _smoke_input(model: LoadedModel) -> Array:

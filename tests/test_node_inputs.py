@@ -13,15 +13,19 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_iris
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline, make_union
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from support import running_node
 
-from hybridroute.node.loading import allows_nan
+from hybridroute.node import loading
+from hybridroute.node.loading import _probe_nan, allows_nan, load_version
 from hybridroute.node.modelconfig import Batching
 from hybridroute.node.packaging import package_model
 from hybridroute.node.server import NodeServer
@@ -36,12 +40,24 @@ GOOD = [5.1, 3.5, 1.4, 0.2]
 THREE_ROWS = {"max_batch_size": 3, "max_queue_delay_ms": 60_000}
 
 
+def _columns(transformer: object) -> ColumnTransformer:
+    return ColumnTransformer([("all", transformer, [0, 1, 2, 3])])
+
+
+def _search(pipeline: object) -> GridSearchCV:
+    return GridSearchCV(pipeline, {"logisticregression__C": [1.0]}, cv=2)
+
+
 @pytest.fixture(scope="module")
 def node(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeServer]:
     root = tmp_path_factory.mktemp("inputs")
     for name, estimator in [
         ("iris-lr", LogisticRegression(max_iter=500)),
         ("iris-imputed", make_pipeline(SimpleImputer(), LogisticRegression(max_iter=500))),
+        # The tags of these say no NaN; the load probe finds that the first two take it.
+        ("iris-ct", make_pipeline(_columns(SimpleImputer()), LogisticRegression(max_iter=500))),
+        ("iris-search", _search(make_pipeline(SimpleImputer(), LogisticRegression(max_iter=500)))),
+        ("iris-ct-scaled", make_pipeline(_columns(StandardScaler()), LogisticRegression())),
     ]:
         package_model(
             estimator.fit(IRIS_X, IRIS_Y),
@@ -153,3 +169,125 @@ def test_text_that_is_not_utf8_is_refused_before_it_joins_a_batch(node: NodeServ
 )
 def test_whether_an_estimator_takes_nan(estimator: object, expected: bool) -> None:
     assert allows_nan(estimator) is expected
+
+
+@pytest.mark.parametrize("model", ["iris-ct", "iris-search"])
+def test_nan_reaches_an_imputer_the_tags_cannot_see(stub, model: str) -> None:
+    # A ColumnTransformer or a GridSearchCV tags itself as refusing NaN, though the
+    # imputer inside fills it in; the load probe asked the estimator instead.
+    missing = [_rows(model, [5.1, 3.5, np.nan, 0.2]) for _ in range(3)]
+    calls = [stub.ModelInfer.future(request, timeout=10) for request in missing]
+    assert all(call.result().outputs[0].name == "label" for call in calls)
+
+
+def test_nan_for_a_model_the_probe_finds_refusing_it_is_invalid_argument(stub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(_rows("iris-ct-scaled", [5.1, np.nan, 1.4, 0.2]), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == (
+        "tensor 'input': element [0, 1] is NaN; "
+        "model 'iris-ct-scaled' does not take missing values (its estimator refuses NaN)"
+    )
+
+
+def _loaded(estimator: object, repo: Path, name: str = "m") -> loading.LoadedModel:
+    path = package_model(
+        estimator.fit(IRIS_X, IRIS_Y),  # type: ignore[attr-defined]
+        name=name,
+        version=1,
+        repo=repo,
+        input_name="input",
+        input_datatype="FP64",
+        features=["sl", "sw", "pl", "pw"],
+        baseline_sample=IRIS_X[:50],
+    )
+    return load_version(path)
+
+
+def _lr() -> LogisticRegression:
+    return LogisticRegression(max_iter=500)
+
+
+@pytest.mark.parametrize(
+    ("estimator", "expected"),
+    [
+        (make_pipeline(_columns(SimpleImputer()), _lr()), True),
+        (_search(make_pipeline(SimpleImputer(), _lr())), True),
+        (make_pipeline(make_union(SimpleImputer(), SimpleImputer(strategy="median")), _lr()), True),
+        (CalibratedClassifierCV(make_pipeline(SimpleImputer(), _lr()), cv=2), True),
+        (make_pipeline(FunctionTransformer(), SimpleImputer(), _lr()), True),
+        (make_pipeline(FunctionTransformer(), _lr()), False),
+        (make_pipeline(_columns(StandardScaler()), _lr()), False),
+        (_search(make_pipeline(StandardScaler(), _lr())), False),
+    ],
+    ids=[
+        "columns-imputer",
+        "search-imputer",
+        "union-imputers",
+        "calibrated-imputer",
+        "function-imputer",
+        "function-linear",
+        "columns-scaler",
+        "search-scaler",
+    ],
+)
+def test_a_loaded_model_takes_nan_when_its_estimator_does(
+    estimator: object, expected: bool, tmp_path: Path
+) -> None:
+    assert allows_nan(estimator) is False  # the tags alone would refuse NaN
+    model = _loaded(estimator, tmp_path)
+    assert model.allows_nan is expected
+    missing = np.array([[5.1, np.nan, np.nan, 0.2]])
+    if expected:
+        assert model.run(missing)["label"].shape == (1,)
+    else:
+        with pytest.raises(loading.ModelRuntimeError):
+            model.run(missing)
+
+
+def test_the_probe_runs_only_when_the_tags_say_no(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probed: list[str] = []
+
+    def probe(model: loading.LoadedModel) -> bool:
+        probed.append(model.name)
+        return False
+
+    monkeypatch.setattr(loading, "_probe_nan", probe)
+    hgb = _loaded(HistGradientBoostingClassifier(max_iter=5), tmp_path, "hgb")
+    lr = _loaded(_lr(), tmp_path, "lr")
+    probed.clear()  # packaging loaded each once, too
+    assert load_version(hgb.path).allows_nan
+    assert not load_version(lr.path).allows_nan
+    assert probed == ["lr"]
+
+
+class _Exploding:
+    """predict fails on NaN with a message quoting its input, as estimators' errors do."""
+
+    def __init__(self, inner: object, error: type[BaseException]) -> None:
+        self.inner = inner
+        self.error = error
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        if np.isnan(x).any():
+            raise self.error(f"cannot take {x.tolist()}")
+        return self.inner.predict(x)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("error", [ValueError, MemoryError, RecursionError, KeyError])
+def test_a_failing_probe_refuses_nan_and_logs_no_values(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, error: type[BaseException]
+) -> None:
+    model = _loaded(_lr(), tmp_path)
+    model.estimator = _Exploding(model.estimator, error)
+    with caplog.at_level("DEBUG", logger="hybridroute.node.loading"):
+        assert _probe_nan(model) is False
+    assert error.__name__ in caplog.text  # the estimator's error, by type only
+    assert "cannot take" not in caplog.text
+
+
+def test_no_probe_for_inputs_that_cannot_hold_nan(model_repo: Path) -> None:
+    triage = load_version(model_repo / "ticket-triage" / "1")  # BYTES input
+    assert triage.allows_nan is False and _probe_nan(triage) is False
