@@ -200,10 +200,8 @@ class NodeServer:
         can answer nothing, and must not be sent requests."""
         assert self.repository is not None
         present: set[tuple[str, int]] = set()
-        any_ready = False
         for entry in self.repository.index():
             present.add((entry.name, entry.version))
-            any_ready = any_ready or entry.ready
             self.metrics.models_ready.labels(entry.name, str(entry.version)).set(int(entry.ready))
         for name, version in self._published - present:
             self.metrics.models_ready.labels(name, str(version)).set(0)
@@ -212,6 +210,9 @@ class NodeServer:
         for name in sorted(self._health_names):
             status = SERVING if self.repository.has_ready(name) else NOT_SERVING
             await self._health.set(name, status)
+        # Read again, after the awaits above: a load finishing meanwhile publishes too,
+        # and the last word on the node as a whole must be the repository's state now.
+        any_ready = any(entry.ready for entry in self.repository.index())
         if not any_ready and self._node_serving:
             log.warning("no model version is ready: the node reports NOT_SERVING until one is")
         self._node_serving = any_ready
