@@ -767,6 +767,15 @@ def test_a_rotated_signing_key_verifies_with_both_keys(tmp_path: Path) -> None:
     asyncio.run(run(old, 1))
     with pytest.raises(OSError, match=r"list the old public key .* under audit.previous_keys"):
         asyncio.run(run(unlisted, 2))
+    typo = config(
+        tmp_path,
+        signing_key=tmp_path / "keys-2" / "audit-signing.key",
+        previous_keys=[tmp_path / "keys-0" / "audit-signing.pub", *new.previous_keys],
+    )
+    with pytest.raises(
+        OSError, match=r"audit.previous_keys: .*keys-0/audit-signing.pub: .*not found"
+    ):
+        asyncio.run(run(typo, 2))  # a typo in the list is named at start, whatever its place
     asyncio.run(run(new, 2))
     keys = [load_verify_key(c.signing_key.with_suffix(".pub")) for c in (old, new)]  # type: ignore[union-attr]
     with contextlib.closing(connect_readonly(new.db)) as conn:

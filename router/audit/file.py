@@ -121,6 +121,7 @@ class ChainFile:
         self.signer = load_signing_key(config.signing_key, create=True)
         self.signing_key_id = key_id(self.signer.public_key())
         self.mac_key = _mac_key(self.signer)
+        self.previous_keys = _previous_keys(config)
         self.conn: sqlite3.Connection | None = None
         self.chain = ""
         self.head = Head(0, "")
@@ -193,13 +194,9 @@ class ChainFile:
 
     def _previous_key(self, seq: int, wanted: str) -> ed25519.Ed25519PublicKey:
         """The earlier signing key (`previous_keys`) that signed the last checkpoint."""
-        for path in self.config.previous_keys:
-            try:
-                key = load_verify_key(path)
-            except ValueError as exc:
-                raise TailNotOurs(f"audit.previous_keys: {exc}") from None
-            if key_id(key) == wanted:
-                return key
+        key = self.previous_keys.get(wanted)
+        if key is not None:
+            return key
         raise TailNotOurs(
             f"the last checkpoint (seq {seq}) is signed by key {wanted}, not this router's "
             f"{self.signing_key_id}. If the signing key was rotated, list the old public key "
@@ -459,6 +456,19 @@ def _insert(rows: int) -> str:
     """`INSERT INTO records (...) VALUES (?, ...), (?, ...)` for `rows` rows."""
     values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * rows)
     return f"INSERT INTO records (seq, time_us, kind, body, hash, mac) VALUES {values}"  # noqa: S608
+
+
+def _previous_keys(config: AuditConfig) -> dict[str, ed25519.Ed25519PublicKey]:
+    """`audit.previous_keys` by key id, every one read at start: a typo in the list
+    is a config error now, not a surprise at the next rotation."""
+    keys: dict[str, ed25519.Ed25519PublicKey] = {}
+    for path in config.previous_keys:
+        try:
+            key = load_verify_key(path)
+        except ValueError as exc:
+            raise ValueError(f"audit.previous_keys: {exc}") from None
+        keys[key_id(key)] = key
+    return keys
 
 
 def _mac_key(signer: ed25519.Ed25519PrivateKey) -> bytes:
