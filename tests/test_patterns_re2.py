@@ -117,6 +117,14 @@ SAME = {
     r"(?i)[-i]+": ["-\u0130"],
     r"(?i)(?-i:i)[^a-z]": ["i\u0130 i\u0131 ix i1"],
     r"(?i:\u0130)i": ["\u0130i i\u0130 ii"],
+    # \xHH and octal escapes are code points, in a class too, folded under (?i)
+    r"(?i)\x69": ["\u0130\u0131 I i"],
+    r"(?i)[\x41-\x5a]": ["\u0130\u0131 \u212a\u017f a"],
+    r"(?i)\151": ["\u0130\u0131 I i"],
+    r"[\x69]": ["i 6 9"],
+    r"[\151\0]+": ["i\x00 1 5"],
+    # a match that starts at the final newline a $ consumed on RE2
+    r"([^\d][$^]{,2})\U0001F600?$": ["a\u0131\n"],
     # \b between ASCII characters
     r"\bEMP-\d{6}\b": ["EMP-123456 xEMP-123456 EMP-1234567"],
     r"\b[A-Z]{2}\d{6}\b": ["AB123456, XAB123456"],
@@ -129,10 +137,11 @@ KNOWN = {
     (r"\b\w+\b", "\u65e5\u672c"): "\\b is an ASCII word boundary on RE2",
     (r"\b\d{6}\b", "\u0661\u0662\u0663\u0664\u0665\u0666"): "\\b is ASCII on RE2",
     (r"\bEMP-\d{6}\b", "\u00e9EMP-123456"): "\\b is ASCII on RE2 (finds more)",
-    # (?i): Python also folds the Turkish dotted/dotless i into i
-    # a $ followed by what could consume the final newline
-    (r"EMP$\s*", "EMP\n"): "after $, the newline is already consumed on RE2",
-    (r"EMP$\n", "EMP\n"): "after $, the newline is already consumed on RE2",
+    # \w, \d and other atoms that hold every ASCII letter or digit are let beside \b:
+    # a match is missed only where the run next to it has none (see patterns.py)
+    (r"\b\w+@corp\.de", "\u00f6@corp.de"): "\\b is ASCII on RE2",
+    # (?i) k and s match the Kelvin sign and long s, let beside \b (no word has them)
+    (r"(?i)\bkimlik", "\u212aIMLIK"): "\\b is ASCII on RE2",
 }
 
 REFUSED = {
@@ -154,6 +163,22 @@ REFUSED = {
     "\\b\u00d6\\d{6}": "has \\b next to '\u00d6'",
     "Stra\u00df\\B": "has \\B next to '\u00df'",
     r"\d*$": "can match the empty string",
+    # \b, \B beside an atom that can match a non-ASCII letter or digit
+    r"(?i)\biban\s*TR\d{2}": "has \\b next to 'i'",
+    r"(?i)ANLAMI\b": "has \\b next to 'I'",
+    r"\b\u00d6\d{6}\b": "has \\b next to '\u00d6'",
+    r"\b\xd6\d{6}": "has \\b next to '\u00d6'",
+    r"\b\326\d{6}": "has \\b next to '\u00d6'",
+    r"\b\N{LATIN CAPITAL LETTER O WITH DIAERESIS}": "has \\b next to '\u00d6'",
+    r"\b[\u00c4\u00d6\u00dc]\w+": "can match '\u00d6'",
+    "\\b[A-Z\u00c4\u00d6\u00dc][a-z\u00e4\u00f6\u00fc\u00df]+\\b": "next to '[A-Z\u00c4",
+    r"x\b(?:a|\u00e9)": "has \\b next to '\u00e9'",
+    r"(?:a|\u00e9)+\Bx": "has \\B next to",
+    # $ followed by what could match the newline it matched before
+    r"EMP-\d{6}$\n": "has $ followed by '\\\\n', which can match a newline",
+    r"EMP$\s*": "has $ followed by '\\\\s'",
+    r"(?s)EMP$.": "has $ followed by '.'",
+    r"EMP$[^x]": "has $ followed by '[^x]'",
 }
 
 

@@ -179,7 +179,7 @@ def test_custom_patterns_that_cannot_fire_are_refused_or_warned(tmp_path: Path) 
         "match anywhere",
         f"{path}:12: detectors.custom[1].pattern: error: detector 'double_quoted': holds the "
         "control character U+0008 at position 0: in a double-quoted YAML string \\b is a "
-        "backspace and \\t a tab; write the pattern in single quotes ('\\bEMP-\\d{6}\\b') so "
+        "backspace and \\t a tab; write the pattern in single quotes ('\\bEMP-[0-9]{6}\\b') so "
         "the regex sees them",
         f"{path}:13: detectors.custom[2].pattern: error: detector 'lookahead': uses lookarounds "
         "(invalid perl operator: (?=): custom patterns run on RE2 (linear time, nothing "
