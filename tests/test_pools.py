@@ -525,7 +525,7 @@ def test_the_forwarder_never_sends_an_unmatched_request_to_the_cloud(
         await until(lambda: pools.get("out").endpoints[0].healthy)
         leaky = Decision(
             action="route", route="out", zone="cloud", pool="out", rule_id="default",
-            sensitive=False, onprem_only=True, reasons=(), findings={}, fallbacks=(),
+            sensitive=True, reasons=("unmatched",), findings={}, fallbacks=(),
             policy_hash=policy.version_hash, trace=(), detector_hits=(),
         )  # fmt: skip
         with pytest.raises(ZoneGuardRefusal):

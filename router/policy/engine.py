@@ -152,10 +152,6 @@ class Decision:
     pool: str | None
     rule_id: str  # the deciding rule, "default" or "guard"
     sensitive: bool
-    # may reach on-prem endpoints only: what the forwarder's and the shadows' zone
-    # guards hold the request to. The same as `sensitive` (an unmatched request is
-    # sensitive too); kept apart so those guards say what they check.
-    onprem_only: bool
     # why it is sensitive ("label:internal", "detector:email", "unreadable",
     # "text-too-large", "scan-error", "unknown-caller", "session-pinned", "rule:<id>",
     # "unmatched"), plus "guard:<rule id>" when the runtime guard overrode that rule's
@@ -166,6 +162,12 @@ class Decision:
     policy_hash: str
     trace: tuple[RuleTrace, ...]
     detector_hits: tuple[DetectorHit, ...]
+
+    @property
+    def onprem_only(self) -> bool:
+        """May reach on-prem endpoints only: what the forwarder's and the shadows' zone
+        guards hold a request to. Every sensitive request, an unmatched one included."""
+        return self.sensitive
 
     @property
     def fallback(self) -> str | None:
@@ -347,9 +349,9 @@ def decide(
         reasons.append("unmatched")  # doubt is sensitive (invariant 2)
     elif rule.marks_sensitive:
         reasons.append(f"rule:{rule.id}")
-    sensitive = onprem_only = bool(reasons)
+    sensitive = bool(reasons)
     zone = policy.zone_of(route) if route is not None else None
-    if route is not None and zone != "onprem" and (onprem_only or zone is None):
+    if route is not None and zone != "onprem" and (sensitive or zone is None):
         route, rule_id = _guard(policy, route, zone, rule_id, reasons), "guard"
         zone = "onprem" if route is not None else None
     if sensitive and session and sessions is not None and route is not None and caller_known:
@@ -361,10 +363,9 @@ def decide(
         pool=policy.routes[route].pool if route is not None else None,
         rule_id=rule_id,
         sensitive=sensitive,
-        onprem_only=onprem_only,
         reasons=tuple(reasons),
         findings=MappingProxyType(scan.counts),
-        fallbacks=_fallbacks(policy, route, onprem_only) if route is not None else (),
+        fallbacks=_fallbacks(policy, route, sensitive) if route is not None else (),
         policy_hash=policy.version_hash,
         trace=tuple(trace),
         detector_hits=tuple(scan.hits),
