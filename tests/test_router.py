@@ -526,7 +526,8 @@ def test_classifying_a_large_request_does_not_hold_up_other_callers(
         waited = time.perf_counter() - began
         _, call = big.result()
     assert dict(call.trailing_metadata())["x-hybridroute-zone"] == "onprem"  # findings
-    assert waited < scan_seconds / 3, (waited, scan_seconds)
+    # on the event loop, the small call would wait out most of the scan
+    assert waited < scan_seconds / 2, (waited, scan_seconds)
 
 
 def _seconds(work: Callable[[], object]) -> float:
