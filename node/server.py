@@ -244,12 +244,17 @@ class NodeServer:
 
 
 async def run_node(options: NodeOptions) -> int:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit code.
+
+    SIGHUP (a closed terminal, or a tool that sends it to every daemon after a change)
+    does not end a node: it has nothing to reload on a signal, and says why.
+    """
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, _hangup)  # before start: loading takes a while
     node = NodeServer(options)
     await node.start()
     print(f"node ready on {options.listen.rpartition(':')[0]}:{node.port}", flush=True)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
@@ -257,3 +262,10 @@ async def run_node(options: NodeOptions) -> int:
     with contextlib.suppress(asyncio.CancelledError):
         await node.stop()
     return 0
+
+
+def _hangup() -> None:
+    log.info(
+        "SIGHUP: a node has nothing to reload on a signal and keeps serving; its TLS files "
+        "are re-read when they change, and models are (un)loaded with `hybridroute models`"
+    )

@@ -99,6 +99,27 @@ def test_sigterm_goes_not_serving_finishes_in_flight_requests_and_exits_0(
         proc.stop()
 
 
+def test_sighup_does_not_end_a_node(model_repo: Path, pki: Path, tmp_path: Path) -> None:
+    """A closed terminal or a tool that HUPs every daemon after a change: the node
+    keeps serving and says why it has nothing to reload."""
+    proc, address = _serve(model_repo, pki, tmp_path)
+    try:
+        proc.signal(signal.SIGHUP)
+        with mtls_channel(address, pki) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 10
+            while "SIGHUP" not in proc.output:
+                assert time.monotonic() < deadline, proc.output
+                time.sleep(0.05)
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert "nothing to reload" in proc.output
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.stop()
+
+
 def _wait_until_in_flight(metrics_port: int, count: int) -> None:
     """Block until the node has received `count` requests it has not answered yet."""
     deadline = time.monotonic() + 30
