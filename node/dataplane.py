@@ -120,22 +120,24 @@ def _check_values(name: str, rows: Array, model: LoadedModel) -> None:
     with it until the batch is re-run request by request."""
     if rows.dtype.kind != "f":
         return
-    infinite = np.isinf(rows)
-    if infinite.any():
-        index = np.unravel_index(int(np.argmax(infinite)), rows.shape)
+    infinite = _first(np.isinf(rows))
+    if infinite is not None:
         raise InvalidRequest(
-            f"tensor {quoted(name)}: values must be finite; "
-            f"element {[int(i) for i in index]} is infinite"
+            f"tensor {quoted(name)}: values must be finite; element {infinite} is infinite"
         )
-    if model.allows_nan:
-        return
-    missing = np.isnan(rows)
-    if missing.any():
-        index = np.unravel_index(int(np.argmax(missing)), rows.shape)
+    missing = None if model.allows_nan else _first(np.isnan(rows))
+    if missing is not None:
         raise InvalidRequest(
-            f"tensor {quoted(name)}: element {[int(i) for i in index]} is NaN; model "
+            f"tensor {quoted(name)}: element {missing} is NaN; model "
             f"'{model.config.name}' does not take missing values (its estimator refuses NaN)"
         )
+
+
+def _first(mask: Array) -> list[int] | None:
+    """The index of the first true element of `mask`, or None when there is none."""
+    if not mask.any():
+        return None
+    return [int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape)]
 
 
 class InputObserver(Protocol):
